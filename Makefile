@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# They create .venv when missing, install torch pinned to the CPU wheel on disk
+# (torch==2.13.0) unless the venv already imports a torch, build kfac_fast._C, then run.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+STAMP := $(VENV)/.kfac_fast_installed
+TORCH_PIN ?= torch==2.13.0
+# Benchmarks and tests pin CPU threads so timings are comparable (2-core machines).
+THREADS ?= 2
+DEPS := "setuptools>=77" wheel cmake ninja "pybind11>=2.12" numpy pytest pytest-benchmark \
+        hypothesis matplotlib tqdm "triton>=3.6" heavyball
+
+.PHONY: all install test test-fast test-interpret demo bench clean
+all: test
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(PYTHON) pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+	$(PIP) install -q --upgrade pip
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q $(DEPS)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PYTHON) -c "import kfac_fast, kfac_fast._C as C; print('kfac_fast._C:', C.build_info())"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Interpreted Triton tests need TRITON_INTERPRET=1 before kernels are decorated, so they
+# run in their own pytest process.
+test: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m pytest -q tests --ignore=tests/triton
+	OMP_NUM_THREADS=$(THREADS) TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/triton
+
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m pytest -q -x tests --ignore=tests/triton -m "not slow"
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m kfac_fast.demo
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m pytest -q bench --benchmark-columns=min,median,max
+
+clean:
+	rm -rf build *.egg-info kfac_fast/_C*.so $(VENV)

@@ -1,0 +1,72 @@
+"""Build kfac_fast: Python packages plus the compiled module `kfac_fast._C` via CMake.
+
+`kernels/` ships as the subpackage `kfac_fast.kernels` (editable installs included).
+CUDA sources are compiled whenever nvcc is found; `KFAC_FAST_CUDA=0|1` overrides that
+and `KFAC_FAST_CUDA_ARCHS` picks the architectures (default "80;90", plus PTX).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+def _find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+
+        import pybind11
+
+        want_cuda = os.environ.get("KFAC_FAST_CUDA")
+        nvcc = _find_nvcc()
+        if want_cuda == "1" and nvcc is None:
+            raise RuntimeError("KFAC_FAST_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        use_cuda = nvcc is not None if want_cuda is None else want_cuda == "1"
+        archs = os.environ.get("KFAC_FAST_CUDA_ARCHS", "80;90")
+
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('KFAC_FAST_BUILD_TYPE', 'Release')}",
+            f"-DKFAC_FAST_CUDA={'ON' if use_cuda else 'OFF'}",
+            f"-DKFAC_FAST_CUDA_ARCHS={archs}",
+        ]
+        if use_cuda:
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+        if shutil.which("ninja"):
+            args += ["-G", "Ninja"]
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
+        subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)],
+                       cwd=build_temp, check=True)
+
+
+setup(
+    packages=["kfac_fast", "kfac_fast.integrations", "kfac_fast.kernels"],
+    package_dir={"kfac_fast": "kfac_fast", "kfac_fast.kernels": "kernels"},
+    ext_modules=[CMakeExtension("kfac_fast._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)
