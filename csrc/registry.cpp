@@ -2,6 +2,7 @@
 
 namespace kfac_fast {
 void register_all(pybind11::module_& m) {
-  (void)m;
+  register_jacobi_host(m);
+  register_cuda_ops(m);
 }
 }  // namespace kfac_fast

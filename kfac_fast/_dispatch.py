@@ -152,3 +152,17 @@ for _op in _OPS:
 # --- triton (kfac_fast.kernels) ---
 
 # --- cuda (kfac_fast._C through kfac_fast._cuda) ---
+def _eigh_cuda_refuses(device, dtype, size):
+    """CUDA tensors only. It never refuses a size: it buckets by size itself (small and
+    large n to torch.linalg.eigh, mid sizes to the Jacobi kernel), so the reason states
+    that cut-off; describe() shows it for non-CUDA devices."""
+    from kfac_fast._cuda import EIGH_CUTOFF_REASON
+
+    if device.type != "cuda":
+        return f"runs on CUDA tensors only (got {device.type}); on CUDA, {EIGH_CUTOFF_REASON}"
+    return None
+
+
+register("eigh", "cuda", "kfac_fast._cuda:eigh", refuses=_eigh_cuda_refuses)
+register("precondition_eigen", "cuda", "kfac_fast._cuda:precondition_eigen")
+register("precondition_eigen_", "cuda", "kfac_fast._cuda:precondition_eigen_")
