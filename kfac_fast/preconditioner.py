@@ -1,0 +1,655 @@
+"""KFACPreconditioner: K-FAC for any nn.Module through the `kfac_fast.ops` API.
+
+Usage (the familiar three lines; K-FAC rewrites `.grad` between backward and step)::
+
+    precond = KFACPreconditioner(model, lr=0.1, damping=1e-3)
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)      # mean over the batch: loss_average="batch"
+        loss.backward()
+        precond.step()                           # preconditions .grad in place
+        optimizer.step()
+
+The true (MC) Fisher of the paper, `fisher="mc"`: one extra backward with targets
+sampled from the model, through `torch.autograd.grad` with respect to the captured
+layer outputs (it touches neither `.grad` nor DDP hooks). Call it after the forward and
+before the user's backward (or after `loss.backward(retain_graph=True)`)::
+
+    out = model(x)
+    precond.sample_fisher(out, "cross_entropy")  # or "bce_with_logits", "gaussian"
+    F.cross_entropy(out, y).backward()
+    precond.step()
+
+AMP: activations and gradients may be bf16/fp16; factors stay fp32. With a
+`torch.amp.GradScaler` pass it as `grad_scaler=` and unscale the grads before K-FAC::
+
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    precond.step()
+    scaler.step(optimizer); scaler.update()
+
+The captured output gradients carry the scale s; G is corrected by 1/s^2 on the device
+(the scale is read as a tensor: no host sync), and a step whose gradients overflowed
+leaves G unchanged (the update's weight becomes 0 on the device).
+
+Memory: by default the layer inputs and output gradients of a factor-update step are
+held until `step()` (one grouped `update_factors_` launch for all layers). Holding the
+inputs keeps every layer's activation alive past the backward that would have freed
+it (about one activation's worth per registered layer, plus the output gradients).
+`update_factors_in_hooks=True` instead updates each factor inside its hook (one launch
+per layer and capture) and holds nothing (EKFAC still holds each input until the
+layer's backward, and on steps that refresh the eigenbasis until `step()`, whose scale
+update must follow the refresh).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import ops
+from .fisher import canonical_loss, sampled_output_grad
+from .layers import KFACLayer, is_layer, unsupported_reason
+from .schedules import (Hyperparameter, at_least_one, decay_range, positive,
+                        running_average_weights)
+
+METHODS = ("eigen", "inverse", "ekfac")
+FISHERS = ("empirical", "mc")
+LOSS_AVERAGES = ("batch", "tokens", "sum")
+
+
+class KFACPreconditioner:
+    """K-FAC preconditioner for the nn.Linear and nn.Conv2d layers of a model.
+
+    Args:
+        model: the nn.Module whose layers are preconditioned (registered at construction).
+        factor_update_steps: update the factors every this many steps (int or schedule).
+        inv_update_steps: recompute eigendecompositions / inverses every this many steps;
+            the first step always refreshes, and a layer seen for the first time is
+            refreshed on the step it first has factors.
+        damping: lambda of DESIGN.md (> 0). "eigen"/"ekfac" use it at every step;
+            "inverse" bakes it into the inverses at refresh steps.
+        factor_decay: decay of the zero-debiased running average of the factors, in [0, 1).
+        kl_clip: KL-clip constant c (> 0), or None for no clipping.
+        lr: the learning rate the KL clip assumes (> 0; used only by the clip).
+        method: "eigen" (exact Kronecker damping), "inverse" (factored Tikhonov with the
+            pi correction) or "ekfac" (eigenbasis rescaled by per-example statistics).
+        fisher: "empirical" (the user's own backward) or "mc" (see `sample_fisher`).
+        loss_average: what the user's loss averages over, the S of DESIGN.md's G:
+            "batch" (a mean over the N examples of dim 0), "tokens" (a mean over all
+            rows of each layer's output, e.g. N*T for a transformer), "sum" (S = 1), or
+            a number (S itself, taken literally). With `accumulation_steps=k` the loss
+            of each micro-batch is assumed divided by k for "batch" and "tokens".
+        skip_layers: regexes (re.search) on module names and class names; a match on a
+            module or any of its ancestors skips it.
+        factor_dtype: torch.float32 or torch.float64.
+        grad_scaler: a torch.amp.GradScaler whose scale the output gradients carry.
+        accumulation_steps: micro-batches per `step()` (each loss divided by k). Held
+            captures give exactly one k-times larger batch; with
+            `update_factors_in_hooks=True` micro-batches are weighted equally (exact for
+            equal sizes).
+        update_factors_in_hooks: update factors inside the hooks instead of holding the
+            captures until `step()` (saves memory, one launch per layer).
+
+    Every numeric hyperparameter also accepts a callable of the step count (the number
+    of `step()` calls before the current one).
+
+    Attributes:
+        layers: dict from module name to its `KFACLayer` (a_factor, g_factor, counts,
+            decompositions).
+        steps: number of completed `step()` calls.
+        last_nu: the KL-clip factor of the last step (0-dim device tensor) or None.
+    """
+
+    def __init__(self, model: nn.Module, *, factor_update_steps=1, inv_update_steps=10,
+                 damping=1e-3, factor_decay=0.95, kl_clip=1e-3, lr=0.1, method: str = "eigen",
+                 fisher: str = "empirical", loss_average: Union[str, float] = "batch",
+                 skip_layers: Union[str, Iterable[str]] = (), factor_dtype: torch.dtype = torch.float32,
+                 grad_scaler=None, accumulation_steps: int = 1,
+                 update_factors_in_hooks: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        if isinstance(loss_average, str):
+            if loss_average not in LOSS_AVERAGES:
+                raise ValueError(f"loss_average must be one of {LOSS_AVERAGES} or a number > 0, "
+                                 f"got {loss_average!r}")
+        elif isinstance(loss_average, bool) or not isinstance(loss_average, (int, float)) \
+                or not loss_average > 0 or loss_average == float("inf"):
+            raise ValueError(f"loss_average must be one of {LOSS_AVERAGES} or a finite number > 0, "
+                             f"got {loss_average!r}")
+        if factor_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype}")
+        if grad_scaler is not None and not (hasattr(grad_scaler, "scale") and hasattr(grad_scaler, "unscale_")):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
+                or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if not isinstance(update_factors_in_hooks, bool):
+            raise TypeError(f"update_factors_in_hooks must be a bool, got {update_factors_in_hooks!r}")
+
+        self.factor_update_steps = Hyperparameter("factor_update_steps", factor_update_steps,
+                                                  at_least_one, integer=True)
+        self.inv_update_steps = Hyperparameter("inv_update_steps", inv_update_steps,
+                                               at_least_one, integer=True)
+        self.damping = Hyperparameter("damping", damping, positive)
+        self.factor_decay = Hyperparameter("factor_decay", factor_decay, decay_range)
+        self.kl_clip = Hyperparameter("kl_clip", kl_clip, positive, optional=True)
+        self.lr = Hyperparameter("lr", lr, positive)
+        self.method = method
+        self.fisher = fisher
+        self.loss_average = loss_average
+        self.factor_dtype = factor_dtype
+        self.grad_scaler = grad_scaler
+        self.accumulation_steps = accumulation_steps
+        self.update_factors_in_hooks = update_factors_in_hooks
+        self.steps = 0
+        self.last_nu: Optional[torch.Tensor] = None
+        self._factor_step_cache: tuple[int, bool] = (-1, False)
+        self._warned: set = set()
+
+        self._skip = _compile_skip(skip_layers)
+        self.layers: dict[str, KFACLayer] = {}
+        self._register(model)
+        if not self.layers:
+            raise ValueError("model has no nn.Linear or nn.Conv2d layer left to precondition "
+                             "(check skip_layers)")
+        for layer in self.layers.values():
+            layer.install(self)
+
+    # ------------------------------------------------------------------------------------
+    # registration
+    # ------------------------------------------------------------------------------------
+    def _register(self, model: nn.Module) -> None:
+        def visit(module: nn.Module, name: str, skipped: bool) -> None:
+            skipped = skipped or any(p.search(name) or p.search(type(module).__name__)
+                                     for p in self._skip)
+            if is_layer(module) and not skipped:
+                why = unsupported_reason(module)
+                if why is None:
+                    self.layers[name] = KFACLayer(name, module)
+                else:
+                    warnings.warn(f"KFACPreconditioner: skipping layer {name!r}: {why}", stacklevel=4)
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name, skipped)
+
+        visit(model, "", False)
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this preconditioner installed (it stops capturing)."""
+        for layer in self.layers.values():
+            layer.remove()
+
+    # ------------------------------------------------------------------------------------
+    # capture (called from the layers' hooks)
+    # ------------------------------------------------------------------------------------
+    def _is_factor_step(self) -> bool:
+        step, cached = self._factor_step_cache
+        if step != self.steps:
+            cached = self.steps % self.factor_update_steps(self.steps) == 0
+            self._factor_step_cache = (self.steps, cached)
+        return cached
+
+    def on_forward(self, layer: KFACLayer, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Forward hook body: hold or consume the input, arrange for the output gradient."""
+        capture = self._is_factor_step()
+        if capture:
+            x = layer.batched_input(x)
+            if self.update_factors_in_hooks:
+                self._hook_update_a(layer, x)
+                if self.method == "ekfac":
+                    layer.inputs.append(x)
+            else:
+                layer.inputs.append(x)
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        if capture and self.fisher == "mc":
+            layer.edges.append(torch.autograd.graph.get_gradient_edge(output))
+        empirical = capture and self.fisher == "empirical"
+
+        def grad_hook(g: torch.Tensor) -> None:
+            # registered before any in-place op on `output`, so g is the gradient of the
+            # layer's own output even when e.g. ReLU(inplace=True) follows
+            layer.fired_backward = True
+            if empirical:
+                self._on_grad(layer, layer.grad_rows(g.detach()))
+
+        output.register_hook(grad_hook)
+
+    def _on_grad(self, layer: KFACLayer, rows: torch.Tensor) -> None:
+        if self.update_factors_in_hooks:
+            self._hook_update_g(layer, rows)
+        else:
+            layer.grads.append(rows)
+
+    def sample_fisher(self, output: torch.Tensor, loss: str = "cross_entropy", *,
+                      num_samples: int = 1, generator: Optional[torch.Generator] = None,
+                      variance: float = 1.0) -> None:
+        """The MC Fisher's extra backward (needs `fisher="mc"`).
+
+        Samples targets from the model's predictive distribution at `output` (see
+        `kfac_fast.fisher`) and back-propagates sum_rows -log p(y|output) to the outputs
+        of the layers captured since the last call, with `torch.autograd.grad`
+        (retain_graph=True; no `.grad` is touched, no DDP hook fires). Call it after the
+        forward and before the user's `loss.backward()`. On steps that do not update
+        factors it does nothing.
+
+        Args:
+            output: the model's output (logits, or the mean for "gaussian").
+            loss: "cross_entropy" (classes last), "bce_with_logits" or "gaussian"/"mse".
+            num_samples: independent samples; G averages over them.
+            generator: optional torch.Generator for reproducible sampling.
+            variance: variance of the "gaussian" predictive distribution.
+        """
+        if self.fisher != "mc":
+            raise RuntimeError("sample_fisher needs KFACPreconditioner(..., fisher='mc'), "
+                               f"this one has fisher={self.fisher!r}")
+        loss = canonical_loss(loss)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            raise ValueError("output must be a tensor that requires grad (the model's output)")
+        pending = [(layer, edge) for layer in self.layers.values() for edge in layer.edges]
+        for layer in self.layers.values():
+            layer.edges.clear()  # a later micro-batch must not revisit a freed graph
+        if not pending:
+            return
+        for _ in range(num_samples):
+            grad_out = sampled_output_grad(output, loss, generator=generator, variance=variance)
+            grads = torch.autograd.grad([output], [e for _, e in pending], [grad_out],
+                                        retain_graph=True, allow_unused=True)
+            for (layer, _), g in zip(pending, grads):
+                if g is not None:
+                    self._on_grad(layer, layer.grad_rows(g))
+
+    # ------------------------------------------------------------------------------------
+    # host-side weights (integers and Python floats: no device work)
+    # ------------------------------------------------------------------------------------
+    def _loss_scale(self, rows: torch.Tensor) -> float:
+        """S of DESIGN.md for one capture of output-gradient rows (N, ..., d_out)."""
+        if self.fisher == "mc":
+            return 1.0  # the MC loss is a sum over rows
+        avg = self.loss_average
+        if avg == "batch":
+            return float(rows.shape[0] * self.accumulation_steps)
+        if avg == "tokens":
+            return float(KFACLayer.row_count(rows) * self.accumulation_steps)
+        if avg == "sum":
+            return 1.0
+        return float(avg)
+
+    def _scaler_terms(self, grads: list) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(1/s^2, all-finite flag) as 0-dim device tensors, or (None, None) without a scaler."""
+        scaler = self.grad_scaler
+        # the MC backward is our own, never scaled
+        if self.fisher == "mc" or scaler is None or not scaler.is_enabled() or not grads:
+            return None, None
+        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler._scale
+        if scale is None:  # scale() was never called: the gradients are unscaled
+            return None, None
+        device = grads[0].device
+        scale = scale.to(device=device, dtype=torch.float64).reshape(())
+        finite = _all_finite(grads)
+        return 1.0 / (scale * scale), finite
+
+    # ------------------------------------------------------------------------------------
+    # factor updates
+    # ------------------------------------------------------------------------------------
+    def _ensure_factors(self, layer: KFACLayer, device: torch.device) -> None:
+        # zeros, not empty: beta_1 = 0 multiplies the old value, and 0 * NaN is NaN
+        if layer.a_factor is None:
+            layer.a_factor = torch.zeros(layer.a_dim, layer.a_dim, dtype=self.factor_dtype, device=device)
+        if layer.g_factor is None:
+            layer.g_factor = torch.zeros(layer.g_dim, layer.g_dim, dtype=self.factor_dtype, device=device)
+
+    def _next_weights(self, layer: KFACLayer, which: str) -> tuple[float, float]:
+        """Advance k of factor `which` ("a", "g" or "scale") and return (beta_k, 1 - beta_k)."""
+        attr = f"{which}_count"
+        k = getattr(layer, attr) + 1
+        setattr(layer, attr, k)
+        return running_average_weights(self.factor_decay(self.steps), k)
+
+    def _update_factors(self, layers: list[KFACLayer]) -> None:
+        """Held-capture path: all factor updates of the step.
+
+        Round j updates every layer with its j-th capture; round 0 applies beta_k and
+        later rounds (accumulation micro-batches) beta = 1, all normalised by the totals
+        over the step, so k micro-batches equal one k-times larger batch. Round 0 is a
+        single `update_factors_` call for every Linear A and every G (Conv2d A goes
+        through `conv_input_factor_`).
+        """
+        rounds = max(max(len(l.inputs), len(l.grads)) for l in layers)
+        plan = []
+        for layer in layers:
+            self._ensure_factors(layer, layer.inputs[0].device)
+            beta_a, w_a = self._next_weights(layer, "a")
+            beta_g, w_g = self._next_weights(layer, "g")
+            rows_a = sum(layer.input_row_count(x) for x in layer.inputs)
+            n_g = sum(KFACLayer.batch_size(g) for g in layer.grads)
+            plan.append((layer, beta_a, w_a / max(rows_a, 1), beta_g, w_g / max(n_g, 1)))
+
+        for j in range(rounds):
+            a_fac, a_x, a_beta, a_alpha, a_ones = [], [], [], [], []
+            g_fac, g_x, g_beta, g_alpha = [], [], [], []
+            for layer, beta_a, alpha_a, beta_g, alpha_g in plan:
+                if j < len(layer.inputs):
+                    x, beta = layer.inputs[j], (beta_a if j == 0 else 1.0)
+                    if layer.kind == "conv2d":
+                        ops.conv_input_factor_(layer.a_factor, x, beta, alpha_a, layer.kernel_size,
+                                               layer.stride, layer.padding, layer.dilation,
+                                               append_ones=layer.has_bias)
+                    else:
+                        a_fac.append(layer.a_factor); a_x.append(x); a_beta.append(beta)
+                        a_alpha.append(alpha_a); a_ones.append(layer.has_bias)
+                if j < len(layer.grads):
+                    g = layer.grads[j]
+                    s = self._loss_scale(g)
+                    g_fac.append(layer.g_factor); g_x.append(g)
+                    g_beta.append(beta_g if j == 0 else 1.0); g_alpha.append(alpha_g * s * s)
+            self._grouped_update(a_fac, a_x, a_beta, a_alpha, a_ones, g_fac, g_x, g_beta, g_alpha)
+
+    def _grouped_update(self, a_fac, a_x, a_beta, a_alpha, a_ones, g_fac, g_x, g_beta, g_alpha) -> None:
+        """One `update_factors_` call for A and G entries; G weights corrected for AMP."""
+        factors, xs = a_fac + g_fac, a_x + g_x
+        if not factors:
+            return
+        betas, alphas = a_beta + g_beta, a_alpha + g_alpha
+        ones = a_ones + [False] * len(g_fac)
+        inv_s2, finite = self._scaler_terms(g_x)
+        if inv_s2 is not None:
+            device = factors[0].device
+            betas_t = _to_device(betas, device)
+            alphas_t = _to_device(alphas, device)
+            n_a = len(a_fac)
+            # an overflowed step leaves G as it was: weight 0 (the op then never reads the
+            # non-finite rows) and beta 1
+            alphas_t[n_a:] *= inv_s2 * finite
+            betas_t[n_a:] = torch.where(finite, betas_t[n_a:], torch.ones_like(betas_t[n_a:]))
+            betas, alphas = betas_t, alphas_t
+        ops.update_factors_(factors, xs, betas, alphas, append_ones=ones)
+
+    def _hook_update_a(self, layer: KFACLayer, x: torch.Tensor) -> None:
+        """In-hook A update; the first capture of a step applies beta_k."""
+        self._ensure_factors(layer, x.device)
+        if getattr(layer, "_a_step", None) != self.steps:
+            layer._a_step = self.steps
+            layer._a_beta, layer._a_w = self._next_weights(layer, "a")
+            beta = layer._a_beta
+        else:
+            beta = 1.0
+        alpha = layer._a_w / max(layer.input_row_count(x) * self.accumulation_steps, 1)
+        if layer.kind == "conv2d":
+            ops.conv_input_factor_(layer.a_factor, x, beta, alpha, layer.kernel_size, layer.stride,
+                                   layer.padding, layer.dilation, append_ones=layer.has_bias)
+        else:
+            ops.update_factor_(layer.a_factor, x, beta, alpha, append_ones=layer.has_bias)
+
+    def _hook_update_g(self, layer: KFACLayer, rows: torch.Tensor) -> None:
+        """In-hook G update (and EKFAC scales when a basis exists)."""
+        self._ensure_factors(layer, rows.device)
+        first = getattr(layer, "_g_step", None) != self.steps
+        if first:
+            layer._g_step = self.steps
+            layer._g_beta, layer._g_w = self._next_weights(layer, "g")
+        beta = layer._g_beta if first else 1.0
+        n = KFACLayer.batch_size(rows) * self.accumulation_steps
+        s = self._loss_scale(rows)
+        self._grouped_update([], [], [], [], [], [layer.g_factor], [rows], [beta],
+                             [layer._g_w * s * s / max(n, 1)])
+        layer.fired_backward = True
+        if self.method == "ekfac" and layer.inputs:
+            if layer.qa is None or self.steps % self.inv_update_steps(self.steps) == 0:
+                # the basis changes in this step(): keep the pair for the scale update
+                # that step() makes after the refresh (as the held path does)
+                layer.grads.append(rows)
+                return
+            x = layer.inputs.pop(0)
+            if first:
+                layer._s_beta, layer._s_w = self._next_weights(layer, "scale")
+            self._scales_update([layer], [x], [rows], [layer._s_beta if first else 1.0],
+                                [layer._s_w * s * s / max(n, 1)])
+
+    # ------------------------------------------------------------------------------------
+    # EKFAC scales
+    # ------------------------------------------------------------------------------------
+    def _update_scales(self, layers: list[KFACLayer]) -> None:
+        """Held-capture path: the running average of per-example squared gradients."""
+        plan = []
+        for layer in layers:
+            pairs = _pair_captures(layer)
+            if pairs is None:
+                self._warn_once(layer.name, f"EKFAC: layer {layer.name!r} has {len(layer.inputs)} "
+                                f"inputs but {len(layer.grads)} output gradients this step; its "
+                                "scales are not updated (a module called several times per forward?)")
+                continue
+            beta, w = self._next_weights(layer, "scale")
+            n = sum(KFACLayer.batch_size(g) for _, g in pairs)
+            plan.append((layer, pairs, beta, w / max(n, 1)))
+        rounds = max((len(p[1]) for p in plan), default=0)
+        for j in range(rounds):
+            ls, xs, gs, betas, alphas = [], [], [], [], []
+            for layer, pairs, beta, alpha in plan:
+                if j < len(pairs):
+                    x, g = pairs[j]
+                    s = self._loss_scale(g)
+                    ls.append(layer); xs.append(x); gs.append(g)
+                    betas.append(beta if j == 0 else 1.0); alphas.append(alpha * s * s)
+            self._scales_update(ls, xs, gs, betas, alphas)
+
+    def _scales_update(self, layers, xs, gs, betas, alphas) -> None:
+        if not layers:
+            return
+        ex = [l.example_inputs(x) for l, x in zip(layers, xs)]
+        eg = [KFACLayer.example_grads(g) for g in gs]
+        inv_s2, finite = self._scaler_terms(gs)
+        if inv_s2 is not None:
+            device = layers[0].scales.device
+            alphas = _to_device(alphas, device) * (inv_s2 * finite)
+            betas = torch.where(finite, _to_device(betas, device), torch.ones((), dtype=torch.float64,
+                                                                               device=device))
+        ops.ekfac_scales_([l.scales for l in layers], ex, eg, [l.qa for l in layers],
+                          [l.qg for l in layers], betas, alphas)
+
+    # ------------------------------------------------------------------------------------
+    # refresh (host syncs allowed here)
+    # ------------------------------------------------------------------------------------
+    def allreduce_factors(self, layers: list[KFACLayer]) -> None:
+        """Seam for torch.distributed: all-reduce the factors before a refresh.
+
+        Single-process: nothing to do. `kfac_fast.distributed` overrides this.
+        """
+
+    def assign_refresh(self, layers: list[KFACLayer]) -> list[KFACLayer]:
+        """Seam for torch.distributed: the layers this rank decomposes (here: all).
+
+        A distributed subclass returns its share and broadcasts the results.
+        """
+        return layers
+
+    def _refresh(self, layers: list[KFACLayer]) -> None:
+        self.allreduce_factors(layers)
+        mine = self.assign_refresh(layers)
+        if not mine:
+            return
+        if self.method == "inverse":
+            damping = self.damping(self.steps)
+            pis = [ops.pi_damping(l.a_factor, l.g_factor, damping) for l in mine]
+            invs = ops.damped_inverse([l.a_factor for l in mine] + [l.g_factor for l in mine],
+                                      [p[0] for p in pis] + [p[1] for p in pis])
+            for i, layer in enumerate(mine):
+                layer.a_inv, layer.g_inv = invs[i], invs[len(mine) + i]
+            return
+        vals, vecs = ops.eigh([l.a_factor for l in mine] + [l.g_factor for l in mine])
+        for i, layer in enumerate(mine):
+            j = len(mine) + i
+            layer.da, layer.qa, layer.dg, layer.qg = vals[i], vecs[i], vals[j], vecs[j]
+            if self.method == "ekfac":
+                # a new basis restarts the scales; until their first update they are
+                # K-FAC's own (S = d_G d_A^T), so the step stays well defined
+                layer.scales = torch.outer(layer.dg, layer.da).contiguous()
+                layer.scale_count = 0
+
+    @staticmethod
+    def _has_inverse_state(layer: KFACLayer, method: str) -> bool:
+        if method == "inverse":
+            return layer.a_inv is not None
+        if method == "ekfac":
+            return layer.qa is not None and layer.scales is not None
+        return layer.qa is not None
+
+    # ------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Update factors (on factor steps), refresh decompositions (on inverse steps),
+        and rewrite `.grad` of every layer whose hooks fired since the last step."""
+        step = self.steps
+        factor_step = self._is_factor_step()
+        fired = [l for l in self.layers.values() if l.fired_forward and l.fired_backward]
+        try:
+            if factor_step and not self.update_factors_in_hooks:
+                held = [l for l in fired if l.inputs and l.grads]
+                if self.fisher == "mc" and not held and any(l.inputs for l in fired):
+                    raise RuntimeError("fisher='mc': call precond.sample_fisher(output, loss) after "
+                                       "the forward and before loss.backward() on factor-update steps")
+                if held:
+                    self._update_factors(held)
+            have_factors = [l for l in self.layers.values() if l.a_count > 0 and l.g_count > 0]
+            if step % self.inv_update_steps(step) == 0:
+                stale = have_factors
+            else:
+                stale = [l for l in have_factors if not self._has_inverse_state(l, self.method)]
+            if stale:
+                self._refresh(stale)
+            if self.method == "ekfac" and factor_step:
+                # hooks mode holds pairs only on steps that refresh the basis
+                self._update_scales([l for l in fired if l.inputs and l.grads and l.qa is not None])
+            self._precondition([l for l in fired if l.a_count > 0 and l.g_count > 0
+                                and self._has_inverse_state(l, self.method)])
+        finally:
+            for layer in self.layers.values():
+                layer.clear_captures()
+            self.steps += 1
+
+    def _precondition(self, layers: list[KFACLayer]) -> None:
+        wgs, bgs, chosen = [], [], []
+        for layer in layers:
+            w, b = layer.module.weight, layer.module.bias
+            if w.grad is None or (layer.has_bias and b.grad is None):
+                continue  # frozen parameters: nothing to precondition
+            chosen.append(layer)
+            wgs.append(w.grad)
+            bgs.append(b.grad if layer.has_bias else None)
+        if not chosen:
+            self.last_nu = None
+            return
+        kl_clip = self.kl_clip(self.steps)
+        kw = {"lr": self.lr(self.steps), "kl_clip": kl_clip} if kl_clip is not None else {}
+        if self.method == "eigen":
+            self.last_nu = ops.precondition_eigen_(wgs, bgs, [l.qa for l in chosen], [l.da for l in chosen],
+                                                   [l.qg for l in chosen], [l.dg for l in chosen],
+                                                   self.damping(self.steps), **kw)
+        elif self.method == "inverse":
+            self.last_nu = ops.precondition_inverse_(wgs, bgs, [l.a_inv for l in chosen],
+                                                     [l.g_inv for l in chosen], **kw)
+        else:
+            self.last_nu = ops.precondition_ekfac_(wgs, bgs, [l.qa for l in chosen], [l.qg for l in chosen],
+                                                   [l.scales for l in chosen], self.damping(self.steps), **kw)
+
+    # ------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------
+    _TENSORS = ("a_factor", "g_factor", "qa", "da", "qg", "dg", "a_inv", "g_inv", "scales")
+    _COUNTS = ("a_count", "g_count", "scale_count")
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-identically: step count, and per layer the
+        factors, their k, and the decompositions (or EKFAC scales) in use."""
+        layers = {}
+        for name, layer in self.layers.items():
+            entry = {c: getattr(layer, c) for c in self._COUNTS}
+            entry.update({t: getattr(layer, t).clone() for t in self._TENSORS
+                          if getattr(layer, t) is not None})
+            layers[name] = entry
+        return {"steps": self.steps, "method": self.method, "layers": layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output; tensors move to each layer's weight device.
+
+        A layer with factors but no stored decomposition is refreshed at its next step.
+        """
+        if not isinstance(state, dict) or "layers" not in state or "steps" not in state:
+            raise ValueError("state must be a dict from KFACPreconditioner.state_dict()")
+        if state.get("method", self.method) != self.method:
+            raise ValueError(f"state was saved with method={state['method']!r}, "
+                             f"this preconditioner has method={self.method!r}")
+        unknown = set(state["layers"]) - set(self.layers)
+        if unknown:
+            raise ValueError(f"state has layers this model does not register: {sorted(unknown)}")
+        for name, entry in state["layers"].items():
+            layer = self.layers[name]
+            device = layer.module.weight.device
+            for c in self._COUNTS:
+                setattr(layer, c, int(entry.get(c, 0)))
+            for t in self._TENSORS:
+                v = entry.get(t)
+                setattr(layer, t, None if v is None else v.detach().to(device).clone())
+        self.steps = int(state["steps"])
+        self._factor_step_cache = (-1, False)
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes held per layer name (state tensors plus captures held right now)."""
+        return {name: sum(layer.memory_usage().values()) for name, layer in self.layers.items()}
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+
+def _compile_skip(skip_layers) -> list:
+    if isinstance(skip_layers, str):
+        skip_layers = (skip_layers,)
+    try:
+        patterns = list(skip_layers)
+    except TypeError:
+        raise TypeError(f"skip_layers must be a regex or an iterable of regexes, "
+                        f"got {type(skip_layers).__name__}") from None
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"skip_layers entries must be strings, got {p!r}")
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"skip_layers: bad regex {p!r}: {exc}") from None
+    return out
+
+
+def _pair_captures(layer: KFACLayer):
+    """(input, output-gradient) pairs of one step for EKFAC, or None when ambiguous."""
+    if len(layer.inputs) == len(layer.grads):
+        return list(zip(layer.inputs, layer.grads))
+    if len(layer.inputs) == 1:  # several MC samples for one forward
+        return [(layer.inputs[0], g) for g in layer.grads]
+    return None
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """Host floats as a float64 device tensor without a host sync (pinned, non-blocking)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _all_finite(tensors: list) -> torch.Tensor:
+    """0-dim bool device tensor: every entry of every tensor is finite (no host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if len(flags) > 1 else flags[0]
