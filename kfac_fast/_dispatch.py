@@ -150,6 +150,25 @@ for _op in _OPS:
     register(_op, "torch", f"kfac_fast.reference:{_op}", refuses=_serves_all)
 
 # --- triton (kfac_fast.kernels) ---
+def _triton_fp32(device, dtype, size):
+    """CUDA tensors with float32 factors/eigenvectors (float64 ones stay on the reference)."""
+    why = _on_cuda(device, dtype, size)
+    if why is None and dtype is not None and dtype != torch.float32:
+        why = f"serves float32 factors/eigenvectors only (got {dtype})"
+    return why
+
+
+register("update_factor_", "triton", "kfac_fast.kernels.factor_update:update_factor_", refuses=_triton_fp32)
+register("update_factors_", "triton", "kfac_fast.kernels.factor_update:update_factors_", refuses=_triton_fp32)
+register("conv_input_factor_", "triton", "kfac_fast.kernels.conv_factor:conv_input_factor_", refuses=_triton_fp32)
+# Preferred over the cuda backend's per-layer torch GEMMs + scale kernel: five launches
+# for all layers instead of four GEMMs per layer. Untuned: chosen by launch count, not by
+# a measurement (no GPU yet); bench/bench_triton.py decides on the next GPU run.
+_GROUPED_FIRST = 0.5
+register("precondition_eigen", "triton", "kfac_fast.kernels.precondition:precondition_eigen",
+         refuses=_triton_fp32, preference=_GROUPED_FIRST)
+register("precondition_eigen_", "triton", "kfac_fast.kernels.precondition:precondition_eigen_",
+         refuses=_triton_fp32, preference=_GROUPED_FIRST)
 
 # --- cuda (kfac_fast._C through kfac_fast._cuda) ---
 def _eigh_cuda_refuses(device, dtype, size):

@@ -1,0 +1,124 @@
+"""Conv2d input factor with implicit im2col: A <- beta*A + alpha * P_bar^T P_bar (Triton).
+
+P is the (N*L, C*kh*kw) patch matrix of `torch.nn.functional.unfold` (channel-major,
+then kernel rows, then kernel cols); each program gathers its patch columns straight
+from the input (NCHW or channels-last: any strides), zero where the window falls in
+the padding, so P is never written to memory. The tile schedule, ones-column handling
+and symmetric epilogue are those of `factor_update` (upper tiles only, both triangles
+written, fp32 accumulation, alpha == 0 reads nothing, deterministic).
+
+Preconditions of the launch function (`kfac_fast.ops` checks them): factor contiguous
+float32 (n, n), n = C*kh*kw + append_ones; x (N, C, H, W) float32/float16/bfloat16;
+kernel_size/stride/padding/dilation ints or pairs; scalars 0-dim tensors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .factor_update import CONFIG_CONV_16BIT, _input_precision, needs_index64, _scalar, _symmetric_epilogue, _upper_tile_of, pick_config
+
+
+@triton.jit
+def _patch_tile(X, roff, ih0, iw0, rmask, offs_c, d, H, W, sC, sH, sW, dil_h, dil_w,
+                KH: tl.constexpr, KW: tl.constexpr, IDX: tl.constexpr):
+    """(BLOCK_K, BLOCK) tile of the patch matrix with the ones-column (col d) synthesised."""
+    ch = offs_c // (KH * KW)
+    rem = offs_c % (KH * KW)
+    dh = (rem // KW) * dil_h
+    dw = (rem % KW) * dil_w
+    col_off = ch.to(IDX) * tl.cast(sC, IDX) + dh.to(IDX) * tl.cast(sH, IDX) + dw.to(IDX) * tl.cast(sW, IDX)
+    ih = ih0[:, None] + dh[None, :]
+    iw = iw0[:, None] + dw[None, :]
+    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    mask = rmask[:, None] & (offs_c < d)[None, :] & inside
+    t = tl.load(X + roff[:, None] + col_off[None, :], mask=mask, other=0.0)
+    one = tl.full(t.shape, 1.0, t.dtype)
+    return tl.where(rmask[:, None] & (offs_c == d)[None, :], one, t)
+
+
+@triton.jit
+def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW, d, n, H, W,
+                        sN, sC, sH, sW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, stride_f,
+                        KH: tl.constexpr, KW: tl.constexpr,
+                        BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, INDEX64: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One upper tile of A <- beta*A + alpha*P_bar^T P_bar, patches gathered in-kernel.
+
+    INDEX64=False (x spans < 2^31 elements) keeps offsets in int32 to save registers."""
+    if INDEX64:
+        IDX: tl.constexpr = tl.int64
+    else:
+        IDX: tl.constexpr = tl.int32
+    ti, tj = _upper_tile_of(tl.program_id(0))
+    if BETA_ON_DEVICE:
+        beta = tl.load(beta_ptr).to(tl.float32)
+    else:
+        beta = beta_val
+    if ALPHA_ON_DEVICE:
+        alpha = tl.load(alpha_ptr).to(tl.float32)
+    else:
+        alpha = alpha_val
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(R, BLOCK_K))
+    for kb in range(0, num_k):
+        rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        rmask = rows < R
+        img = rows // L
+        loc = rows % L
+        ih0 = (loc // OW) * stride_h - pad_h
+        iw0 = (loc % OW) * stride_w - pad_w
+        # May point before the image (padding): the per-element mask covers that.
+        roff = img.to(IDX) * tl.cast(sN, IDX) + ih0.to(IDX) * tl.cast(sH, IDX) + iw0.to(IDX) * tl.cast(sW, IDX)
+        a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
+        b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    _symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha)
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dilation, *,
+                       append_ones=False, allow_tf32=False, config=None):
+    """A <- beta*A + alpha*P_bar^T P_bar for Conv2d input x in one launch; returns factor.
+
+    Preconditions: as the module docstring. `config` overrides the tile sizes."""
+    if factor.dtype != torch.float32:
+        from kfac_fast import reference
+
+        return reference.conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding,
+                                            dilation, append_ones=append_ones)
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    N, C, H, W = x.shape
+    OH = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    OW = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    OH, OW = max(OH, 0), max(OW, 0)
+    n = factor.shape[0]
+    b_dev, b_t, b_val = _scalar(beta, factor.device)
+    a_dev, a_t, a_val = _scalar(alpha, factor.device)
+    if not a_dev and a_val == 0.0:
+        if b_dev:
+            factor.mul_(b_t.to(factor.dtype))
+        elif b_val != 1.0:
+            factor.mul_(b_val)
+        return factor
+    cfg = dict(CONFIG_CONV_16BIT) if x.dtype != torch.float32 else pick_config(x.dtype, allow_tf32)
+    cfg.update(config or {})
+    nt = triton.cdiv(n, cfg["BLOCK"])
+    L = OH * OW
+    _conv_factor_kernel[(nt * (nt + 1) // 2,)](
+        factor, x, b_t if b_dev else factor, a_t if a_dev else factor, b_val, a_val,
+        N * L, max(L, 1), max(OW, 1), C * kh * kw, n, H, W, *x.stride(), sh, sw, ph, pw, dh, dw,
+        factor.stride(0), KH=kh, KW=kw, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev,
+        INDEX64=needs_index64(x), BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=_input_precision(x.dtype, allow_tf32),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return factor

@@ -1,0 +1,333 @@
+"""Fused K-FAC factor update: factor <- beta*factor + alpha * x_bar^T x_bar (Triton).
+
+A symmetric rank-k update (SYRK) with the running average in the epilogue. Only tiles
+on and above the diagonal are computed (about half a GEMM of arithmetic); each one is
+written to both triangles. The ones-column of x_bar = [x | 1] is synthesised in
+registers (column d of a loaded tile is 1 on valid rows), so the dot itself yields the
+bias row/column (column sums of x) and the corner (R); x is never copied. Accumulation
+is fp32; fp32 x is multiplied in IEEE fp32 unless the caller passes `allow_tf32=True`.
+Deterministic: one program owns each output tile and reduces over all rows in order.
+
+Preconditions of the launch functions (`kfac_fast.ops` checks them): factors are
+contiguous square float32 (float64 factors are served by the reference), x is
+float32/float16/bfloat16 with last dim d and n = d + append_ones, scalars are 0-dim
+tensors (CPU ones are read on the host, device ones are loaded in-kernel).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# untuned: chosen because 128x128 fp32 accumulators with 8 warps hold 64 registers per
+# thread and fit wgmma's 64-row granularity; BLOCK_K=64 with 3 stages keeps two 16-bit
+# operand tiles (96 KiB of shared memory) in flight on Hopper, within Ampere's 163 KiB.
+CONFIG_16BIT = dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# untuned: chosen because IEEE fp32 runs on FMA units, where a 64x64 tile keeps 32
+# accumulators per thread over 4 warps and leaves room for the 2-stage pipeline;
+# BLOCK_K=16 keeps the FMA dot's K slices in registers without spilling.
+CONFIG_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=2)
+# untuned: chosen because TF32 runs on tensor cores like 16-bit inputs but its operand
+# tiles are twice as large, hence BLOCK_K=32.
+CONFIG_TF32 = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
+# untuned: chosen because grouped layers are often small (d <= 256): 64x64 tiles give
+# such a layer 10 programs instead of 3, and keep the 16-bit pipeline at 48 KiB.
+CONFIG_GROUPED_16BIT = dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
+# untuned: BLOCK_K=16 because FMA dots hold whole K slices in registers; 32 spilled on
+# sm_80 (ptxas -v, bench/kernel_report.py).
+CONFIG_GROUPED_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=2)
+# untuned: the im2col gather needs per-element bounds masks and offsets; BLOCK_K=64
+# spilled (ptxas -v) where 32 does not.
+CONFIG_CONV_16BIT = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def pick_config(x_dtype: torch.dtype, allow_tf32: bool, grouped: bool = False) -> dict:
+    """The launch configuration this module ships for an input dtype."""
+    if x_dtype in (torch.float16, torch.bfloat16):
+        return dict(CONFIG_GROUPED_16BIT if grouped else CONFIG_16BIT)
+    if grouped:
+        return dict(CONFIG_GROUPED_FP32)
+    return dict(CONFIG_TF32 if allow_tf32 else CONFIG_FP32)
+
+
+@triton.jit
+def _upper_tile_of(pid):
+    """(ti, tj), ti <= tj, of the pid-th upper-triangular tile pair (tj-major order)."""
+    # The float root can be off by one for large pid; the integer checks repair it.
+    tj = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)
+    ti = pid - tj * (tj + 1) // 2
+    return ti, tj
+
+
+@triton.jit
+def _symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha):
+    """F[i, j] <- beta*F[i, j] + alpha*acc on and above the diagonal, mirrored below.
+
+    int32 offsets (factors have n <= 46340): 64-bit offset tiles cost registers."""
+    r = offs_i[:, None]
+    c = offs_j[None, :]
+    # Only the upper triangle is read: the lower one may hold anything (even NaN).
+    upper = (r <= c) & (c < n)
+    f_rc = F + (r * stride_f + c)
+    old = tl.load(f_rc, mask=upper, other=0.0)
+    out = beta * old + alpha * acc
+    tl.store(f_rc, out, mask=upper)
+    # Transposed in registers so the mirrored store stays coalesced.
+    f_cr = F + (offs_j[:, None] * stride_f + offs_i[None, :])
+    tl.store(f_cr, tl.trans(out), mask=tl.trans(upper))
+
+
+@triton.jit
+def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
+               TWO_LEVEL: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr,
+               BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Tile (ti, tj) of beta*F + alpha*x_bar^T x_bar, x row r at X + off(r) + col*s_col.
+
+    INDEX64=False (x spans < 2^31 elements) keeps offsets in int32: 64-bit offset tiles
+    double the registers of the address arithmetic."""
+    if INDEX64:
+        IDX: tl.constexpr = tl.int64
+    else:
+        IDX: tl.constexpr = tl.int32
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    col_i = offs_i.to(IDX) * tl.cast(s_col, IDX)
+    col_j = offs_j.to(IDX) * tl.cast(s_col, IDX)
+    in_i = offs_i < d
+    in_j = offs_j < d
+    ones_i = offs_i == d
+    ones_j = offs_j == d
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    # alpha == 0 reads no row of x, so NaN/Inf there cannot reach the factor.
+    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(R, BLOCK_K))
+    for kb in range(0, num_k):
+        rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        rmask = rows < R
+        if TWO_LEVEL:
+            roff = (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
+        else:
+            roff = rows.to(IDX) * tl.cast(s_inner, IDX)
+        a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
+        b = tl.load(X + roff[:, None] + col_j[None, :], mask=rmask[:, None] & in_j[None, :], other=0.0)
+        one = tl.full((BLOCK_K, BLOCK), 1.0, a.dtype)
+        a = tl.where(rmask[:, None] & ones_i[None, :], one, a)
+        b = tl.where(rmask[:, None] & ones_j[None, :], one, b)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    _symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha)
+
+
+@triton.jit
+def _factor_update_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d, n, L_inner,
+                          s_outer, s_inner, s_col, stride_f,
+                          BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr,
+                          TWO_LEVEL: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr,
+                          BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One upper tile of F <- beta*F + alpha*x_bar^T x_bar per program (1-D grid)."""
+    ti, tj = _upper_tile_of(tl.program_id(0))
+    if BETA_ON_DEVICE:
+        beta = tl.load(beta_ptr).to(tl.float32)
+    else:
+        beta = beta_val
+    if ALPHA_ON_DEVICE:
+        alpha = tl.load(alpha_ptr).to(tl.float32)
+    else:
+        alpha = alpha_val
+    _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
+               TWO_LEVEL, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION)
+
+
+# Per-layer int64 table of the grouped kernel, one row per layer.
+_F_PTR, _X_PTR, _R, _D, _N, _L_INNER, _S_OUTER, _S_INNER, _S_COL, _STRIDE_F = range(10)
+_META_COLS = 10
+
+
+@triton.jit
+def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constexpr,
+                                  INDEX64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  INPUT_PRECISION: tl.constexpr):
+    """Work item pid = (layer, ti, tj): one upper tile of that layer's factor update."""
+    pid = tl.program_id(0)
+    layer = tl.load(work + 3 * pid)
+    ti = tl.load(work + 3 * pid + 1)
+    tj = tl.load(work + 3 * pid + 2)
+    row = meta + layer.to(tl.int64) * 10
+    F = tl.load(row + 0).to(tl.pointer_type(tl.float32))
+    X = tl.load(row + 1).to(tl.pointer_type(X_DTYPE))
+    R = tl.load(row + 2).to(tl.int32)
+    d = tl.load(row + 3).to(tl.int32)
+    n = tl.load(row + 4).to(tl.int32)
+    L_inner = tl.load(row + 5).to(tl.int32)
+    s_outer = tl.load(row + 6)
+    s_inner = tl.load(row + 7)
+    s_col = tl.load(row + 8)
+    stride_f = tl.load(row + 9).to(tl.int32)
+    beta = tl.load(betas + layer)
+    alpha = tl.load(alphas + layer)
+    _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
+               True, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch functions (host side)
+# ---------------------------------------------------------------------------------------
+def rows_view(x: torch.Tensor):
+    """(x', R, d, L_inner, s_outer, s_inner, s_col, two_level): row r of the (R, d) view
+    of x starts at (r // L_inner)*s_outer + (r % L_inner)*s_inner; copies only when x
+    has more than 3 dims that no view flattens."""
+    d = x.shape[-1]
+    x2 = x.unsqueeze(0) if x.dim() == 1 else x
+    try:
+        v = x2.view(-1, d)
+        R = v.shape[0]
+        return v, R, d, max(R, 1), 0, v.stride(0), v.stride(1), False
+    except RuntimeError:
+        pass
+    try:
+        v = x2.view(-1, x2.shape[-2], d)
+    except RuntimeError:
+        v = x2.reshape(-1, x2.shape[-2], d)
+    R = v.shape[0] * v.shape[1]
+    return v, R, d, max(v.shape[1], 1), v.stride(0), v.stride(1), v.stride(2), True
+
+
+def _scalar(s, device):
+    """(by_pointer, tensor, host float) for a 0-dim tensor or number: a tensor on the
+    data's device is loaded in-kernel (no sync), a CPU one next to CUDA data is read on
+    the host (no sync either), a number is passed by value."""
+    if isinstance(s, torch.Tensor):
+        if s.device == torch.device(device):
+            return True, s, 0.0
+        return False, None, float(s.item())
+    return False, None, float(s)
+
+
+def needs_index64(x: torch.Tensor) -> bool:
+    """Whether some element offset of x may exceed int32."""
+    span = sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride()) if s > 0)
+    return span >= 2**31 - 1
+
+
+def _input_precision(x_dtype, allow_tf32):
+    return "tf32" if (x_dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=False, config=None):
+    """factor <- beta*factor + alpha*x_bar^T x_bar in one launch; returns factor.
+
+    Preconditions: as the module docstring. `config` overrides the shipped tile sizes
+    (tests use small tiles under the interpreter)."""
+    if factor.dtype != torch.float32:
+        from kfac_fast import reference
+
+        return reference.update_factor_(factor, x, beta, alpha, append_ones=append_ones)
+    n = factor.shape[0]
+    b_dev, b_t, b_val = _scalar(beta, factor.device)
+    a_dev, a_t, a_val = _scalar(alpha, factor.device)
+    if not a_dev and a_val == 0.0:
+        if b_dev:
+            factor.mul_(b_t.to(factor.dtype))
+        elif b_val != 1.0:
+            factor.mul_(b_val)
+        return factor
+    v, R, d, L_inner, s_outer, s_inner, s_col, two_level = rows_view(x)
+    cfg = pick_config(x.dtype, allow_tf32)
+    cfg.update(config or {})
+    nt = triton.cdiv(n, cfg["BLOCK"])
+    grid = (nt * (nt + 1) // 2,)
+    _factor_update_kernel[grid](
+        factor, v, b_t if b_dev else factor, a_t if a_dev else factor, b_val, a_val,
+        R, d, n, L_inner, s_outer, s_inner, s_col, factor.stride(0),
+        BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, TWO_LEVEL=two_level, INDEX64=needs_index64(v),
+        BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=_input_precision(x.dtype, allow_tf32),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return factor
+
+
+def per_layer_scalars(values, L: int, device) -> torch.Tensor:
+    """A (L,) float32 tensor on `device` from one scalar, a sequence or a 1-D tensor;
+    host values travel in one copy, device values stay on the device (no sync)."""
+    if isinstance(values, torch.Tensor):
+        t = values.to(device=device, dtype=torch.float32)
+        return t.expand(L).contiguous() if t.dim() == 0 else t.reshape(L)
+    if isinstance(values, (int, float)):
+        return torch.full((L,), float(values), dtype=torch.float32, device=device)
+    values = list(values)
+    if all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values):
+        return host_table([float(v) for v in values], torch.float32, device)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
+
+
+def host_table(rows, dtype, device) -> torch.Tensor:
+    """A host list as a device tensor in one asynchronous copy (pinned when on CUDA)."""
+    t = torch.tensor(rows, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_WORK_CACHE: dict = {}
+
+
+def upper_work_list(sizes, block: int, device) -> torch.Tensor:
+    """Cached int32 (T, 3) device tensor of (layer, ti, tj), ti <= tj, over layers of
+    these sizes; largest layers first so the long tail is small tiles."""
+    key = (tuple(sizes), block, str(device))
+    work = _WORK_CACHE.get(key)
+    if work is None:
+        order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+        items = []
+        for layer in order:
+            nt = triton.cdiv(sizes[layer], block)
+            items += [(layer, ti, tj) for tj in range(nt) for ti in range(tj + 1)]
+        work = host_table(items, torch.int32, device).reshape(-1, 3) if items else \
+            torch.zeros((0, 3), dtype=torch.int32, device=device)
+        _WORK_CACHE[key] = work
+    return work
+
+
+def update_factors_(factors, xs, betas, alphas, *, append_ones=False, allow_tf32=False, config=None):
+    """L factor updates in one launch per input dtype; returns factors.
+
+    Preconditions: as `update_factor_` for every layer; betas/alphas one scalar, a
+    sequence of L scalars or a (L,) tensor."""
+    L = len(factors)
+    if L == 0:
+        return factors
+    if any(f.dtype != torch.float32 for f in factors):
+        from kfac_fast import reference
+
+        return reference.update_factors_(factors, xs, betas, alphas, append_ones=append_ones)
+    device = factors[0].device
+    beta_t = per_layer_scalars(betas, L, device)
+    alpha_t = per_layer_scalars(alphas, L, device)
+    groups: dict = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(x.dtype, []).append(i)
+    for x_dtype, layers in groups.items():
+        cfg = pick_config(x_dtype, allow_tf32, grouped=True)
+        cfg.update(config or {})
+        meta, keep = [], []
+        for i in layers:
+            v, R, d, L_inner, s_outer, s_inner, s_col, _ = rows_view(xs[i])
+            keep.append(v)
+            f = factors[i]
+            meta.append([f.data_ptr(), v.data_ptr(), R, d, f.shape[0], L_inner, s_outer, s_inner,
+                         s_col, f.stride(0)])
+        meta_t = host_table(meta, torch.int64, device)
+        work = upper_work_list([factors[i].shape[0] for i in layers], cfg["BLOCK"], device)
+        idx = None if len(layers) == L else torch.tensor(layers, device=device)
+        b = beta_t if idx is None else beta_t[idx]
+        a = alpha_t if idx is None else alpha_t[idx]
+        if work.shape[0] == 0:
+            continue
+        _factor_update_grouped_kernel[(work.shape[0],)](
+            work, meta_t, b, a, X_DTYPE=_TL_DTYPES[x_dtype], INDEX64=any(needs_index64(v) for v in keep),
+            BLOCK=cfg["BLOCK"],
+            BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=_input_precision(x_dtype, allow_tf32),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return factors
