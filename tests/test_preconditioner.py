@@ -17,7 +17,8 @@ from torch import nn
 from kfac_fast import KFACPreconditioner
 from kfac_fast.schedules import running_average_weights
 
-torch.set_default_dtype(torch.float64)
+# float64 oracles: every test here runs with float64 as the default dtype.
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 # ---------------------------------------------------------------------------------------

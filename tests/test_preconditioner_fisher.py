@@ -12,7 +12,8 @@ from kfac_fast import KFACPreconditioner
 from kfac_fast.fisher import sampled_output_grad
 from test_preconditioner import dw_bar, layer_modules, mlp
 
-torch.set_default_dtype(torch.float64)
+# float64 oracles: every test here runs with float64 as the default dtype.
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def per_example_grads(model, x, y):

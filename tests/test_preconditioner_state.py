@@ -12,7 +12,8 @@ from torch import nn
 from kfac_fast import KFACPreconditioner
 from test_preconditioner import ce_batch, cnn, dense_eigen, dw_bar, layer_modules, mlp, oracle_a, oracle_g, run_step
 
-torch.set_default_dtype(torch.float64)
+# float64 oracles: every test here runs with float64 as the default dtype.
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def factors(precond):
