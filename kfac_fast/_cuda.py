@@ -162,8 +162,8 @@ def eigh(matrices, *, previous=None, tol=None, clamp=True) -> tuple:
 
     Buckets by (size, dtype); EIGH_CUTOFF_REASON says which solver serves which size.
     The Jacobi kernel symmetrises (M + M^T)/2 where torch reads the lower triangle: the
-    same for the symmetric inputs the contract requires. With `previous` and `tol`, a
-    previous basis that still meets tol is kept (reference._warm_start), else solved.
+    same for the symmetric inputs the contract requires. With `previous` and `tol`, the
+    shared warm refresh (reference.warm_refresh) with this function as its cold solver.
     """
     fn = "eigh"
     count = len(matrices)
@@ -174,17 +174,11 @@ def eigh(matrices, *, previous=None, tol=None, clamp=True) -> tuple:
         _check_float(fn, f"matrices[{i}]", m, device)
         if m.dim() != 2 or m.shape[0] != m.shape[1]:
             raise ValueError(f"{fn}: matrices[{i}] must be square (n, n), got {tuple(m.shape)}")
+    if reference.warm_refresh_requested(previous, tol):
+        return reference.warm_refresh(matrices, previous, tol, clamp, full_solve=eigh)
     vals: list = [None] * count
     vecs: list = [None] * count
-    todo = []
-    for i, m in enumerate(matrices):
-        q = previous[i] if previous is not None and len(previous) > 0 else None
-        warm = reference._warm_start(m, q.to(m.dtype), tol) if (q is not None and tol is not None) else None
-        if warm is None:
-            todo.append(i)
-        else:
-            vals[i], vecs[i] = warm
-    for (n, _dtype, _dev), idx in reference._buckets(matrices, todo).items():
+    for (n, _dtype, _dev), idx in reference._buckets(matrices, range(count)).items():
         stack = torch.stack([matrices[i] for i in idx])
         if EIGH_TORCH_MAX_N < n <= EIGH_JACOBI_MAX_N:
             d, q = _jacobi_bucket(stack, idx)

@@ -456,7 +456,10 @@ def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Ten
     columns with M_i = Q_i diag(d_i) Q_i^T, dtype of M_i; eigenvalues clamped at 0 when
     clamp. fp32 failures are retried in float64; never NaN for a finite input.
     previous: None or, per matrix, its last eigenvectors (or None); with tol (>= 0, the
-    off-diagonal ratio ||offdiag(Q^T M Q)||_F / ||M||_F) a warm refresh that meets tol.
+    off-diagonal ratio ||offdiag(Q^T M Q)||_F / ||M||_F) a warm refresh
+    (`kfac_fast.warm_eigh`): each previous basis is kept, refined by Jacobi/rotation
+    steps, or replaced by a full solve; the result always meets r <= tol with
+    ||Q^T Q - I||_F <= warm_eigh.default_ortho_tol(n, dtype).
     """
     op = "eigh"
     matrices = _tensor_list(op, "matrices", matrices)

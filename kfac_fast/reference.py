@@ -222,22 +222,20 @@ def _eigh_stack(stack: torch.Tensor, first_index: Sequence[int]) -> tuple:
     return vals, vecs
 
 
-def _warm_start(m: torch.Tensor, q: torch.Tensor, tol: float):
-    """(eigenvalues, eigenvectors) from previous eigenvectors q when they still meet tol, else None.
+def warm_refresh_requested(previous, tol) -> bool:
+    """True when eigh was given previous bases and a tolerance (the warm-refresh path)."""
+    return previous is not None and len(previous) > 0 and tol is not None
 
-    Accepted when ||offdiag(Q^T M Q)||_F / ||M||_F <= tol and ||Q^T Q - I||_F <= tol.
-    Eigenvalues are diag(Q^T M Q), sorted ascending with Q's columns permuted to match.
-    """
-    b = q.mT @ m @ q
-    off = b - torch.diag_embed(torch.diagonal(b))
-    norm_m = torch.linalg.matrix_norm(m)
-    orth = torch.linalg.matrix_norm(q.mT @ q - torch.eye(q.shape[0], dtype=q.dtype, device=q.device))
-    off_norm = torch.linalg.matrix_norm(off)
-    finite = bool(torch.isfinite(b).all())
-    if not finite or float(orth) > tol or float(off_norm) > tol * float(norm_m):
-        return None
-    vals, order = torch.sort(torch.diagonal(b))
-    return vals.contiguous(), q[:, order].contiguous()
+
+def warm_refresh(matrices, previous, tol, clamp: bool, *, full_solve) -> tuple:
+    """eigh's warm path, shared by every backend: `full_solve(matrices, clamp=False)` is the
+    backend's own cold solver, used for the factors that cannot be kept or refined."""
+    from .warm_eigh import warm_eigh
+
+    prev = [None if q is None else q.to(m.dtype) for m, q in zip(matrices, previous)]
+    vals, vecs, _paths = warm_eigh(matrices, prev, float(tol),
+                                   full_solve=lambda ms: full_solve(ms, clamp=False), clamp=clamp)
+    return vals, vecs
 
 
 def eigh(matrices: Sequence[torch.Tensor], *, previous: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -249,22 +247,16 @@ def eigh(matrices: Sequence[torch.Tensor], *, previous: Optional[Sequence[Option
     orthonormal columns, M_i = Q_i diag(d_i) Q_i^T, same dtype as M_i; eigenvalues
     clamped at 0 when clamp. Same-size matrices are stacked into one torch.linalg.eigh
     call; fp32 failures (raising or non-finite output) are retried in float64.
-    previous: None or one eigenvector matrix (or None) per matrix; with tol, a previous
-    basis is kept when it meets tol (see `_warm_start`), otherwise a full solve is done
-    (a full solve meets any tol).
+    previous: None or one eigenvector matrix (or None) per matrix; with tol, a warm
+    refresh (`kfac_fast.warm_eigh`): keep or refine the previous basis when that meets
+    tol, else a full solve (which meets any tol).
     """
+    if warm_refresh_requested(previous, tol):
+        return warm_refresh(matrices, previous, tol, clamp, full_solve=eigh)
     n = len(matrices)
     vals: list = [None] * n
     vecs: list = [None] * n
-    todo = []
-    for i, m in enumerate(matrices):
-        q = previous[i] if previous is not None and len(previous) > 0 else None
-        warm = _warm_start(m, q.to(m.dtype), tol) if (q is not None and tol is not None) else None
-        if warm is None:
-            todo.append(i)
-        else:
-            vals[i], vecs[i] = warm
-    for idx in _buckets(matrices, todo).values():
+    for idx in _buckets(matrices, range(n)).values():
         d, q = _eigh_stack(torch.stack([matrices[i] for i in idx]), idx)
         for k, i in enumerate(idx):
             vals[i], vecs[i] = d[k].contiguous(), q[k].contiguous()
