@@ -22,6 +22,9 @@ $(STAMP): $(PYTHON) pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(PIP) install -q --upgrade pip
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q $(DEPS)
+	# ASDL's own requirements (torch, numpy) are already here; --no-deps keeps pip from
+	# ever resolving another torch for it.
+	$(PIP) install -q --no-deps asdfghjkl==0.1a5
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PYTHON) -c "import kfac_fast, kfac_fast._C as C; print('kfac_fast._C:', C.build_info())"
 	touch $(STAMP)
