@@ -50,6 +50,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from . import distributed as data_parallel
 from . import ops
 from .fisher import canonical_loss, sampled_output_grad
 from .layers import KFACLayer, is_layer, unsupported_reason
@@ -94,6 +95,13 @@ class KFACPreconditioner:
         update_factors_in_hooks: update factors inside the hooks instead of holding the
             captures until `step()` (saves memory, one launch per layer).
 
+        process_group: the torch.distributed group to run data-parallel over (None: the
+            world, when torch.distributed is initialised). See docs/distributed.md.
+        distributed: None (data-parallel when torch.distributed is initialised), False
+            (never), True or a `kfac_fast.distributed.DistributedOptions` (strategy,
+            factor_sync, bucket_cap_mb, profile). Construction is then a collective: every
+            rank must build the same model, and `state_dict()` is called on every rank.
+
     Every numeric hyperparameter also accepts a callable of the step count (the number
     of `step()` calls before the current one).
 
@@ -109,7 +117,8 @@ class KFACPreconditioner:
                  fisher: str = "empirical", loss_average: Union[str, float] = "batch",
                  skip_layers: Union[str, Iterable[str]] = (), factor_dtype: torch.dtype = torch.float32,
                  grad_scaler=None, accumulation_steps: int = 1,
-                 update_factors_in_hooks: bool = False) -> None:
+                 update_factors_in_hooks: bool = False, process_group=None,
+                 distributed: Union[None, bool, "data_parallel.DistributedOptions"] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in METHODS:
@@ -160,6 +169,8 @@ class KFACPreconditioner:
         if not self.layers:
             raise ValueError("model has no nn.Linear or nn.Conv2d layer left to precondition "
                              "(check skip_layers)")
+        # None when single-process (or a group of one): then nothing below communicates
+        self.distributed = data_parallel.setup(model, self.layers, method, process_group, distributed)
         for layer in self.layers.values():
             layer.install(self)
 
@@ -459,35 +470,24 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------------------------
     # refresh (host syncs allowed here)
     # ------------------------------------------------------------------------------------
-    def allreduce_factors(self, layers: list[KFACLayer]) -> None:
-        """Seam for torch.distributed: all-reduce the factors before a refresh.
-
-        Single-process: nothing to do. `kfac_fast.distributed` overrides this.
-        """
-
-    def assign_refresh(self, layers: list[KFACLayer]) -> list[KFACLayer]:
-        """Seam for torch.distributed: the layers this rank decomposes (here: all).
-
-        A distributed subclass returns its share and broadcasts the results.
-        """
-        return layers
-
     def _refresh(self, layers: list[KFACLayer]) -> None:
-        self.allreduce_factors(layers)
-        mine = self.assign_refresh(layers)
-        if not mine:
+        if self.distributed is not None:
+            # factors averaged across ranks, decompositions shared out (kfac_fast.distributed)
+            self.distributed.refresh(layers, self.damping(self.steps))
+            return
+        if not layers:
             return
         if self.method == "inverse":
             damping = self.damping(self.steps)
-            pis = [ops.pi_damping(l.a_factor, l.g_factor, damping) for l in mine]
-            invs = ops.damped_inverse([l.a_factor for l in mine] + [l.g_factor for l in mine],
+            pis = [ops.pi_damping(l.a_factor, l.g_factor, damping) for l in layers]
+            invs = ops.damped_inverse([l.a_factor for l in layers] + [l.g_factor for l in layers],
                                       [p[0] for p in pis] + [p[1] for p in pis])
-            for i, layer in enumerate(mine):
-                layer.a_inv, layer.g_inv = invs[i], invs[len(mine) + i]
+            for i, layer in enumerate(layers):
+                layer.a_inv, layer.g_inv = invs[i], invs[len(layers) + i]
             return
-        vals, vecs = ops.eigh([l.a_factor for l in mine] + [l.g_factor for l in mine])
-        for i, layer in enumerate(mine):
-            j = len(mine) + i
+        vals, vecs = ops.eigh([l.a_factor for l in layers] + [l.g_factor for l in layers])
+        for i, layer in enumerate(layers):
+            j = len(layers) + i
             layer.da, layer.qa, layer.dg, layer.qg = vals[i], vecs[i], vals[j], vecs[j]
             if self.method == "ekfac":
                 # a new basis restarts the scales; until their first update they are
@@ -495,8 +495,10 @@ class KFACPreconditioner:
                 layer.scales = torch.outer(layer.dg, layer.da).contiguous()
                 layer.scale_count = 0
 
-    @staticmethod
-    def _has_inverse_state(layer: KFACLayer, method: str) -> bool:
+    def _has_inverse_state(self, layer: KFACLayer, method: str) -> bool:
+        if self.distributed is not None:
+            # rank-identical (under "memory" only the owner holds the decomposition)
+            return self.distributed.is_ready(layer)
         if method == "inverse":
             return layer.a_inv is not None
         if method == "ekfac":
@@ -520,6 +522,8 @@ class KFACPreconditioner:
                                        "the forward and before loss.backward() on factor-update steps")
                 if held:
                     self._update_factors(held)
+            if factor_step and self.distributed is not None:
+                self.distributed.factors_updated([l for l in fired if l.a_count > 0 and l.g_count > 0])
             have_factors = [l for l in self.layers.values() if l.a_count > 0 and l.g_count > 0]
             if step % self.inv_update_steps(step) == 0:
                 stale = have_factors
@@ -537,30 +541,46 @@ class KFACPreconditioner:
                 layer.clear_captures()
             self.steps += 1
 
+    def repeat_precondition(self, *, refresh: bool = False) -> None:
+        """Precondition `.grad` again with the stored state, without touching factors or
+        the step count; with refresh=True rebuild the decompositions / inverses first.
+
+        For a caller that changes `damping` after `step()` and wants the new direction
+        (KFAC's gamma search); a refresh is a host-sync step.
+        """
+        have = [l for l in self.layers.values() if l.a_count > 0 and l.g_count > 0]
+        if refresh and have:
+            self._refresh(have)
+        self._precondition([l for l in have if self._has_inverse_state(l, self.method)])
+
     def _precondition(self, layers: list[KFACLayer]) -> None:
-        wgs, bgs, chosen = [], [], []
-        for layer in layers:
-            w, b = layer.module.weight, layer.module.bias
-            if w.grad is None or (layer.has_bias and b.grad is None):
-                continue  # frozen parameters: nothing to precondition
-            chosen.append(layer)
-            wgs.append(w.grad)
-            bgs.append(b.grad if layer.has_bias else None)
+        # frozen parameters (no grad): nothing to precondition
+        chosen = [l for l in layers if l.module.weight.grad is not None
+                  and (not l.has_bias or l.module.bias.grad is not None)]
         if not chosen:
             self.last_nu = None
             return
         kl_clip = self.kl_clip(self.steps)
         kw = {"lr": self.lr(self.steps), "kl_clip": kl_clip} if kl_clip is not None else {}
-        if self.method == "eigen":
-            self.last_nu = ops.precondition_eigen_(wgs, bgs, [l.qa for l in chosen], [l.da for l in chosen],
-                                                   [l.qg for l in chosen], [l.dg for l in chosen],
-                                                   self.damping(self.steps), **kw)
-        elif self.method == "inverse":
-            self.last_nu = ops.precondition_inverse_(wgs, bgs, [l.a_inv for l in chosen],
-                                                     [l.g_inv for l in chosen], **kw)
+
+        def local(chosen: list[KFACLayer]) -> torch.Tensor:
+            wgs = [l.module.weight.grad for l in chosen]
+            bgs = [l.module.bias.grad if l.has_bias else None for l in chosen]
+            if self.method == "eigen":
+                return ops.precondition_eigen_(wgs, bgs, [l.qa for l in chosen], [l.da for l in chosen],
+                                               [l.qg for l in chosen], [l.dg for l in chosen],
+                                               self.damping(self.steps), **kw)
+            if self.method == "inverse":
+                return ops.precondition_inverse_(wgs, bgs, [l.a_inv for l in chosen],
+                                                 [l.g_inv for l in chosen], **kw)
+            return ops.precondition_ekfac_(wgs, bgs, [l.qa for l in chosen], [l.qg for l in chosen],
+                                           [l.scales for l in chosen], self.damping(self.steps), **kw)
+
+        if self.distributed is None:
+            self.last_nu = local(chosen)
         else:
-            self.last_nu = ops.precondition_ekfac_(wgs, bgs, [l.qa for l in chosen], [l.qg for l in chosen],
-                                                   [l.scales for l in chosen], self.damping(self.steps), **kw)
+            self.last_nu = self.distributed.precondition(chosen, local, damping=self.damping(self.steps),
+                                                         lr=self.lr(self.steps), kl_clip=kl_clip)
 
     # ------------------------------------------------------------------------------------
     # state
@@ -570,7 +590,19 @@ class KFACPreconditioner:
 
     def state_dict(self) -> dict:
         """Everything needed to continue bit-identically: step count, and per layer the
-        factors, their k, and the decompositions (or EKFAC scales) in use."""
+        factors, their k, and the decompositions (or EKFAC scales) in use.
+
+        Data-parallel: a collective (call it on every rank, save rank 0's result).
+        """
+        if self.distributed is None:
+            return self._state_dict()
+        self.distributed.before_state_dict()
+        try:
+            return self._state_dict()
+        finally:
+            self.distributed.after_state_dict()
+
+    def _state_dict(self) -> dict:
         layers = {}
         for name, layer in self.layers.items():
             entry = {c: getattr(layer, c) for c in self._COUNTS}
@@ -583,6 +615,7 @@ class KFACPreconditioner:
         """Restore `state_dict()`'s output; tensors move to each layer's weight device.
 
         A layer with factors but no stored decomposition is refreshed at its next step.
+        Data-parallel: load the same state (rank 0's) on every rank.
         """
         if not isinstance(state, dict) or "layers" not in state or "steps" not in state:
             raise ValueError("state must be a dict from KFACPreconditioner.state_dict()")
@@ -602,6 +635,8 @@ class KFACPreconditioner:
                 setattr(layer, t, None if v is None else v.detach().to(device).clone())
         self.steps = int(state["steps"])
         self._factor_step_cache = (-1, False)
+        if self.distributed is not None:
+            self.distributed.after_load_state_dict()
 
     def memory_usage(self) -> dict[str, int]:
         """Bytes held per layer name (state tensors plus captures held right now)."""

@@ -1,0 +1,429 @@
+"""Data-parallel K-FAC (kfac_fast.distributed) on CPU with gloo.
+
+One spawn per world size (2 and 4 processes): every check of that world size runs
+inside the one spawn and each rank reports its results back through a queue; the test
+functions then assert on them. Every collective has a timeout (init_process_group's),
+so a bug shows as a failed check, not a hang.
+
+The oracle of the equivalence checks is the single-process preconditioner on the whole
+global batch, run inside each worker with distributed=False (float64, tight tolerance).
+Eigenvectors may differ in sign between runs, so the checks compare factors and
+preconditioned gradients, never eigenvectors.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_mod
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_fast import KFACPreconditioner
+from kfac_fast import distributed as kd
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+TOL = dict(rtol=1e-9, atol=1e-12)
+STEPS = 4
+PER_RANK = 3  # examples per rank (equal shards)
+
+
+# ---------------------------------------------------------------------------------------
+# pure functions (no processes)
+# ---------------------------------------------------------------------------------------
+def resnet50_factor_sizes() -> list[int]:
+    """A and G sizes of ResNet-50's conv and fc layers (bias-free convs, fc with bias)."""
+    sizes = [3 * 49, 64]
+    in_c = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            out_c = width * 4
+            sizes += [in_c, width, width * 9, width, width, out_c]
+            if b == 0:
+                sizes += [in_c, out_c]
+            in_c = out_c
+    sizes += [2048 + 1, 1000]
+    return sizes
+
+
+def curves_factor_sizes() -> list[int]:
+    enc = [784, 400, 200, 100, 50, 25, 6]
+    dims = enc + enc[::-1][1:]
+    return [n for d_in, d_out in zip(dims[:-1], dims[1:]) for n in (d_in + 1, d_out)]
+
+
+@pytest.mark.parametrize("sizes", ["resnet50", "curves"])
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_assignment_balances_realistic_layer_sizes(world, sizes):
+    costs = [kd.decomposition_cost(n) for n in
+             (resnet50_factor_sizes() if sizes == "resnet50" else curves_factor_sizes())]
+    owners = kd.assign_work(costs, world)
+    loads = kd.rank_loads(costs, owners, world)
+    mean = sum(loads) / world
+    # no assignment beats max(mean, largest item): one factor is never split
+    best = max(mean, max(costs))
+    print(f"{sizes} factors on {world} ranks: max/mean load {max(loads) / mean:.3f}, "
+          f"max/lower bound {max(loads) / best:.4f}")
+    # Graham's bound for largest-first greedy is 4/3; these sets land within 1%
+    assert max(loads) <= 1.01 * best
+    assert kd.load_imbalance(costs, owners, world) == pytest.approx(max(loads) / mean)
+
+
+def test_assignment_is_least_loaded_and_deterministic():
+    assert kd.assign_work([5, 4, 3, 3, 2, 2, 1], 3) == [0, 1, 2, 2, 1, 0, 1]
+    assert kd.assign_work([1.0, 1.0], 1) == [0, 0]
+    assert kd.assign_work([], 4) == []
+    with pytest.raises(ValueError, match="world_size"):
+        kd.assign_work([1.0], 0)
+    with pytest.raises(ValueError, match=r"costs\[1\]"):
+        kd.assign_work([1.0, -2.0], 2)
+
+
+def test_buckets_respect_the_cap():
+    assert kd._buckets([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]
+    assert kd._buckets([], 8) == []
+
+
+def test_single_process_without_init():
+    assert not torch.distributed.is_initialized()
+    assert kd.resolve_group(None) is None
+    model = nn.Linear(3, 2)
+    assert KFACPreconditioner(model).distributed is None
+    with pytest.raises(RuntimeError, match="not initialised"):
+        KFACPreconditioner(nn.Linear(3, 2), distributed=kd.DistributedOptions())
+    with pytest.raises(ValueError, match="strategy"):
+        kd.DataParallelKFAC({}, "eigen", None, strategy="fastest")
+
+
+# ---------------------------------------------------------------------------------------
+# the spawned workers
+# ---------------------------------------------------------------------------------------
+class Net(nn.Module):
+    """Conv2d (im2col rows) + Linear with and without bias: every row convention."""
+
+    def __init__(self, hidden: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc1 = nn.Linear(27, hidden)
+        self.fc2 = nn.Linear(hidden, 4, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.conv(x)).flatten(1))))
+
+
+def make_data(world: int, step: int):
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(world * PER_RANK, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (world * PER_RANK,), generator=gen)
+    return x, y
+
+
+def make_model(hidden: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    return Net(hidden).double()
+
+
+KFAC_KW = dict(inv_update_steps=2, damping=1e-2, kl_clip=1e-3, lr=0.3, factor_dtype=torch.float64)
+
+
+def run_steps(model, precond, rank, world, *, ddp_model=None, average=None):
+    """STEPS steps; after each, the factors and the preconditioned grads of the model."""
+    records = []
+    net = ddp_model or model
+    for step in range(STEPS):
+        x, y = make_data(world, step)
+        if rank is not None:
+            x, y = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+        model.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        if average is not None:
+            average(model.parameters())
+        precond.step()
+        records.append({
+            "factors": {n: (l.a_factor.clone(), l.g_factor.clone()) for n, l in precond.layers.items()},
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "nu": None if precond.last_nu is None else float(precond.last_nu),
+        })
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.3 * p.grad
+    return records
+
+
+def compare(got, want, factor_steps) -> list[str]:
+    """Mismatch descriptions (empty when everything agrees)."""
+    bad = []
+    for step, (g, w) in enumerate(zip(got, want)):
+        if step in factor_steps:
+            for name, (fa, fg) in w["factors"].items():
+                ga, gg = g["factors"][name]
+                if not torch.allclose(ga, fa, **TOL) or not torch.allclose(gg, fg, **TOL):
+                    bad.append(f"step {step}: factors of {name} differ (max {(ga - fa).abs().max():.2e})")
+        for name, wg in w["grads"].items():
+            gg = g["grads"][name]
+            if not torch.allclose(gg, wg, **TOL):
+                bad.append(f"step {step}: grad of {name} differs (max {(gg - wg).abs().max():.2e})")
+        if (g["nu"] is None) != (w["nu"] is None) or (w["nu"] is not None and abs(g["nu"] - w["nu"]) > 1e-9):
+            bad.append(f"step {step}: nu {g['nu']} != {w['nu']}")
+    return bad
+
+
+def check_equivalence(rank, world, *, strategy, factor_sync, method, ddp, hooks=False,
+                      group=None) -> list[str]:
+    """rank, world: this process's rank in `group` (default: the world) and its size."""
+    kw = dict(KFAC_KW, method=method, update_factors_in_hooks=hooks)
+    ref_model = make_model()
+    want = run_steps(ref_model, KFACPreconditioner(ref_model, distributed=False, **kw), None, world)
+
+    model = make_model()
+    ddp_model = None
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp_model = DistributedDataParallel(model, process_group=group)
+    opts = kd.DistributedOptions(strategy=strategy, factor_sync=factor_sync, bucket_cap_mb=1e-3)
+    precond = KFACPreconditioner(ddp_model or model, process_group=group, distributed=opts, **kw)
+    if precond.distributed is None:
+        return ["distributed driver was not set up"]
+    got = run_steps(model, precond, rank, world, ddp_model=ddp_model,
+                    average=None if ddp else (lambda ps: kd.average_gradients_(ps, group)))
+    for rec in got:  # DDP prefixes names with "module."
+        rec["factors"] = {n.removeprefix("module."): v for n, v in rec["factors"].items()}
+    want_steps = set(range(STEPS)) if factor_sync == "update" else {0, 2}
+    bad = compare(got, want, want_steps)
+    if strategy == "memory":
+        owners = precond.distributed.owners()
+        for name, layer in precond.layers.items():
+            if (owners[(name, "a")] == rank) != (layer.qa is not None or layer.a_inv is not None):
+                bad.append(f"memory strategy: {name} holds a decomposition iff owned, violated")
+    if precond.distributed.bytes["factors"] == 0:
+        bad.append("no factor bytes were all-reduced")
+    return bad
+
+
+def check_state_dict(rank, world) -> list[str]:
+    """Save on rank 0 (state_dict is collective), load on every rank, continue."""
+    kw = dict(KFAC_KW, method="eigen")
+    ref_model = make_model()
+    want = run_steps(ref_model, KFACPreconditioner(ref_model, distributed=False, **kw), None, world)
+
+    model = make_model()
+    opts = kd.DistributedOptions(strategy="memory", factor_sync="inverse")
+    precond = KFACPreconditioner(model, distributed=opts, **kw)
+    for step in range(STEPS - 1):
+        x, y = make_data(world, step)
+        x, y = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        kd.average_gradients_(model.parameters())
+        precond.step()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.3 * p.grad
+    state = precond.state_dict()
+    objs = [state if rank == 0 else None]
+    torch.distributed.broadcast_object_list(objs, src=0)  # stands in for torch.save + torch.load
+    fresh = KFACPreconditioner(model, distributed=opts, **kw)
+    precond.remove_hooks()
+    fresh.load_state_dict(objs[0])
+    x, y = make_data(world, STEPS - 1)
+    x, y = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    kd.average_gradients_(model.parameters())
+    fresh.step()
+    bad = []
+    for name, p in model.named_parameters():
+        if not torch.allclose(p.grad, want[-1]["grads"][name], **TOL):
+            bad.append(f"after load: grad of {name} differs")
+    saved = objs[0]["layers"]
+    for name, (fa, fg) in want[-2]["factors"].items():
+        if not torch.allclose(saved[name]["a_factor"], fa, **TOL):
+            bad.append(f"saved A of {name} is not the global factor")
+    return bad
+
+
+def check_mismatch(rank, world) -> str:
+    """The last rank builds a wider model: every rank must raise, none may hang."""
+    model = make_model(hidden=7 if rank == world - 1 else 5)
+    try:
+        KFACPreconditioner(model)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def check_world_of_one(rank, world) -> list[str]:
+    groups = [torch.distributed.new_group([r]) for r in range(world)]
+    kw = dict(KFAC_KW, method="eigen")
+    a_model, b_model = make_model(), make_model()
+    a = KFACPreconditioner(a_model, process_group=groups[rank], **kw)
+    if a.distributed is not None:
+        return ["a group of one set up a distributed driver"]
+    got = run_steps(a_model, a, None, world)
+    want = run_steps(b_model, KFACPreconditioner(b_model, distributed=False, **kw), None, world)
+    bad = []
+    for g, w in zip(got, want):
+        for name in w["grads"]:
+            if not torch.equal(g["grads"][name], w["grads"][name]):
+                bad.append(f"world of one: grad of {name} not bit-identical")
+    return bad
+
+
+def check_sharded_refused(rank, world) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    model = nn.Linear(4, 2 * world).double()
+    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+    try:
+        KFACPreconditioner(model)
+    except NotImplementedError as exc:
+        return str(exc)
+    return "no error"
+
+
+CASES = [
+    dict(strategy="communication", factor_sync="inverse", method="eigen", ddp=True),
+    dict(strategy="communication", factor_sync="update", method="eigen", ddp=False),
+    dict(strategy="memory", factor_sync="inverse", method="eigen", ddp=True),
+    dict(strategy="memory", factor_sync="update", method="eigen", ddp=False),
+    dict(strategy="communication", factor_sync="inverse", method="inverse", ddp=False),
+    dict(strategy="memory", factor_sync="inverse", method="inverse", ddp=True),
+    dict(strategy="communication", factor_sync="update", method="eigen", ddp=True, hooks=True),
+]
+
+
+def worker(rank: int, world: int, port: int, results) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    out = {}
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=30))
+        for i, case in enumerate(CASES):
+            out[f"case{i}"] = check_equivalence(rank, world, **case)
+        out["state_dict"] = check_state_dict(rank, world)
+        out["world_of_one"] = check_world_of_one(rank, world)
+        out["mismatch"] = check_mismatch(rank, world)
+        if world == 2:
+            out["sharded"] = check_sharded_refused(rank, world)
+        if world == 4:
+            # two independent pairs: group ranks differ from global ranks
+            pairs = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
+            out["subgroups"] = check_equivalence(rank % 2, 2, strategy="memory", factor_sync="inverse",
+                                                 method="eigen", ddp=True, group=pairs[rank // 2])
+    except Exception:  # reported, so the parent fails with the worker's traceback
+        out["crash"] = traceback.format_exc()
+    finally:
+        results.put((rank, out))
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RESULTS: dict = {}
+
+
+def spawn(world: int) -> dict:
+    """Run `worker` on `world` processes (once per session); rank -> its results."""
+    if world in _RESULTS:
+        return _RESULTS[world]
+    # a fork server imports torch (and torch._dynamo, which the first custom-op call
+    # pulls in) once; its children start from that image instead of re-importing
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.nn.parallel", "kfac_fast.distributed"])
+    results = ctx.Queue()
+    port = free_port()
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by the children at start-up
+    try:
+        procs = [ctx.Process(target=worker, args=(r, world, port, results)) for r in range(world)]
+        for p in procs:
+            p.start()
+    finally:
+        if old is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    got = {}
+    try:
+        for _ in range(world):
+            rank, out = results.get(timeout=120)
+            got[rank] = out
+    except queue_mod.Empty:
+        pass  # the fixture reports which ranks are missing
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    _RESULTS[world] = got
+    return got
+
+
+@pytest.fixture(params=[2, 4], ids=lambda w: f"world{w}")
+def world_results(request):
+    world = request.param
+    got = spawn(world)
+    assert sorted(got) == list(range(world)), f"only ranks {sorted(got)} of {world} reported"
+    for rank, out in got.items():
+        assert "crash" not in out, f"rank {rank} crashed:\n{out['crash']}"
+    return world, got
+
+
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=[f"{c['strategy']}-{c['factor_sync']}-{c['method']}-{'ddp' if c['ddp'] else 'plain'}"
+                              + ("-hooks" if c.get("hooks") else "") for c in CASES])
+def test_matches_single_process_on_global_batch(world_results, case):
+    world, got = world_results
+    for rank, out in got.items():
+        assert out[f"case{case}"] == [], f"rank {rank}: {out[f'case{case}']}"
+
+
+def test_state_dict_saves_on_rank0_and_loads_everywhere(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        assert out["state_dict"] == [], f"rank {rank}: {out['state_dict']}"
+
+
+def test_group_of_one_is_the_single_process_path(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        assert out["world_of_one"] == [], f"rank {rank}: {out['world_of_one']}"
+
+
+def test_mismatched_model_errors_on_every_rank(world_results):
+    world, got = world_results
+    for rank, out in got.items():
+        assert f"rank {world - 1}" in out["mismatch"] and "differs across ranks" in out["mismatch"], \
+            f"rank {rank}: {out['mismatch']}"
+
+
+def test_process_group_is_a_parameter(world_results):
+    world, got = world_results
+    if world != 4:
+        pytest.skip("checked in the world of 4 (two groups of 2)")
+    for rank, out in got.items():
+        assert out["subgroups"] == [], f"rank {rank}: {out['subgroups']}"
+
+
+def test_sharded_parameters_are_refused(world_results):
+    world, got = world_results
+    if world != 2:
+        pytest.skip("checked in the world of 2")
+    for rank, out in got.items():
+        assert "DTensor" in out["sharded"] and "not supported" in out["sharded"], f"rank {rank}: {out['sharded']}"
