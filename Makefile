@@ -9,6 +9,9 @@ STAMP := $(VENV)/.kfac_fast_installed
 TORCH_PIN ?= torch==2.13.0
 # Benchmarks and tests pin CPU threads so timings are comparable (2-core machines).
 THREADS ?= 2
+# MKL threads spin while waiting by default; on a shared 2-core machine that made one
+# 785x785 eigh take 3-11 s instead of 0.2 s (measured by the demo helper).
+export OMP_WAIT_POLICY ?= PASSIVE
 DEPS := "setuptools>=77" wheel cmake ninja "pybind11>=2.12" numpy pytest pytest-benchmark \
         hypothesis matplotlib tqdm "triton>=3.6" heavyball
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU (H200 image: Python 3.12, torch 2.11 cu130, triton 3.6,
+# nvcc 13, no network). Builds `_C` for sm_90 only, runs the GPU tests, the sanitizer
+# check of the Jacobi kernel and the benchmarks; writes JSON, logs and a short table under
+# $OUT (or ./gpu_out). Aim: under 8 minutes in all.
+#
+#   bash bench/gpu_check.sh [all|build|tests|sanitize|eigh|triton|refresh|step]   (default: all)
+#
+# Run as one `device.run` call with a timeout that leaves room for a rerun of one part.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART="${1:-all}"
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+log() { echo "== $*" | tee -a "$SUMMARY"; }
+want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+
+# Step bodies run under `timeout` so one hung part cannot eat the whole lease.
+run_part() {  # name seconds command...
+  local name=$1 secs=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  log "$name: rc=$rc in $(( $(date +%s) - t0 ))s (log: $name.log)"
+  tail -n 15 "$OUT/$name.log" | sed 's/^/   /' | tee -a "$SUMMARY" >/dev/null
+  return $rc
+}
+
+log "$(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
+log "$($PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)')"
+
+# Every part needs `_C`, and each device machine starts bare: always build (sm_90 only).
+KFAC_FAST_CUDA=1 KFAC_FAST_CUDA_ARCHS=90 run_part build 300 \
+  $PY -m pip install --no-build-isolation --no-deps -e . || { cat "$SUMMARY"; exit 1; }
+$PY -c "import kfac_fast; print(kfac_fast.backend_info())" > "$OUT/backend_info.txt" 2>&1
+[ "$PART" = build ] && { cat "$SUMMARY"; exit 0; }
+
+if want tests; then
+  run_part tests 240 $PY -m pytest -q -m gpu tests -x --timeout=120 -p no:cacheprovider
+fi
+
+if want sanitize && [ -f bench/sanitize_jacobi.py ]; then
+  run_part racecheck 120 compute-sanitizer --tool racecheck $PY bench/sanitize_jacobi.py
+  run_part memcheck 120 compute-sanitizer --tool memcheck $PY bench/sanitize_jacobi.py
+fi
+
+bench() {  # name file
+  [ -f "$2" ] || { log "$1: $2 missing, skipped"; return; }
+  run_part "$1" 240 $PY -m pytest -q "$2" -p no:cacheprovider --benchmark-only \
+    --benchmark-json="$OUT/$1.json" --benchmark-columns=min,median,max \
+    --benchmark-group-by=group --benchmark-min-rounds=5 --benchmark-max-time=0.5
+}
+want eigh && bench eigh bench/bench_eigh.py
+want triton && bench triton bench/bench_triton.py
+want refresh && bench refresh bench/bench_warm_eigh.py
+want step && bench step bench/bench_step.py
+
+echo; echo "==== summary ===="; cat "$SUMMARY"

@@ -1,0 +1,81 @@
+"""Smoke tests of the demo's pieces at tiny size: data, model, one step of each method."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kfac_fast import curves, demo
+
+
+def test_curves_shape_range_determinism():
+    x = curves.make_curves(64, seed=3)
+    assert x.shape == (64, 784) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    assert (x == 1).any() and (x == 0).float().mean() > 0.5  # a stroke on a dark background
+    assert ((x > 0) & (x < 1)).any()  # anti-aliased edges: intensities, not just binary
+    assert torch.equal(x, curves.make_curves(64, seed=3))
+    assert torch.equal(x[:10], curves.make_curves(10, seed=3))  # image i does not depend on n
+    assert not torch.equal(x, curves.make_curves(64, seed=4))
+    train, test = curves.load_curves(8, 4, seed=0)
+    assert train.shape == (8, 784) and test.shape == (4, 784) and not torch.equal(train[:4], test)
+
+
+def test_entropy_floor():
+    assert curves.entropy_floor(torch.tensor([[0.0, 1.0, 0.0]])) == 0.0
+    assert math.isclose(curves.entropy_floor(torch.full((2, 3), 0.5)), 3 * math.log(2), rel_tol=1e-12)
+    x = curves.make_curves(32, seed=0)
+    # The floor is the BCE of the data with itself.
+    logits = torch.logit(x.double().clamp(1e-12, 1 - 1e-12))
+    assert math.isclose(demo.bce_loss(logits, x.double()).item(), curves.entropy_floor(x), rel_tol=1e-6)
+
+
+def test_autoencoder_architecture():
+    model = demo.build_autoencoder(seed=0)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    sizes = [784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784]
+    assert [(l.in_features, l.out_features) for l in linears] == list(zip(sizes[:-1], sizes[1:]))
+    # Logistic after every layer but the code layer (6 units, linear) and the output
+    # (logits: the logistic is inside the loss).
+    kinds = [type(m).__name__ for m in model]
+    code = [i for i, k in enumerate(kinds) if k == "Linear"][5]  # 784-...-25 -> 6
+    assert kinds.count("Sigmoid") == 10 and kinds[code + 1] == "Linear" and kinds[-1] == "Linear"
+    for l in linears:
+        nonzero = (l.weight != 0).sum(1)
+        assert torch.all(nonzero == min(15, l.in_features))
+        assert torch.all(l.bias == 0)
+    assert torch.equal(linears[0].weight, demo.build_autoencoder(seed=0)[0].weight)
+    out = model(torch.rand(3, 784))
+    assert out.shape == (3, 784)
+
+
+def _has_kfac():
+    try:
+        from kfac_fast import KFACPreconditioner  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("key", list(demo.METHODS))
+def test_one_step_each_method(key):
+    if key == "soap":
+        pytest.importorskip("heavyball")
+    if key == "kfac" and not _has_kfac():
+        pytest.skip("kfac_fast.KFACPreconditioner not available")
+    torch.manual_seed(0)
+    data = curves.make_curves(48, seed=0)
+    run = demo.train(key, demo.METHODS[key].lrs[0], data, steps=2, batch_size=16, seed=0,
+                     eval_x=data, eval_every=1, final=True)
+    assert run.steps == [0, 1, 2] and len(run.errors) == 3
+    assert all(math.isfinite(e) for e in run.errors) and math.isfinite(run.final_error)
+    assert run.errors[-1] < run.errors[0]  # two steps already leave the random-output regime
+
+
+def test_quick_cli(tmp_path, capsys):
+    methods = "sgd,adam" + (",kfac" if _has_kfac() else "")
+    runs = demo.main(["--quick", "--methods", methods, "--out", str(tmp_path)])
+    assert [r.method for r in runs] == methods.split(",")
+    assert (tmp_path / "curves_error.png").stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "entropy floor" in text and "x SGD step" in text
