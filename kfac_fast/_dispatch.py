@@ -138,7 +138,7 @@ def describe(device: torch.device) -> dict[str, dict[str, str]]:
 # The implementations. Each row: op name, backend, "module:function", and optionally the
 # rule that refuses a call (default: CUDA tensors only). Keep one section per backend.
 # ---------------------------------------------------------------------------------------
-_OPS = (
+OP_NAMES = (
     "update_factor_", "update_factors_", "conv_input_factor_", "eigh", "damped_inverse",
     "pi_damping", "precondition_eigen", "precondition_eigen_", "precondition_inverse",
     "precondition_inverse_", "ekfac_scales_", "precondition_ekfac", "precondition_ekfac_",
@@ -146,7 +146,7 @@ _OPS = (
 )
 
 # --- torch: the reference, every op, every device ---
-for _op in _OPS:
+for _op in OP_NAMES:
     register(_op, "torch", f"kfac_fast.reference:{_op}", refuses=_serves_all)
 
 # --- triton (kfac_fast.kernels) ---

@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _dispatch
+from ._dispatch import OP_NAMES
 
 Tensor = torch.Tensor
 Scalar = Union[float, Tensor]
@@ -805,9 +806,5 @@ def unpack_triangles_(factors: Sequence[Tensor], flat: Tensor) -> list:
     return factors
 
 
-__all__ = [
-    "update_factor_", "update_factors_", "conv_input_factor_", "eigh", "damped_inverse", "pi_damping",
-    "precondition_eigen", "precondition_eigen_", "precondition_inverse", "precondition_inverse_",
-    "ekfac_scales_", "precondition_ekfac", "precondition_ekfac_", "kl_clip_scale", "pack_triangles",
-    "unpack_triangles_",
-]
+# The op names are listed once, in _dispatch.OP_NAMES.
+__all__ = list(OP_NAMES)

@@ -27,6 +27,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ._dispatch import OP_NAMES
+
 Scalar = Union[float, torch.Tensor]
 
 # Per-example EKFAC sums (L > 1) are formed in chunks of at most this many elements of
@@ -520,9 +522,5 @@ def unpack_triangles_(factors, flat) -> list:
     return factors
 
 
-__all__ = [
-    "update_factor_", "update_factors_", "conv_input_factor_", "eigh", "damped_inverse", "pi_damping",
-    "precondition_eigen", "precondition_eigen_", "precondition_inverse", "precondition_inverse_",
-    "ekfac_scales_", "precondition_ekfac", "precondition_ekfac_", "kl_clip_scale", "pack_triangles",
-    "unpack_triangles_",
-]
+# The op names are listed once, in _dispatch.OP_NAMES.
+__all__ = list(OP_NAMES)
