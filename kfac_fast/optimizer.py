@@ -1,0 +1,402 @@
+"""KFAC: the full optimiser of Martens & Grosse (2015) on top of KFACPreconditioner.
+
+The curvature is KFACPreconditioner's (same layer capture, same factors, same
+`kfac_fast.ops` calls), run with the true (MC) Fisher and with its damping tied to
+this optimiser's gamma. On top of it, each step:
+
+1. Delta = -(A + pi gamma I)^-1 (x) (G + gamma/pi I)^-1 grad h (factored Tikhonov with
+   the pi correction, `method="inverse"`, the default) or the exactly damped
+   -(A (x) G + gamma^2 I)^-1 grad h (`method="eigen"`);
+2. delta = alpha Delta + mu delta0 (delta0 the previous update), alpha and mu
+   minimising the exact quadratic model
+   M(delta) = h + g^T delta + 1/2 delta^T (F + (lambda + eta) I) delta on the current
+   mini-batch, F the batch's exact Fisher applied through Jacobian-vector products
+   (`kfac_fast.fvp`); a 2x2 solve (1x1 on the first step or with momentum=False);
+3. every T1 steps, lambda follows the Levenberg-Marquardt rule on
+   rho = (h(theta + delta) - h(theta)) / (M(delta) - M(0)) (the loss re-evaluated by
+   the closure on the same batch);
+4. optionally every T3 steps, gamma is chosen among gamma * {omega2, 1, 1/omega2} by
+   the resulting h(theta + delta); otherwise gamma = sqrt(lambda + eta).
+Inverses (or eigendecompositions) are recomputed every T2 steps.
+
+Example (a classifier; `loss` names the model's predictive distribution, which the
+MC Fisher samples from)::
+
+    model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 10))
+    opt = kfac_fast.KFAC(model, loss="cross_entropy")
+    for x, y in loader:
+        def closure():
+            out = model(x)                        # the forward, under the hooks
+            return F.cross_entropy(out, y), out   # (loss, outputs)
+        loss = opt.step(closure)
+
+The closure runs the forward pass on the current batch and returns `(loss, outputs)`:
+the scalar loss h and the model's outputs z it was computed from (logits for
+"cross_entropy" and "bce_with_logits", the mean for "gaussian"). It must not call
+`backward()` or `zero_grad()`: the optimiser does both. It is called again under
+`torch.no_grad()` on damping-adaptation steps to measure h(theta + delta), so it must
+use the same batch and be deterministic (no dropout). The loss must depend on the
+parameters only through the outputs (regularise with `l2_reg`): the gradient is taken
+as J^T dh/dz from the same backward that the Fisher products are built on, which saves
+the usual one. Conventions: the loss is the
+average over the examples (dim 0) of each example's negative log-likelihood summed
+over its outputs, as in the paper (e.g. `bce_with_logits(..., reduction="sum") / N`);
+a loss averaged over output units too is fine for the step (the quadratic model is
+exact for any scaling) but shifts lambda's meaningful range.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .fisher import canonical_loss
+from .fvp import FisherProducts, dot
+from .preconditioner import KFACPreconditioner
+from .quadratic import adapt_damping, model_change, reduction_ratio, step_coefficients
+
+KFAC_METHODS = ("inverse", "eigen")
+
+
+def exponential_batch_size(step: int, initial: int = 1000, total: int = 60000,
+                           ramp_steps: int = 500) -> int:
+    """The paper's growing mini-batch: m_k = m1 (N / m1)^min(k / ramp_steps, 1)."""
+    if initial < 1 or total < initial or ramp_steps < 1 or step < 0:
+        raise ValueError(f"exponential_batch_size: need step >= 0, 1 <= initial <= total and "
+                         f"ramp_steps >= 1, got step={step}, initial={initial}, total={total}, "
+                         f"ramp_steps={ramp_steps}")
+    return int(round(initial * (total / initial) ** min(step / ramp_steps, 1.0)))
+
+
+def _positive_int(name: str, v, optional: bool = False):
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {v!r}")
+    return v
+
+
+def _positive_float(name: str, v, *, allow_zero: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+    return float(v)
+
+
+def _unit_interval(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {v!r}")
+    return float(v)
+
+
+@torch.no_grad()
+def _restore(params: list, values: list) -> None:
+    torch._foreach_copy_(params, values)
+
+
+class KFAC(torch.optim.Optimizer):
+    """The paper's K-FAC optimiser (adaptive damping, quadratic-model step, momentum).
+
+    Args:
+        model: the nn.Module to train; its nn.Linear/nn.Conv2d layers get Kronecker
+            curvature, any other parameter the plain gradient direction (scaled by the
+            same alpha).
+        loss: the predictive distribution behind the loss, for the MC Fisher:
+            "cross_entropy", "bce_with_logits" or "gaussian" (alias "mse").
+        damping: lambda's initial value (paper: 150).
+        l2_reg: eta, the l2 coefficient; the objective is h + eta/2 |theta|^2 (paper 1e-5).
+        damping_interval: T1, steps between Levenberg-Marquardt adaptations (paper 5).
+        inv_update_steps: T2, steps between inverse refreshes (paper 20); an int or a
+            callable of the step count, as in KFACPreconditioner.
+        gamma_interval: T3, steps between gamma searches (paper 20); None keeps
+            gamma = sqrt(lambda + eta) instead.
+        omega1: the LM factor (default (19/20)^T1).
+        omega2: the gamma-search factor (default sqrt(19/20)^T3).
+        momentum: use delta0 (the 2x2 solve); False gives the 1-D line search.
+        method: "inverse" (factored Tikhonov, pi correction) or "eigen" (exact damping).
+        factor_decay: decay of the factors' zero-debiased running average (paper 0.95).
+        factor_update_steps: steps between factor updates (and MC backwards).
+        damping_in_rho: include lambda in the model M that rho divides by. The paper
+            and kfac-jax use the model without lambda (eta included), the default.
+        variance: the Gaussian's variance for loss="gaussian" (1 matches 1/2 |y - z|^2).
+        average_decay: keep an exponential average of the iterates with this decay
+            (None: off); see `swap_averaged`.
+        generator: torch.Generator for the MC Fisher's samples.
+        skip_layers, factor_dtype: passed to KFACPreconditioner.
+
+    Attributes:
+        preconditioner: the KFACPreconditioner that owns the factors.
+        last: diagnostics of the last step: "alpha", "mu" (0-dim tensors), and on
+            adaptation steps "rho" (float), "loss_after" (float).
+    `damping` and `gamma` are kept in `param_groups[0]` (saved by `state_dict`).
+    """
+
+    def __init__(self, model: nn.Module, loss: str = "cross_entropy", *, damping: float = 150.0,
+                 l2_reg: float = 1e-5, damping_interval: int = 5,
+                 inv_update_steps: Union[int, Callable[[int], int]] = 20,
+                 gamma_interval: Optional[int] = 20, omega1: Optional[float] = None,
+                 omega2: Optional[float] = None, momentum: bool = True, method: str = "inverse",
+                 factor_decay: float = 0.95, factor_update_steps: int = 1,
+                 damping_in_rho: bool = False, variance: float = 1.0,
+                 average_decay: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 skip_layers: Union[str, Iterable[str]] = (),
+                 factor_dtype: torch.dtype = torch.float32) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if method not in KFAC_METHODS:
+            raise ValueError(f"method must be one of {KFAC_METHODS}, got {method!r}")
+        if not isinstance(momentum, bool):
+            raise TypeError(f"momentum must be a bool, got {momentum!r}")
+        t1 = _positive_int("damping_interval", damping_interval)
+        t3 = _positive_int("gamma_interval", gamma_interval, optional=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(
+            damping=_positive_float("damping", damping),
+            l2_reg=_positive_float("l2_reg", l2_reg, allow_zero=True),
+            damping_interval=t1, gamma_interval=t3,
+            omega1=_unit_interval("omega1", (19 / 20) ** t1 if omega1 is None else omega1),
+            omega2=_unit_interval("omega2", math.sqrt(19 / 20) ** (t3 or 20) if omega2 is None else omega2),
+            momentum=momentum, damping_in_rho=bool(damping_in_rho),
+            average_decay=None if average_decay is None else _unit_interval("average_decay", average_decay),
+        )
+        super().__init__(params, defaults)
+        group = self.param_groups[0]
+        group["gamma"] = math.sqrt(group["damping"] + group["l2_reg"])
+        group["step"] = 0
+        self.loss = canonical_loss(loss)
+        self.variance = _positive_float("variance", variance)
+        self.generator = generator
+        self.last: dict = {}
+        # the preconditioner reads its damping through this callable: gamma^2 is the
+        # exact damping of "eigen" and, via ops.pi_damping's sqrt, the factored
+        # Tikhonov gamma of "inverse"
+        self.preconditioner = KFACPreconditioner(
+            model, factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
+            damping=lambda _step: self.param_groups[0]["gamma"] ** 2, factor_decay=factor_decay,
+            kl_clip=None, method=method, fisher="mc", skip_layers=skip_layers,
+            factor_dtype=factor_dtype)
+
+    # ------------------------------------------------------------------------------ API
+    @property
+    def damping(self) -> float:
+        """lambda, the damping of the quadratic model."""
+        return self.param_groups[0]["damping"]
+
+    @property
+    def gamma(self) -> float:
+        """gamma, the damping of the Kronecker factors."""
+        return self.param_groups[0]["gamma"]
+
+    def step(self, closure: Callable[[], tuple]) -> torch.Tensor:  # type: ignore[override]
+        """One K-FAC step on the batch the closure evaluates; returns the loss h(theta)."""
+        if closure is None or not callable(closure):
+            raise ValueError("KFAC.step needs a closure returning (loss, outputs); see the "
+                             "kfac_fast.optimizer docstring")
+        group = self.param_groups[0]
+        params = [p for p in group["params"] if p.requires_grad]
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            loss, outputs = self._evaluate(closure)
+            self.preconditioner.sample_fisher(outputs, self.loss, generator=self.generator,
+                                              variance=self.variance)
+            # one backward gives both the gradient and the Fisher products' graph
+            fisher = FisherProducts(loss, outputs, params)
+        with torch.no_grad():
+            return self._step(closure, group, fisher, loss)
+
+    def _step(self, closure, group: dict, fisher: FisherProducts, loss: torch.Tensor) -> torch.Tensor:
+        """Everything after the backward: directions, the model solve, the update."""
+        step = group["step"]
+        live = fisher.params
+        if not live:
+            raise RuntimeError("the closure's outputs do not depend on any parameter of the model")
+        for p, g in zip(live, fisher.gradient):
+            p.grad = g.clone()  # the preconditioner rewrites .grad in place
+        eta = group["l2_reg"]
+        if eta:
+            torch._foreach_add_([p.grad for p in live], live, alpha=eta)
+        grads = [p.grad.clone() for p in live]
+        self.preconditioner.step()
+        directions = self._take_directions(live, grads)
+
+        prev = [self.state[p].get("prev_update") for p in live]
+        prev = prev if group["momentum"] and all(d is not None for d in prev) else None
+        adapt = step % group["damping_interval"] == 0
+        search = group["gamma_interval"] is not None and step % group["gamma_interval"] == 0
+        theta = [p.detach().clone() for p in live] if search or adapt else None
+        h_old = self._loss_value(loss) if adapt else None
+
+        solved = self._solve(fisher, grads, directions, prev, group["damping"] + eta)
+        if search:
+            solved = self._search_gamma(closure, fisher, live, grads, prev, theta, solved)
+        x, update = solved["x"], solved["update"]
+        torch._foreach_add_(live, update)
+        self.last = {"alpha": x[0], "mu": x[1] if x.shape[0] > 1 else torch.zeros_like(x[0])}
+
+        if adapt:
+            self._adapt(closure, h_old, live, theta, solved)
+        for p, d in zip(live, update):
+            self.state[p]["prev_update"] = d
+        self._average(live)
+        group["step"] = step + 1
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def swap_averaged(self):
+        """Within the block the parameters hold their iterate average (average_decay set)."""
+        live = [p for p in self.param_groups[0]["params"] if "average" in self.state[p]]
+        if not live:
+            raise RuntimeError("no iterate average: construct KFAC with average_decay and step first")
+        for p in live:
+            p.data, self.state[p]["average"] = self.state[p]["average"], p.data
+        try:
+            yield
+        finally:
+            for p in live:
+                p.data, self.state[p]["average"] = self.state[p]["average"], p.data
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["preconditioner"] = self.preconditioner.state_dict()
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        precond = state_dict.pop("preconditioner", None)
+        if precond is None:
+            raise ValueError("state_dict has no 'preconditioner' entry (not from KFAC.state_dict())")
+        super().load_state_dict(state_dict)
+        self.preconditioner.load_state_dict(precond)
+
+    # ------------------------------------------------------------------------ internals
+    @staticmethod
+    def _evaluate(closure) -> tuple:
+        result = closure()
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise TypeError("the closure must return (loss, outputs), got "
+                            f"{type(result).__name__}")
+        loss, outputs = result
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError("the closure's loss must be a 0-dim tensor")
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(f"the closure's outputs must be a tensor, got {type(outputs).__name__}")
+        return loss, outputs
+
+    def _evaluate_no_grad(self, closure) -> torch.Tensor:
+        """The closure's loss at the current parameters (no graph, no capture)."""
+        with torch.no_grad():
+            return self._evaluate(closure)[0]
+
+    def _loss_value(self, loss: torch.Tensor) -> float:
+        """h = loss + eta/2 |theta|^2 at the current parameters (host sync: adaptation only)."""
+        return loss.item() + self._l2_term()
+
+    def _l2_term(self) -> float:
+        eta = self.param_groups[0]["l2_reg"]
+        if not eta:
+            return 0.0
+        ps = [p.detach() for p in self.param_groups[0]["params"]]
+        return 0.5 * eta * dot(ps, ps).item()
+
+    @staticmethod
+    def _take_directions(live: list, grads: list) -> list:
+        """Delta = -(preconditioned .grad); .grad goes back to the raw gradient of h."""
+        directions = []
+        for p, g in zip(live, grads):
+            directions.append(p.grad.neg_())
+            p.grad = g
+        return directions
+
+    def _precondition_again(self, live: list, grads: list) -> list:
+        """Delta for the current gamma from the preconditioner's stored state.
+
+        For "inverse" the inverses are rebuilt with the current gamma first.
+        """
+        for p, g in zip(live, grads):
+            p.grad = g.clone()
+        self.preconditioner.repeat_precondition(refresh=self.preconditioner.method == "inverse")
+        return self._take_directions(live, grads)
+
+    def _solve(self, fisher: FisherProducts, grads: list, directions: list, prev, c: float) -> dict:
+        """alpha (and mu) minimising the damped model, and the update they give."""
+        vectors = [directions] if prev is None else [directions, prev]
+        k = len(vectors)
+        gram_f = fisher.gram(vectors)
+        gram_i = torch.empty_like(gram_f)
+        for i in range(k):
+            for j in range(i, k):
+                gram_i[i, j] = gram_i[j, i] = dot(vectors[i], vectors[j])
+        b = torch.stack([dot(grads, v) for v in vectors]).to(gram_f.device)
+        x = step_coefficients(b, gram_f, gram_i, c)
+        update = [d * x[0].to(d.dtype) for d in directions]
+        if prev is not None:
+            torch._foreach_add_(update, [d * x[1].to(d.dtype) for d in prev])
+        return {"x": x, "b": b, "gram_f": gram_f, "gram_i": gram_i, "update": update,
+                "directions": directions}
+
+    def _search_gamma(self, closure, fisher, live, grads, prev, theta, current: dict) -> dict:
+        """Paper section 6.6: gamma among gamma * {omega2, 1, 1/omega2} by h(theta + delta)."""
+        group = self.param_groups[0]
+        gamma, omega2 = group["gamma"], group["omega2"]
+        c = group["damping"] + group["l2_reg"]
+        inverse = self.preconditioner.method == "inverse"
+        layers = list(self.preconditioner.layers.values())
+        # every candidate's products first: moving theta bumps the parameters' version
+        # counters, and the forward graph the Fisher products use must not see that
+        trials = []
+        for cand in (gamma, gamma * omega2, gamma / omega2):
+            if cand == gamma:
+                solved = current  # the inverses in use are this candidate's
+            else:
+                group["gamma"] = cand
+                solved = self._solve(fisher, grads, self._precondition_again(live, grads), prev, c)
+            inverses = [(l.a_inv, l.g_inv) for l in layers] if inverse else None
+            trials.append((cand, solved, inverses))
+        best = None
+        for cand, solved, inverses in trials:
+            torch._foreach_add_(live, solved["update"])
+            h = self._loss_value(self._evaluate_no_grad(closure))
+            _restore(live, theta)
+            if best is None or h < best[0]:
+                best = (h, cand, solved, inverses)
+        h, cand, solved, inverses = best
+        group["gamma"] = cand
+        if inverse:
+            for l, (a_inv, g_inv) in zip(layers, inverses):
+                l.a_inv, l.g_inv = a_inv, g_inv
+        solved["loss_after"] = h
+        return solved
+
+    def _adapt(self, closure, h_old: float, live: list, theta: list, solved: dict) -> None:
+        """Levenberg-Marquardt on rho (host syncs: every T1 steps only)."""
+        group = self.param_groups[0]
+        eta = group["l2_reg"]
+        h_new = solved.get("loss_after")
+        if h_new is None:
+            h_new = self._loss_value(self._evaluate_no_grad(closure))
+        c = group["damping"] + eta if group["damping_in_rho"] else eta
+        change = model_change(solved["x"], solved["b"], solved["gram_f"], solved["gram_i"], c).item()
+        rho = reduction_ratio(h_new, h_old, change)
+        if not math.isfinite(h_new):
+            # a step into overflow is undone; more damping shortens the next one
+            _restore(live, theta)
+            torch._foreach_zero_(solved["update"])
+        group["damping"] = adapt_damping(group["damping"], rho, group["omega1"])
+        if group["gamma_interval"] is None:
+            group["gamma"] = math.sqrt(group["damping"] + eta)
+        self.last.update(rho=rho, loss_after=h_new)
+
+    def _average(self, live: list) -> None:
+        decay = self.param_groups[0]["average_decay"]
+        if decay is None:
+            return
+        for p in live:
+            avg = self.state[p].get("average")
+            if avg is None:
+                self.state[p]["average"] = p.detach().clone()
+            else:
+                avg.lerp_(p.detach(), 1.0 - decay)
