@@ -4,7 +4,8 @@
 # check of the Jacobi kernel and the benchmarks; writes JSON, logs and a short table under
 # $OUT (or ./gpu_out). Aim: under 8 minutes in all.
 #
-#   bash bench/gpu_check.sh [all|build|tests|sanitize|eigh|triton|refresh|step]   (default: all)
+#   bash bench/gpu_check.sh [all|build|tests|sanitize|eigh|triton|refresh|step|e2e|integrations]
+#   (default: all)
 #
 # Run as one `device.run` call with a timeout that leaves room for a rerun of one part.
 set -uo pipefail
@@ -59,5 +60,7 @@ want eigh && bench eigh bench/bench_eigh.py
 want triton && bench triton bench/bench_triton.py
 want refresh && bench refresh bench/bench_warm_eigh.py
 want step && bench step bench/bench_step.py
+want e2e && bench e2e bench/bench_e2e.py
+want integrations && bench integrations bench/bench_integrations.py
 
 echo; echo "==== summary ===="; cat "$SUMMARY"

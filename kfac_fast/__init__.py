@@ -10,3 +10,5 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402,F401
 from ._info import backend_info  # noqa: E402,F401
 from .preconditioner import KFACPreconditioner  # noqa: E402,F401
+from .optimizer import KFAC  # noqa: E402,F401
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402,F401

@@ -13,6 +13,8 @@ Row layouts (DESIGN.md):
 - Conv2d: the A rows are the N*L im2col patches of `F.unfold` (never materialised for
   K-FAC: `ops.conv_input_factor_` reads the NCHW input); the G rows are the output
   gradient (N, C_out, H', W') seen as (N, H', W', C_out), a view, not a copy.
+- Conv1d: a Conv2d of unit height; Embedding: a Linear on one-hot rows with a diagonal
+  A kept as a vector (both in `layer_kinds`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import Optional, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layer_kinds import conv1d_geometry, embedding_unsupported_reason
 
 
 class CaptureSink(Protocol):
@@ -38,6 +42,16 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
 
     Only modules of a supported kind are asked; other kinds are not layers at all.
     """
+    if isinstance(module, nn.Embedding):
+        return embedding_unsupported_reason(module)
+    if isinstance(module, nn.Conv1d):
+        if module.groups != 1:
+            return f"Conv1d with groups={module.groups} (only groups=1 is supported)"
+        if module.padding_mode != "zeros":
+            return f"Conv1d with padding_mode={module.padding_mode!r} (only 'zeros')"
+        if conv1d_geometry(module)["padding"] is None:
+            return (f"Conv1d with padding={module.padding!r} that pads asymmetrically "
+                    "(unfold pads both sides equally)")
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
@@ -49,9 +63,24 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def is_checkpoint_recompute() -> bool:
+    """Whether this forward is non-reentrant activation checkpointing re-running itself.
+
+    That recomputation runs inside the backward (a graph task is active) under the
+    checkpoint's saved-tensor hooks; its outputs receive no gradient, and its input was
+    already captured by the original forward, so capturing it again would count it
+    twice. Reentrant checkpointing is the opposite case: its original forward runs under
+    no_grad (not captured) and its recomputation, without saved-tensor hooks, is the
+    pass whose outputs the gradients reach, so it is captured.
+    """
+    if torch._C._current_graph_task_id() == -1:
+        return False
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def is_layer(module: nn.Module) -> bool:
     """Whether K-FAC knows this module kind (supported or not)."""
-    return isinstance(module, (nn.Linear, nn.Conv2d))
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding))
 
 
 def _string_padding(module: nn.Conv2d) -> Optional[tuple[int, int]]:
@@ -86,8 +115,18 @@ class KFACLayer:
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
-        self.has_bias = module.bias is not None
-        if isinstance(module, nn.Conv2d):
+        self.has_bias = getattr(module, "bias", None) is not None
+        # Conv1d runs as a Conv2d of unit height (layer_kinds); conv1d remembers the reshape
+        self.conv1d = isinstance(module, nn.Conv1d)
+        if self.conv1d:
+            self.kind = "conv2d"
+            geometry = conv1d_geometry(module)
+            self.kernel_size, self.stride = geometry["kernel_size"], geometry["stride"]
+            self.dilation, self.padding = geometry["dilation"], geometry["padding"]
+        elif isinstance(module, nn.Embedding):
+            # A is diagonal, stored as a (V,) vector of row frequencies (layer_kinds)
+            self.kind = "embedding"
+        elif isinstance(module, nn.Conv2d):
             self.kind = "conv2d"
             self.kernel_size = _pair(module.kernel_size)
             self.stride = _pair(module.stride)
@@ -97,7 +136,8 @@ class KFACLayer:
         elif isinstance(module, nn.Linear):
             self.kind = "linear"
         else:
-            raise TypeError(f"KFACLayer: module {name!r} must be nn.Linear or nn.Conv2d, "
+            raise TypeError(f"KFACLayer: module {name!r} must be nn.Linear, nn.Conv1d, nn.Conv2d "
+                            f"or nn.Embedding, "
                             f"got {type(module).__name__}")
 
         self.a_factor: Optional[torch.Tensor] = None
@@ -122,10 +162,14 @@ class KFACLayer:
         m = self.module
         if self.kind == "conv2d":
             return m.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        if self.kind == "embedding":
+            return m.num_embeddings
         return m.in_features
 
     @property
     def g_dim(self) -> int:
+        if self.kind == "embedding":
+            return self.module.embedding_dim
         return self.module.out_channels if self.kind == "conv2d" else self.module.out_features
 
     @property
@@ -143,6 +187,8 @@ class KFACLayer:
             # eval passes and no_grad passes never reach a backward: capturing them
             # would pair their inputs with another pass's gradients
             if not (module.training and torch.is_grad_enabled()):
+                return
+            if is_checkpoint_recompute():
                 return
             if not inputs or not isinstance(inputs[0], torch.Tensor):
                 return
@@ -166,7 +212,10 @@ class KFACLayer:
 
     # ---- row layout (host metadata only: shapes, never values) -----------------------
     def batched_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input with a batch dim (unbatched Conv2d (C,H,W) / Linear (d,) inputs)."""
+        """The input with a batch dim (unbatched Conv2d (C,H,W) / Linear (d,) inputs);
+        Conv1d inputs (N, C, L) as (N, C, 1, L)."""
+        if self.conv1d:
+            return (x.unsqueeze(0) if x.dim() == 2 else x).unsqueeze(2)
         if self.kind == "conv2d" and x.dim() == 3:
             return x.unsqueeze(0)
         if self.kind == "linear" and x.dim() == 1:
@@ -176,7 +225,7 @@ class KFACLayer:
     def grad_rows(self, g: torch.Tensor) -> torch.Tensor:
         """Output gradient as (..., g_dim) rows, batch first (a view)."""
         if self.kind == "conv2d":
-            if g.dim() == 3:
+            if g.dim() == (2 if self.conv1d else 3):
                 g = g.unsqueeze(0)
             return g.movedim(1, -1)
         return g.unsqueeze(0) if g.dim() == 1 else g
@@ -186,6 +235,8 @@ class KFACLayer:
         if self.kind == "conv2d":
             n, _, h, w = x.shape
             return n * self._out_size(h, 0) * self._out_size(w, 1)
+        if self.kind == "embedding":
+            return x.numel()  # one row per looked-up index
         return x.numel() // self.in_dim if self.in_dim else 0
 
     def _out_size(self, size: int, i: int) -> int:

@@ -53,7 +53,11 @@ from torch import nn
 from . import distributed as data_parallel
 from . import ops
 from .fisher import canonical_loss, sampled_output_grad
+from .health import Health, all_finite, guard_weights
+from .layer_kinds import precondition_embedding, update_frequencies_
 from .layers import KFACLayer, is_layer, unsupported_reason
+from .reference import record_warm_paths
+from .warm_eigh import PATH_NAMES
 from .schedules import (Hyperparameter, at_least_one, decay_range, positive,
                         running_average_weights)
 
@@ -101,6 +105,24 @@ class KFACPreconditioner:
             (never), True or a `kfac_fast.distributed.DistributedOptions` (strategy,
             factor_sync, bucket_cap_mb, profile). Construction is then a collective: every
             rank must build the same model, and `state_dict()` is called on every rank.
+        max_factor_dim: memory guard: a layer with a factor dimension (a_dim or g_dim)
+            above it is skipped (left to the user's optimizer), warned once by name.
+        guard_nonfinite: a step with a non-finite capture or gradient (e.g. an AMP
+            overflow) updates no factor, keeps the decompositions and leaves `.grad`
+            unpreconditioned, all decided on the device (no host sync); counted in
+            `health()` and `state_dict()`. Costs one isfinite reduction and one copy of
+            the gradients per step; False turns it off.
+        eigh_tol: None (default): every eigenbasis refresh is a full eigendecomposition.
+            A float >= 0: refreshes are warm (`ops.eigh(..., previous=Q, tol=eigh_tol)`,
+            see `kfac_fast.warm_eigh`): a factor whose previous basis Q still nearly
+            diagonalises it (off-diagonal ratio ||offdiag(Q^T F Q)||_F / ||F||_F <= tol) is
+            kept or refined by a few rotations instead of solved again; the rest are fully
+            solved. The trade-off: refreshes cost about two GEMMs per kept factor instead
+            of an eigh, while the preconditioned gradient moves by at most
+            (r_A + r_G + r_A r_G) ||A||_F ||G||_F / damping relatively (warm_eigh's bound;
+            in practice far less: tol=0.03 kept it within 0.75% of the full solve's in
+            bench/bench_warm_eigh.py). Eigen and EKFAC methods only; single-process only
+            (data-parallel refreshes always solve fully). Counts in `refresh_stats`.
 
     Every numeric hyperparameter also accepts a callable of the step count (the number
     of `step()` calls before the current one).
@@ -110,6 +132,8 @@ class KFACPreconditioner:
             decompositions).
         steps: number of completed `step()` calls.
         last_nu: the KL-clip factor of the last step (0-dim device tensor) or None.
+        refresh_stats: eigenbasis refreshes so far, counted per factor: {"kept",
+            "refined", "full"} (see `eigh_tol`; without it every factor is "full").
     """
 
     def __init__(self, model: nn.Module, *, factor_update_steps=1, inv_update_steps=10,
@@ -118,7 +142,9 @@ class KFACPreconditioner:
                  skip_layers: Union[str, Iterable[str]] = (), factor_dtype: torch.dtype = torch.float32,
                  grad_scaler=None, accumulation_steps: int = 1,
                  update_factors_in_hooks: bool = False, process_group=None,
-                 distributed: Union[None, bool, "data_parallel.DistributedOptions"] = None) -> None:
+                 distributed: Union[None, bool, "data_parallel.DistributedOptions"] = None,
+                 max_factor_dim: Optional[int] = None, guard_nonfinite: bool = True,
+                 eigh_tol: Optional[float] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in METHODS:
@@ -162,6 +188,26 @@ class KFACPreconditioner:
         self.last_nu: Optional[torch.Tensor] = None
         self._factor_step_cache: tuple[int, bool] = (-1, False)
         self._warned: set = set()
+        if max_factor_dim is not None and (isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int)
+                                           or max_factor_dim < 1):
+            raise ValueError(f"max_factor_dim must be None or an int >= 1, got {max_factor_dim!r}")
+        if not isinstance(guard_nonfinite, bool):
+            raise TypeError(f"guard_nonfinite must be a bool, got {guard_nonfinite!r}")
+        self.max_factor_dim = max_factor_dim
+        self.guard_nonfinite = guard_nonfinite
+        if eigh_tol is not None:
+            if isinstance(eigh_tol, bool) or not isinstance(eigh_tol, (int, float)) \
+                    or not 0 <= eigh_tol < float("inf"):
+                raise ValueError(f"eigh_tol must be None or a finite number >= 0, got {eigh_tol!r}")
+            if method == "inverse":
+                raise ValueError("eigh_tol applies to method='eigen' or 'ekfac' (the inverse method "
+                                 "does not eigendecompose)")
+            eigh_tol = float(eigh_tol)
+        self.eigh_tol = eigh_tol
+        self.refresh_stats = {"kept": 0, "refined": 0, "full": 0}
+        self._health = Health()
+        # this step's capture flag (0-dim device bool, ANDed over every checked capture)
+        self._captures_ok: Optional[torch.Tensor] = None
 
         self._skip = _compile_skip(skip_layers)
         self.layers: dict[str, KFACLayer] = {}
@@ -171,6 +217,9 @@ class KFACPreconditioner:
                              "(check skip_layers)")
         # None when single-process (or a group of one): then nothing below communicates
         self.distributed = data_parallel.setup(model, self.layers, method, process_group, distributed)
+        if self.distributed is not None and any(l.kind == "embedding" for l in self.layers.values()):
+            raise ValueError("data-parallel K-FAC does not support nn.Embedding layers yet: "
+                             "pass skip_layers='Embedding'")
         for layer in self.layers.values():
             layer.install(self)
 
@@ -183,6 +232,9 @@ class KFACPreconditioner:
                                      for p in self._skip)
             if is_layer(module) and not skipped:
                 why = unsupported_reason(module)
+                if why is None and isinstance(module, nn.Embedding) and self.method != "eigen":
+                    why = f"Embedding with method={self.method!r} (embeddings support 'eigen' only)"
+                why = why or self._too_large(name, module)
                 if why is None:
                     self.layers[name] = KFACLayer(name, module)
                 else:
@@ -191,6 +243,18 @@ class KFACPreconditioner:
                 visit(child, f"{name}.{child_name}" if name else child_name, skipped)
 
         visit(model, "", False)
+
+    def _too_large(self, name: str, module: nn.Module) -> Optional[str]:
+        """Why max_factor_dim skips the layer (None when it fits or there is no limit)."""
+        if self.max_factor_dim is None:
+            return None
+        layer = KFACLayer(name, module)
+        # an embedding's A is a diagonal (V,) vector: only G is quadratic in memory
+        a_dim = 0 if layer.kind == "embedding" else layer.a_dim
+        if max(a_dim, layer.g_dim) <= self.max_factor_dim:
+            return None
+        return (f"factor dims {layer.a_dim} (A) and {layer.g_dim} (G) exceed max_factor_dim="
+                f"{self.max_factor_dim} (its gradient is left to the optimizer)")
 
     def remove_hooks(self) -> None:
         """Remove every hook this preconditioner installed (it stops capturing)."""
@@ -309,13 +373,38 @@ class KFACPreconditioner:
         finite = _all_finite(grads)
         return 1.0 / (scale * scale), finite
 
+    def _check_captures(self, tensors: list) -> Optional[torch.Tensor]:
+        """0-dim device flag: these and all earlier captures of the step are finite (None
+        when unguarded); the caller folds it into its update's weights (no host sync).
+
+        Kept as the step's flag, so step() counts the step and leaves `.grad`
+        unpreconditioned. In hooks mode, updates made before the first bad capture of a
+        step stay (A of earlier layers); every later one is dropped.
+        """
+        if not self.guard_nonfinite:
+            return None
+        ok = all_finite(tensors)
+        if ok is not None:
+            self._captures_ok = ok if self._captures_ok is None else self._captures_ok & ok
+        return self._captures_ok
+
+    @staticmethod
+    def _guarded(ok: Optional[torch.Tensor], beta, alpha, device: torch.device) -> tuple:
+        """One layer's (beta, alpha), turned into a no-op (1, 0) on the device when not ok."""
+        if ok is None:
+            return beta, alpha
+        b, a = guard_weights(ok, [beta], [alpha], device)
+        return b[0], a[0]
+
     # ------------------------------------------------------------------------------------
     # factor updates
     # ------------------------------------------------------------------------------------
     def _ensure_factors(self, layer: KFACLayer, device: torch.device) -> None:
         # zeros, not empty: beta_1 = 0 multiplies the old value, and 0 * NaN is NaN
         if layer.a_factor is None:
-            layer.a_factor = torch.zeros(layer.a_dim, layer.a_dim, dtype=self.factor_dtype, device=device)
+            # an embedding's A is diagonal: its (V,) vector (layer_kinds)
+            shape = (layer.a_dim,) if layer.kind == "embedding" else (layer.a_dim, layer.a_dim)
+            layer.a_factor = torch.zeros(shape, dtype=self.factor_dtype, device=device)
         if layer.g_factor is None:
             layer.g_factor = torch.zeros(layer.g_dim, layer.g_dim, dtype=self.factor_dtype, device=device)
 
@@ -344,6 +433,8 @@ class KFACPreconditioner:
             rows_a = sum(layer.input_row_count(x) for x in layer.inputs)
             n_g = sum(KFACLayer.batch_size(g) for g in layer.grads)
             plan.append((layer, beta_a, w_a / max(rows_a, 1), beta_g, w_g / max(n_g, 1)))
+        # one flag for the whole step: a non-finite capture anywhere drops every update
+        ok = self._check_captures([t for l in layers for t in l.inputs + l.grads])
 
         for j in range(rounds):
             a_fac, a_x, a_beta, a_alpha, a_ones = [], [], [], [], []
@@ -351,10 +442,14 @@ class KFACPreconditioner:
             for layer, beta_a, alpha_a, beta_g, alpha_g in plan:
                 if j < len(layer.inputs):
                     x, beta = layer.inputs[j], (beta_a if j == 0 else 1.0)
+                    if layer.kind in ("conv2d", "embedding"):  # outside update_factors_
+                        beta, alpha_a = self._guarded(ok, beta, alpha_a, layer.a_factor.device)
                     if layer.kind == "conv2d":
                         ops.conv_input_factor_(layer.a_factor, x, beta, alpha_a, layer.kernel_size,
                                                layer.stride, layer.padding, layer.dilation,
                                                append_ones=layer.has_bias)
+                    elif layer.kind == "embedding":
+                        update_frequencies_(layer.a_factor, x, beta, alpha_a)
                     else:
                         a_fac.append(layer.a_factor); a_x.append(x); a_beta.append(beta)
                         a_alpha.append(alpha_a); a_ones.append(layer.has_bias)
@@ -363,13 +458,19 @@ class KFACPreconditioner:
                     s = self._loss_scale(g)
                     g_fac.append(layer.g_factor); g_x.append(g)
                     g_beta.append(beta_g if j == 0 else 1.0); g_alpha.append(alpha_g * s * s)
-            self._grouped_update(a_fac, a_x, a_beta, a_alpha, a_ones, g_fac, g_x, g_beta, g_alpha)
+            self._grouped_update(a_fac, a_x, a_beta, a_alpha, a_ones, g_fac, g_x, g_beta, g_alpha, ok=ok)
 
-    def _grouped_update(self, a_fac, a_x, a_beta, a_alpha, a_ones, g_fac, g_x, g_beta, g_alpha) -> None:
-        """One `update_factors_` call for A and G entries; G weights corrected for AMP."""
+    def _grouped_update(self, a_fac, a_x, a_beta, a_alpha, a_ones, g_fac, g_x, g_beta, g_alpha,
+                        ok: Optional[torch.Tensor] = None) -> None:
+        """One `update_factors_` call for A and G entries; G weights corrected for AMP.
+
+        ok: the step's finite flag when the caller checked the captures; else they are
+        checked here (the in-hook path)."""
         factors, xs = a_fac + g_fac, a_x + g_x
         if not factors:
             return
+        if ok is None:
+            ok = self._check_captures(xs)
         betas, alphas = a_beta + g_beta, a_alpha + g_alpha
         ones = a_ones + [False] * len(g_fac)
         inv_s2, finite = self._scaler_terms(g_x)
@@ -383,6 +484,7 @@ class KFACPreconditioner:
             alphas_t[n_a:] *= inv_s2 * finite
             betas_t[n_a:] = torch.where(finite, betas_t[n_a:], torch.ones_like(betas_t[n_a:]))
             betas, alphas = betas_t, alphas_t
+        betas, alphas = guard_weights(ok, betas, alphas, factors[0].device)
         ops.update_factors_(factors, xs, betas, alphas, append_ones=ones)
 
     def _hook_update_a(self, layer: KFACLayer, x: torch.Tensor) -> None:
@@ -395,9 +497,14 @@ class KFACPreconditioner:
         else:
             beta = 1.0
         alpha = layer._a_w / max(layer.input_row_count(x) * self.accumulation_steps, 1)
+        # in hooks mode each capture is guarded on its own: A is already updated when a
+        # later backward overflows (the held path drops the whole step instead)
+        beta, alpha = self._guarded(self._check_captures([x]), beta, alpha, layer.a_factor.device)
         if layer.kind == "conv2d":
             ops.conv_input_factor_(layer.a_factor, x, beta, alpha, layer.kernel_size, layer.stride,
                                    layer.padding, layer.dilation, append_ones=layer.has_bias)
+        elif layer.kind == "embedding":
+            update_frequencies_(layer.a_factor, x, beta, alpha)
         else:
             ops.update_factor_(layer.a_factor, x, beta, alpha, append_ones=layer.has_bias)
 
@@ -464,6 +571,7 @@ class KFACPreconditioner:
             alphas = _to_device(alphas, device) * (inv_s2 * finite)
             betas = torch.where(finite, _to_device(betas, device), torch.ones((), dtype=torch.float64,
                                                                                device=device))
+        betas, alphas = guard_weights(self._check_captures(xs + gs), betas, alphas, layers[0].scales.device)
         ops.ekfac_scales_([l.scales for l in layers], ex, eg, [l.qa for l in layers],
                           [l.qg for l in layers], betas, alphas)
 
@@ -480,20 +588,42 @@ class KFACPreconditioner:
         if self.method == "inverse":
             damping = self.damping(self.steps)
             pis = [ops.pi_damping(l.a_factor, l.g_factor, damping) for l in layers]
-            invs = ops.damped_inverse([l.a_factor for l in layers] + [l.g_factor for l in layers],
-                                      [p[0] for p in pis] + [p[1] for p in pis])
+            # failures fall back to fp64, more damping, then the inverse in use (counted)
+            invs = self._health.solve_inverse([l.a_factor for l in layers] + [l.g_factor for l in layers],
+                                              [p[0] for p in pis] + [p[1] for p in pis],
+                                              [l.a_inv for l in layers] + [l.g_inv for l in layers])
             for i, layer in enumerate(layers):
                 layer.a_inv, layer.g_inv = invs[i], invs[len(layers) + i]
             return
-        vals, vecs = ops.eigh([l.a_factor for l in layers] + [l.g_factor for l in layers])
-        for i, layer in enumerate(layers):
-            j = len(layers) + i
-            layer.da, layer.qa, layer.dg, layer.qg = vals[i], vecs[i], vals[j], vecs[j]
+        # an embedding's diagonal A is its own eigendecomposition (Q_A = I, never stored)
+        dense = [l for l in layers if l.kind != "embedding"]
+        # failures fall back to fp64, more damping, then the decomposition in use (counted)
+        factors = [l.a_factor for l in dense] + [l.g_factor for l in layers]
+        with record_warm_paths() as paths:  # what a warm refresh (eigh_tol) did per factor
+            vals, vecs = self._health.solve_eigh(
+                factors,
+                [None if l.qa is None else (l.da, l.qa) for l in dense]
+                + [None if l.qg is None else (l.dg, l.qg) for l in layers], tol=self.eigh_tol)
+        self._count_refresh(paths[0] if paths else None, len(factors))
+        for i, layer in enumerate(dense):
+            layer.da, layer.qa = vals[i], vecs[i]
+        for j, layer in enumerate(layers, start=len(dense)):
+            layer.dg, layer.qg = vals[j], vecs[j]
+            if layer.kind == "embedding":
+                layer.da = layer.a_factor.clamp(min=0)
             if self.method == "ekfac":
                 # a new basis restarts the scales; until their first update they are
                 # K-FAC's own (S = d_G d_A^T), so the step stays well defined
                 layer.scales = torch.outer(layer.dg, layer.da).contiguous()
                 layer.scale_count = 0
+
+    def _count_refresh(self, paths: Optional[torch.Tensor], count: int) -> None:
+        """Add one refresh's per-factor paths to refresh_stats (None: all fully solved)."""
+        if paths is None or len(paths) != count:
+            self.refresh_stats["full"] += count
+            return
+        for name, n in zip(PATH_NAMES, torch.bincount(paths, minlength=len(PATH_NAMES)).tolist()):
+            self.refresh_stats[name] += n
 
     def _has_inverse_state(self, layer: KFACLayer, method: str) -> bool:
         if self.distributed is not None:
@@ -503,7 +633,7 @@ class KFACPreconditioner:
             return layer.a_inv is not None
         if method == "ekfac":
             return layer.qa is not None and layer.scales is not None
-        return layer.qa is not None
+        return layer.dg is not None  # embeddings never hold a qa
 
     # ------------------------------------------------------------------------------------
     # the step
@@ -534,12 +664,44 @@ class KFACPreconditioner:
             if self.method == "ekfac" and factor_step:
                 # hooks mode holds pairs only on steps that refresh the basis
                 self._update_scales([l for l in fired if l.inputs and l.grads and l.qa is not None])
-            self._precondition([l for l in fired if l.a_count > 0 and l.g_count > 0
-                                and self._has_inverse_state(l, self.method)])
+            self._guarded_precondition([l for l in fired if l.a_count > 0 and l.g_count > 0
+                                        and self._has_inverse_state(l, self.method)])
         finally:
             for layer in self.layers.values():
                 layer.clear_captures()
+            self._captures_ok = None
             self.steps += 1
+
+    def _guarded_precondition(self, layers: list[KFACLayer]) -> None:
+        """`_precondition`, except that a step with a non-finite capture or gradient
+        leaves `.grad` as it was and is counted; decided on the device (no host sync)."""
+        if not self.guard_nonfinite:
+            self._precondition(layers)
+            return
+        grads = [g for l in layers for g in (l.module.weight.grad, l.module.bias.grad if l.has_bias else None)
+                 if g is not None]
+        ok = all_finite(grads)
+        if self._captures_ok is not None:
+            ok = self._captures_ok if ok is None else ok & self._captures_ok.to(ok.device)
+        if ok is None:
+            self._precondition(layers)
+            return
+        originals = [g.clone() for g in grads]
+        self._precondition(layers)
+        for g, original in zip(grads, originals):
+            g.copy_(torch.where(ok, g, original))
+        if self.last_nu is not None:
+            self.last_nu = torch.where(ok, self.last_nu, torch.ones_like(self.last_nu))
+        self._health.count_nonfinite(ok)
+
+    def health(self) -> dict:
+        """How often the safety nets fired, as Python ints (reads a device counter: one
+        host sync, so call it when logging, not every step):
+        nonfinite_steps (steps whose captures or gradients were not finite: no factor
+        update, `.grad` left unpreconditioned), and on refresh steps fp64_retries,
+        damped_retries (solved with added damping), kept_previous (the decomposition or
+        inverse in use was kept, or the identity when there was none)."""
+        return self._health.report()
 
     def repeat_precondition(self, *, refresh: bool = False) -> None:
         """Precondition `.grad` again with the stored state, without touching factors or
@@ -576,11 +738,43 @@ class KFACPreconditioner:
             return ops.precondition_ekfac_(wgs, bgs, [l.qa for l in chosen], [l.qg for l in chosen],
                                            [l.scales for l in chosen], self.damping(self.steps), **kw)
 
-        if self.distributed is None:
+        if any(l.kind == "embedding" for l in chosen):
+            self.last_nu = self._precondition_mixed(chosen, kl_clip)
+        elif self.distributed is None:
             self.last_nu = local(chosen)
         else:
             self.last_nu = self.distributed.precondition(chosen, local, damping=self.damping(self.steps),
                                                          lr=self.lr(self.steps), kl_clip=kl_clip)
+
+    def _precondition_mixed(self, chosen: list[KFACLayer], kl_clip) -> torch.Tensor:
+        """Eigen preconditioning when embeddings (diagonal A) are among the layers.
+
+        The KL clip needs one sum over every layer, and the fused in-place op cannot take
+        a diagonal A, so this path forms each P out of place (the functional op for the
+        dense layers, `layer_kinds.precondition_embedding` for embeddings), reduces nu
+        on the device and writes nu * P into `.grad`: one extra gradient-sized buffer.
+        """
+        damping = self.damping(self.steps)
+        dense = [l for l in chosen if l.kind != "embedding"]
+        emb = [l for l in chosen if l.kind == "embedding"]
+        grads = [_grad_bar(l) for l in dense] + [l.module.weight.grad for l in emb]
+        ps = ops.precondition_eigen(grads[:len(dense)], [l.qa for l in dense], [l.da for l in dense],
+                                    [l.qg for l in dense], [l.dg for l in dense], damping) if dense else []
+        ps += [precondition_embedding(l.module.weight.grad, l.da, l.qg, l.dg, damping) for l in emb]
+        device = chosen[0].module.weight.grad.device
+        if kl_clip is None:
+            nu = torch.ones((), dtype=torch.float32, device=device)
+        else:
+            nu = ops.kl_clip_scale(grads, ps, self.lr(self.steps), kl_clip)
+        for layer, p in zip(dense + emb, ps):
+            w = layer.module.weight.grad
+            if layer.kind == "embedding":
+                w.copy_(p * nu)
+                continue
+            w.copy_((p[:, :layer.in_dim] * nu).reshape(w.shape))
+            if layer.has_bias:
+                layer.module.bias.grad.copy_(p[:, -1] * nu)
+        return nu
 
     # ------------------------------------------------------------------------------------
     # state
@@ -609,7 +803,8 @@ class KFACPreconditioner:
             entry.update({t: getattr(layer, t).clone() for t in self._TENSORS
                           if getattr(layer, t) is not None})
             layers[name] = entry
-        return {"steps": self.steps, "method": self.method, "layers": layers}
+        return {"steps": self.steps, "method": self.method, "layers": layers,
+                "health": self._health.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s output; tensors move to each layer's weight device.
@@ -623,8 +818,17 @@ class KFACPreconditioner:
             raise ValueError(f"state was saved with method={state['method']!r}, "
                              f"this preconditioner has method={self.method!r}")
         unknown = set(state["layers"]) - set(self.layers)
-        if unknown:
-            raise ValueError(f"state has layers this model does not register: {sorted(unknown)}")
+        missing = set(self.layers) - set(state["layers"])
+        resized = sorted(f"{n} ({side} factor {tuple(entry[f'{side}_factor'].shape)}, model needs {dim})"
+                         for n, entry in state["layers"].items() if n in self.layers
+                         for side, dim in (("a", self.layers[n].a_dim), ("g", self.layers[n].g_dim))
+                         if isinstance(entry.get(f"{side}_factor"), torch.Tensor)
+                         and entry[f"{side}_factor"].shape[0] != dim)
+        if unknown or missing or resized:
+            parts = [f"state has layers this model does not register: {sorted(unknown)}" if unknown else "",
+                     f"model layers missing from the state: {sorted(missing)}" if missing else "",
+                     f"layers whose size differs: {resized}" if resized else ""]
+            raise ValueError("state does not match this model's layers: " + "; ".join(p for p in parts if p))
         for name, entry in state["layers"].items():
             layer = self.layers[name]
             device = layer.module.weight.device
@@ -635,12 +839,18 @@ class KFACPreconditioner:
                 setattr(layer, t, None if v is None else v.detach().to(device).clone())
         self.steps = int(state["steps"])
         self._factor_step_cache = (-1, False)
+        if "health" in state:
+            self._health.load_state_dict(state["health"], next(iter(self.layers.values())).module.weight.device)
         if self.distributed is not None:
             self.distributed.after_load_state_dict()
 
     def memory_usage(self) -> dict[str, int]:
         """Bytes held per layer name (state tensors plus captures held right now)."""
         return {name: sum(layer.memory_usage().values()) for name, layer in self.layers.items()}
+
+    def total_memory_usage(self) -> int:
+        """Bytes held by all layers together (the sum of `memory_usage()`)."""
+        return sum(self.memory_usage().values())
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -665,6 +875,14 @@ def _compile_skip(skip_layers) -> list:
         except re.error as exc:
             raise ValueError(f"skip_layers: bad regex {p!r}: {exc}") from None
     return out
+
+
+def _grad_bar(layer: KFACLayer) -> torch.Tensor:
+    """dW_bar = [dW | db] of a dense layer (a copy; the bias column last)."""
+    w = layer.module.weight.grad.reshape(layer.g_dim, -1)
+    if not layer.has_bias:
+        return w
+    return torch.cat([w, layer.module.bias.grad.reshape(-1, 1)], dim=1)
 
 
 def _pair_captures(layer: KFACLayer):

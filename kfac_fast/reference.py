@@ -21,6 +21,8 @@ damped_inverse), which DESIGN.md allows, and on CPU scalars.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import defaultdict
 from typing import Optional, Sequence, Union
 
@@ -122,12 +124,17 @@ def update_factor_(factor: torch.Tensor, x: torch.Tensor, beta: Scalar, alpha: S
     skips reading x at all. Returns factor.
     """
     beta, alpha = _scalar(beta), _scalar(alpha)
-    _decay_(factor, beta)
     if _is_host_zero(alpha):
-        return factor
-    rows = x.reshape(-1, x.shape[-1]).to(factor.dtype)
+        return _decay_(factor, beta)
+    # the row count from the shape, not -1: a (R, 0) input (d = 0) is valid
+    rows = x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(factor.dtype)
     if append_ones:
         rows = _with_ones(rows)
+    if beta.device.type == "cpu" and alpha.device.type == "cpu":
+        # host scalars: the whole update is one BLAS call (no temporary n x n product);
+        # with beta == 0 addmm does not read the old factor, so NaN in it cannot leak
+        return factor.addmm_(rows.mT, rows, beta=float(beta), alpha=float(alpha))
+    _decay_(factor, beta)
     factor.add_(_scaled(alpha, rows.mT @ rows))
     return factor
 
@@ -235,9 +242,30 @@ def warm_refresh(matrices, previous, tol, clamp: bool, *, full_solve) -> tuple:
     from .warm_eigh import warm_eigh
 
     prev = [None if q is None else q.to(m.dtype) for m, q in zip(matrices, previous)]
-    vals, vecs, _paths = warm_eigh(matrices, prev, float(tol),
-                                   full_solve=lambda ms: full_solve(ms, clamp=False), clamp=clamp)
+    vals, vecs, paths = warm_eigh(matrices, prev, float(tol),
+                                  full_solve=lambda ms: full_solve(ms, clamp=False), clamp=clamp)
+    for sink in getattr(_warm_path_sinks, "stack", ()):
+        sink.append(paths)
     return vals, vecs
+
+
+_warm_path_sinks = threading.local()
+
+
+@contextlib.contextmanager
+def record_warm_paths():
+    """Observe warm refreshes: inside the block, every `warm_refresh` (eigh with previous
+    and tol, any backend) appends its per-matrix paths (CPU int64, warm_eigh.KEPT /
+    REFINED / FULL in matrix order) to the yielded list. Per thread; blocks may nest."""
+    stack = getattr(_warm_path_sinks, "stack", None)
+    if stack is None:
+        stack = _warm_path_sinks.stack = []
+    sink: list = []
+    stack.append(sink)
+    try:
+        yield sink
+    finally:
+        stack.pop()
 
 
 def eigh(matrices: Sequence[torch.Tensor], *, previous: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -261,7 +289,9 @@ def eigh(matrices: Sequence[torch.Tensor], *, previous: Optional[Sequence[Option
     for idx in _buckets(matrices, range(n)).values():
         d, q = _eigh_stack(torch.stack([matrices[i] for i in idx]), idx)
         for k, i in enumerate(idx):
-            vals[i], vecs[i] = d[k].contiguous(), q[k].contiguous()
+            # clones, not views of one stack: the custom op refuses outputs that alias
+            # each other (hit for 1x1 factors); row-major like the fake implementation
+            vals[i], vecs[i] = d[k].clone(), q[k].clone(memory_format=torch.contiguous_format)
     if clamp:
         vals = [d.clamp(min=0) for d in vals]
     return vals, vecs
@@ -303,10 +333,13 @@ def damped_inverse(matrices: Sequence[torch.Tensor], damping) -> list:
         eye = torch.eye(size, dtype=dtype, device=device)
         stack = torch.stack([matrices[i] for i in idx]) + shifts[:, None, None] * eye
         chol, info = torch.linalg.cholesky_ex(stack)
+        # a failed factorisation has a zero pivot and would make cholesky_inverse raise
+        # for the whole batch: give it the identity, the fallback below replaces it
+        chol = torch.where((info != 0)[:, None, None], eye, chol)
         inv = torch.cholesky_inverse(chol)
         bad = ((info != 0).cpu() | ~_finite_per_matrix(inv)).tolist()
         for k, i in enumerate(idx):
-            out[i] = _damped_inverse_one(matrices[i], shifts[k]) if bad[k] else inv[k].contiguous()
+            out[i] = _damped_inverse_one(matrices[i], shifts[k]) if bad[k] else inv[k].clone(memory_format=torch.contiguous_format)  # no aliasing
     return out
 
 
@@ -342,8 +375,9 @@ def _dw_bar(weight_grad: torch.Tensor, bias_grad: Optional[torch.Tensor], dtype:
 
 def _write_back(weight_grad: torch.Tensor, bias_grad: Optional[torch.Tensor], p: torch.Tensor,
                 nu: torch.Tensor) -> None:
-    """weight_grad <- nu * P[:, :d_in] (reshaped to its shape), bias_grad <- nu * P[:, -1]."""
-    p = p * nu.to(p.dtype)
+    """weight_grad <- nu * P[:, :d_in] (reshaped to its shape), bias_grad <- nu * P[:, -1].
+    P is the caller's own temporary: it is scaled in place."""
+    p = p.mul_(nu.to(p.dtype))
     d_in = p.shape[1] - (0 if bias_grad is None else 1)
     weight_grad.copy_(p[:, :d_in].reshape(weight_grad.shape))
     if bias_grad is not None:

@@ -1,0 +1,180 @@
+"""Numerical health of a KFACPreconditioner: the non-finite step guard and the
+refresh-time solver fallbacks, with the counters that report how often each fired.
+
+Per-step path (no host sync): `all_finite` reduces every captured tensor to one 0-dim
+device bool, `guard_weights` folds it into the update's betas/alphas (beta 1, alpha 0
+on a bad step: the op then never reads the non-finite rows), and
+`Health.count_nonfinite` adds the bad step to a device-side counter.
+
+Refresh path (host syncs allowed, DESIGN.md): `solve_eigh` and `solve_inverse` run the
+batched op and, for each factor whose result failed or is not finite, walk the chain
+float64 retry -> added damping -> the previous result (or, with none, the identity
+basis / the plain damped identity, so the step stays defined), counting every rung.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import ops
+
+Tensor = torch.Tensor
+
+SOLVER_COUNTERS = ("fp64_retries", "damped_retries", "kept_previous")
+
+
+def all_finite(tensors: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
+    """0-dim bool on the tensors' device: every entry of every tensor is finite.
+
+    None when there is nothing to check. The max-abs norm cannot overflow (unlike a sum
+    of squares, which would flag large finite fp16 values) and propagates NaN; it is one
+    fused launch for all tensors of a dtype on GPU. Empty tensors are skipped (host
+    metadata only): their inf-norm is undefined.
+    """
+    # integer captures (embedding indices) are finite by construction
+    ts = [t for t in tensors if t is not None and t.is_floating_point() and t.numel() > 0]
+    if not ts:
+        return None
+    norms = torch._foreach_norm(ts, float("inf"))
+    return torch.isfinite(torch.cat([n.reshape(1).float() for n in norms])).all()
+
+
+def guard_weights(ok: Optional[Tensor], betas, alphas, device: torch.device) -> tuple:
+    """(betas, alphas) with a bad step turned into a no-op: beta 1, alpha 0 where not ok.
+
+    betas/alphas: lists of host floats or 0-dim tensors, or 1-D tensors; returned as
+    float64 1-D tensors on `device` when ok is given (unchanged when ok is None).
+    """
+    if ok is None:
+        return betas, alphas
+    b, a = _as_tensor(betas, device), _as_tensor(alphas, device)
+    ok = ok.to(device)
+    return torch.where(ok, b, torch.ones_like(b)), torch.where(ok, a, torch.zeros_like(a))
+
+
+def _as_tensor(values, device: torch.device) -> Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=torch.float64).reshape(-1)
+    if any(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(())
+                            for v in values])
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if device.type == "cuda":  # no sync: pinned, non-blocking copy
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _finite(*tensors: Tensor) -> bool:
+    """Host check (refresh steps only)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class Health:
+    """Counters of the non-finite guard (device tensor) and of solver fallbacks (host ints)."""
+
+    def __init__(self) -> None:
+        self.nonfinite_steps: Optional[Tensor] = None
+        self.solver = {k: 0 for k in SOLVER_COUNTERS}
+
+    def count_nonfinite(self, ok: Tensor) -> None:
+        """Add 1 to the device counter when ok is False (no host sync)."""
+        if self.nonfinite_steps is None:
+            self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=ok.device)
+        elif self.nonfinite_steps.device != ok.device:  # the model moved: follow it once
+            self.nonfinite_steps = self.nonfinite_steps.to(ok.device)
+        self.nonfinite_steps.add_((~ok).to(torch.int64))
+
+    def report(self) -> dict:
+        """All counters as Python ints (reads the device counter: a host sync)."""
+        steps = 0 if self.nonfinite_steps is None else int(self.nonfinite_steps)
+        return {"nonfinite_steps": steps, **self.solver}
+
+    def state_dict(self) -> dict:
+        steps = (torch.zeros((), dtype=torch.int64) if self.nonfinite_steps is None
+                 else self.nonfinite_steps.clone())
+        return {"nonfinite_steps": steps, **self.solver}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        steps = state.get("nonfinite_steps")
+        self.nonfinite_steps = None if steps is None else torch.as_tensor(steps, dtype=torch.int64).to(device)
+        self.solver = {k: int(state.get(k, 0)) for k in SOLVER_COUNTERS}
+
+    # ---- refresh-time solvers (host syncs allowed) ----------------------------------
+    def solve_eigh(self, factors: list, previous: list, tol: Optional[float] = None) -> tuple:
+        """ops.eigh of every factor with the fallback chain for those that fail.
+
+        previous[i]: (eigenvalues, eigenvectors) in use for factors[i], or None.
+        tol: None for full solves, else ops.eigh's warm refresh from the previous bases.
+        Returns (eigenvalues, eigenvectors) lists, all finite.
+        """
+        try:
+            warm = None if tol is None else [None if p is None else p[1] for p in previous]
+            vals, vecs = ops.eigh(factors, previous=warm, tol=tol)
+            bad = [i for i in range(len(factors)) if not _finite(vals[i], vecs[i])]
+        except (RuntimeError, ValueError):
+            vals, vecs = [None] * len(factors), [None] * len(factors)
+            bad = list(range(len(factors)))
+        for i in bad:
+            vals[i], vecs[i] = self._eigh_one(factors[i], previous[i], retry_plain=vals[i] is None)
+        return vals, vecs
+
+    def _eigh_one(self, m: Tensor, previous, *, retry_plain: bool) -> tuple:
+        if _finite(m):
+            attempts = ([("plain", m)] if retry_plain else []) + [("fp64_retries", m.double())]
+            m64 = m.double()
+            m64 = (m64 + m64.mT) / 2
+            # a shift far above fp64 rounding of the largest entry, far below its scale
+            shift = m.shape[0] * 1e-10 * float(m64.abs().max().clamp(min=1e-300))
+            attempts.append(("damped_retries", m64 + shift * torch.eye(m.shape[0], dtype=m64.dtype,
+                                                                      device=m.device)))
+            for counter, mat in attempts:
+                try:
+                    d, q = ops.eigh([mat])
+                except (RuntimeError, ValueError):
+                    continue
+                if _finite(d[0], q[0]):
+                    if counter != "plain":
+                        self.solver[counter] += 1
+                    return d[0].to(m.dtype), q[0].to(m.dtype)
+        self.solver["kept_previous"] += 1
+        if previous is not None:
+            return previous
+        # nothing to keep: the identity basis with zero eigenvalues preconditions by
+        # 1/damping, a scaled gradient step
+        n = m.shape[0]
+        return (torch.zeros(n, dtype=m.dtype, device=m.device),
+                torch.eye(n, dtype=m.dtype, device=m.device))
+
+    def solve_inverse(self, factors: list, dampings: list, previous: list) -> list:
+        """ops.damped_inverse of every factor with the fallback chain for those that fail.
+
+        dampings[i]: 0-dim tensor or float; previous[i]: the inverse in use, or None.
+        """
+        try:
+            invs = ops.damped_inverse(factors, dampings)
+            bad = [i for i in range(len(factors)) if not _finite(invs[i])]
+        except (RuntimeError, ValueError):
+            invs, bad = [None] * len(factors), list(range(len(factors)))
+        for i in bad:
+            invs[i] = self._inverse_one(factors[i], dampings[i], previous[i])
+        return invs
+
+    def _inverse_one(self, m: Tensor, damping, previous) -> Tensor:
+        damping = torch.as_tensor(damping, dtype=torch.float64).to(m.device)
+        if _finite(m, damping):
+            m64 = m.double()
+            shift = m.shape[0] * 1e-10 * float(m64.abs().max().clamp(min=1e-300))
+            for counter, d in (("fp64_retries", damping), ("damped_retries", damping + shift)):
+                try:
+                    inv = ops.damped_inverse([m64], [d.reshape(())])[0]
+                except (RuntimeError, ValueError):
+                    continue
+                if _finite(inv):
+                    self.solver[counter] += 1
+                    return inv.to(m.dtype)
+        self.solver["kept_previous"] += 1
+        if previous is not None:
+            return previous
+        eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        return eye / damping.clamp(min=torch.finfo(m.dtype).tiny).to(m.dtype)
