@@ -59,6 +59,7 @@ from .preconditioner import KFACPreconditioner
 from .quadratic import adapt_damping, model_change, reduction_ratio, step_coefficients
 
 KFAC_METHODS = ("inverse", "eigen")
+KFAC_APPROXIMATIONS = ("blockdiag", "tridiag")
 
 
 def exponential_batch_size(step: int, initial: int = 1000, total: int = 60000,
@@ -126,6 +127,9 @@ class KFAC(torch.optim.Optimizer):
             (None: off); see `swap_averaged`.
         generator: torch.Generator for the MC Fisher's samples.
         skip_layers, factor_dtype: passed to KFACPreconditioner.
+        approx: "blockdiag" (the default) or "tridiag", the paper's block-tridiagonal
+            inverse (section 4.3) on chains of Linear layers (`kfac_fast.tridiag`;
+            method "inverse" only).
 
     Attributes:
         preconditioner: the KFACPreconditioner that owns the factors.
@@ -143,11 +147,16 @@ class KFAC(torch.optim.Optimizer):
                  damping_in_rho: bool = False, variance: float = 1.0,
                  average_decay: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  skip_layers: Union[str, Iterable[str]] = (),
-                 factor_dtype: torch.dtype = torch.float32) -> None:
+                 factor_dtype: torch.dtype = torch.float32, approx: str = "blockdiag") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in KFAC_METHODS:
             raise ValueError(f"method must be one of {KFAC_METHODS}, got {method!r}")
+        if approx not in KFAC_APPROXIMATIONS:
+            raise ValueError(f"approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}")
+        if approx == "tridiag" and method != "inverse":
+            raise ValueError(f"approx='tridiag' needs method='inverse' (factored Tikhonov damping "
+                             f"of the diagonal factors), got method={method!r}")
         if not isinstance(momentum, bool):
             raise TypeError(f"momentum must be a bool, got {momentum!r}")
         t1 = _positive_int("damping_interval", damping_interval)
@@ -173,7 +182,10 @@ class KFAC(torch.optim.Optimizer):
         # the preconditioner reads its damping through this callable: gamma^2 is the
         # exact damping of "eigen" and, via ops.pi_damping's sqrt, the factored
         # Tikhonov gamma of "inverse"
-        self.preconditioner = KFACPreconditioner(
+        precond_cls = KFACPreconditioner
+        if approx == "tridiag":
+            from .tridiag import TridiagPreconditioner as precond_cls
+        self.preconditioner = precond_cls(
             model, factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
             damping=lambda _step: self.param_groups[0]["gamma"] ** 2, factor_decay=factor_decay,
             kl_clip=None, method=method, fisher="mc", skip_layers=skip_layers,
@@ -355,6 +367,8 @@ class KFAC(torch.optim.Optimizer):
                 group["gamma"] = cand
                 solved = self._solve(fisher, grads, self._precondition_again(live, grads), prev, c)
             inverses = [(l.a_inv, l.g_inv) for l in layers] if inverse else None
+            if inverse and hasattr(self.preconditioner, "inverse_snapshot"):  # approx="tridiag"
+                inverses.append(self.preconditioner.inverse_snapshot())
             trials.append((cand, solved, inverses))
         best = None
         for cand, solved, inverses in trials:
@@ -366,6 +380,8 @@ class KFAC(torch.optim.Optimizer):
         h, cand, solved, inverses = best
         group["gamma"] = cand
         if inverse:
+            if hasattr(self.preconditioner, "restore_inverses"):
+                self.preconditioner.restore_inverses(inverses.pop())
             for l, (a_inv, g_inv) in zip(layers, inverses):
                 l.a_inv, l.g_inv = a_inv, g_inv
         solved["loss_after"] = h
