@@ -152,6 +152,10 @@ class KFACLayer:
         self.inputs: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self.edges: list = []
+        # held captures' real-row counts under a row mask (0-dim device tensors), None
+        # for unmasked captures; parallel to inputs / grads
+        self.input_rows: list = []
+        self.grad_tokens: list = []
         self.fired_forward = False
         self.fired_backward = False
         self._handles: list = []
@@ -207,6 +211,8 @@ class KFACLayer:
         self.inputs.clear()
         self.grads.clear()
         self.edges.clear()
+        self.input_rows.clear()
+        self.grad_tokens.clear()
         self.fired_forward = False
         self.fired_backward = False
 
