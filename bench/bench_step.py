@@ -6,6 +6,8 @@ side in one benchmark group per network:
 - sgd: forward, backward, SGD-with-momentum step;
 - kfac_inv1 / kfac_inv10: the same plus `KFACPreconditioner.step()`, factors every
   step, eigendecompositions every step / every 10 steps;
+- kfac_inv10_warm: kfac_inv10 with warm-started refreshes (eigh_tol=0.03, see
+  KFACPreconditioner's eigh_tol);
 - unfused_inv1 / unfused_inv10: the same settings with bench/unfused.py's UnfusedKFAC
   (per-layer launches, per-layer host sync) as a drop-in preconditioner.
 One benchmark round is 10 training steps (so every inv10 round contains exactly one
@@ -37,7 +39,9 @@ STEPS_PER_ROUND = 10
 # A small lr keeps the 40 benchmarked steps far from divergence (NaN factors would make
 # LAPACK fail); the step cost does not depend on it.
 KFAC_KW = dict(factor_update_steps=1, damping=1e-1, factor_decay=0.95, kl_clip=1e-3, lr=1e-3)
-VARIANTS = ("sgd", "kfac_inv1", "kfac_inv10", "unfused_inv1", "unfused_inv10")
+VARIANTS = ("sgd", "kfac_inv1", "kfac_inv10", "kfac_inv10_warm", "unfused_inv1", "unfused_inv10")
+# kfac_inv10_warm: warm-started refreshes (KFACPreconditioner(eigh_tol=WARM_TOL))
+WARM_TOL = 0.03
 NETWORKS = ("autoencoder", "cnn")
 
 
@@ -75,10 +79,13 @@ class Trainer:
         self.precond = None
         if variant != "sgd":
             kind, inv = variant.split("_inv")
+            warm = inv.endswith("_warm")
+            inv = inv.removesuffix("_warm")
             if kind == "kfac":
                 from kfac_fast import KFACPreconditioner
 
-                self.precond = KFACPreconditioner(self.model, inv_update_steps=int(inv), **KFAC_KW)
+                self.precond = KFACPreconditioner(self.model, inv_update_steps=int(inv),
+                                                  eigh_tol=WARM_TOL if warm else None, **KFAC_KW)
             else:
                 self.precond = UnfusedKFAC(self.model, inv_update_steps=int(inv), **KFAC_KW)
         self.device = device
