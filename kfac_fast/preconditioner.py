@@ -899,7 +899,7 @@ class KFACPreconditioner:
                           if getattr(layer, t) is not None})
             layers[name] = entry
         return {"steps": self.steps, "method": self.method, "layers": layers,
-                "health": self._health.state_dict()}
+                "health": self._health.state_dict(), "refresh_stats": dict(self.refresh_stats)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s output; tensors move to each layer's weight device.
@@ -936,6 +936,7 @@ class KFACPreconditioner:
         self._factor_step_cache = (-1, False)
         if "health" in state:
             self._health.load_state_dict(state["health"], next(iter(self.layers.values())).module.weight.device)
+        self.refresh_stats = {k: int(v) for k, v in state.get("refresh_stats", self.refresh_stats).items()}
         if self.distributed is not None:
             self.distributed.after_load_state_dict()
 

@@ -53,6 +53,13 @@ def test_refresh_stats_add_up_and_warm_paths_are_used():
     assert stats["kept"] + stats["refined"] > 0  # slowly moving factors are reused
 
 
+def test_refresh_stats_survive_a_state_dict_round_trip():
+    _, precond = _run(4, TOL)
+    fresh = KFACPreconditioner(_model().double(), eigh_tol=TOL)
+    fresh.load_state_dict(precond.state_dict())
+    assert fresh.refresh_stats == precond.refresh_stats and sum(fresh.refresh_stats.values()) > 0
+
+
 def test_default_is_full_solve():
     _, precond = _run(3, None)
     assert precond.eigh_tol is None
