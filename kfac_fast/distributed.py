@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .health import Health
 
 STRATEGIES = ("communication", "memory")
 FACTOR_SYNCS = ("inverse", "update")
@@ -86,12 +87,15 @@ class DistributedOptions:
 
 
 def setup(model: nn.Module, layers: dict, method: str, process_group=None,
-          distributed: Union[None, bool, DistributedOptions] = None) -> Optional["DataParallelKFAC"]:
+          distributed: Union[None, bool, DistributedOptions] = None, *,
+          health: Optional[Health] = None, eigh_tol: Optional[float] = None) -> Optional["DataParallelKFAC"]:
     """The preconditioner's distributed driver, or None to run single-process.
 
     distributed: None (on when torch.distributed is initialised), False (off), True or
     a DistributedOptions (on; torch.distributed must be initialised). A group of one
     rank always runs single-process: the exact single-process code path.
+    health, eigh_tol: the preconditioner's solver fallbacks / counters and warm-refresh
+    tolerance, used by the owner of each decomposition (see DataParallelKFAC).
     """
     if distributed is False:
         if process_group is not None:
@@ -109,7 +113,8 @@ def setup(model: nn.Module, layers: dict, method: str, process_group=None,
     check_unsharded(model)
     opts = distributed if isinstance(distributed, DistributedOptions) else DistributedOptions()
     return DataParallelKFAC(layers, method, group, strategy=opts.strategy, factor_sync=opts.factor_sync,
-                            bucket_cap_mb=opts.bucket_cap_mb, profile=opts.profile)
+                            bucket_cap_mb=opts.bucket_cap_mb, profile=opts.profile,
+                            health=health, eigh_tol=eigh_tol)
 
 
 def check_unsharded(model: nn.Module) -> None:
@@ -351,11 +356,19 @@ class DataParallelKFAC:
         bucket_cap_mb: bytes per flattened collective, in MiB.
         profile: accumulate wall time per phase in `seconds` (synchronises CUDA around
             each phase: for measurements, not for training).
+        health: the `kfac_fast.health.Health` whose fallback chain (fp64 retry, added
+            damping, previous result) serves the decompositions, as in the
+            single-process refresh; its solver counters then count only the factors this
+            rank owns (a fresh one when None).
+        eigh_tol: the warm-refresh tolerance (KFACPreconditioner's `eigh_tol`): an owner
+            refreshes from the eigenbasis it holds (ownership is fixed, so it is its own
+            previous solve, or the broadcast copy of it); without one, a full solve.
     """
 
     def __init__(self, layers: dict, method: str, group, *, strategy: str = "communication",
                  factor_sync: str = "inverse", bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-                 profile: bool = False) -> None:
+                 profile: bool = False, health: Optional[Health] = None,
+                 eigh_tol: Optional[float] = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if factor_sync not in FACTOR_SYNCS:
@@ -376,6 +389,8 @@ class DataParallelKFAC:
         self.factor_sync = factor_sync
         self.bucket_cap = int(bucket_cap_mb * 2 ** 20)
         self.profile = profile
+        self.health = Health() if health is None else health
+        self.eigh_tol = eigh_tol
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.bytes = {"factors": 0, "decompositions": 0, "gradients": 0}
@@ -438,11 +453,29 @@ class DataParallelKFAC:
         if self.factor_sync == "update" and layers:
             self.average_factors(layers)
 
+    def agree_finite(self, ok: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The non-finite guard's flag, AND-ed over every rank (MIN all-reduce, on device).
+
+        Each rank checks only its own captures; without this a NaN on one rank would drop
+        that step's statistics there and keep them elsewhere, and the ranks' factors (and,
+        under "memory", their decisions to keep `.grad`) would diverge. ok None (nothing
+        to check here) counts as finite but still joins the collective, so every rank
+        issues it. No host sync: the flag stays a device tensor.
+        """
+        dist = _dist()
+        # int32: MIN on bool is not supported by every backend
+        flag = (torch.ones((), dtype=torch.int32, device=device) if ok is None
+                else ok.to(device=device, dtype=torch.int32).reshape(()))
+        with self._timed("communication"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return flag.bool()
+
     # ---- inversions ---------------------------------------------------------------------
-    def refresh(self, layers: list, damping: float) -> None:
-        """Decompose the factors of `layers`, each by its owner, and share the results."""
+    def refresh(self, layers: list, damping: float) -> int:
+        """Decompose the factors of `layers`, each by its owner, and share the results;
+        returns how many factors this rank decomposed."""
         if not layers:
-            return
+            return 0
         if self.factor_sync == "inverse":
             self.average_factors(layers)
         owners = self.owners()
@@ -453,6 +486,7 @@ class DataParallelKFAC:
         if self.strategy == "communication":
             self._share_decompositions(layers)
         self._ready.update(l.name for l in layers)
+        return len(mine)
 
     def _share_decompositions(self, layers: list) -> None:
         """Broadcast every factor's decomposition from its owner to all ranks."""
@@ -479,11 +513,15 @@ class DataParallelKFAC:
             for layer, _ in items:
                 if layer.name not in pis:
                     pis[layer.name] = ops.pi_damping(layer.a_factor, layer.g_factor, damping)
-            invs = ops.damped_inverse(factors, [pis[l.name][0 if s == "a" else 1] for l, s in items])
+            # the single-process fallback chain; an owner's previous inverse is its own
+            invs = self.health.solve_inverse(factors, [pis[l.name][0 if s == "a" else 1] for l, s in items],
+                                             [getattr(l, f"{s}_inv") for l, s in items])
             for (layer, side), inv in zip(items, invs):
                 setattr(layer, f"{side}_inv", inv)
             return
-        vals, vecs = ops.eigh(factors)
+        previous = [None if getattr(l, f"q{s}") is None else (getattr(l, f"d{s}"), getattr(l, f"q{s}"))
+                    for l, s in items]
+        vals, vecs = self.health.solve_eigh(factors, previous, tol=self.eigh_tol)
         for (layer, side), d, q in zip(items, vals, vecs):
             setattr(layer, f"d{side}", d)
             setattr(layer, f"q{side}", q)

@@ -93,6 +93,25 @@ def _unit_interval(name: str, v) -> float:
     return float(v)
 
 
+def _check_single_process(process_group, distributed) -> None:
+    """Refuse data parallelism (see KFAC's `distributed` argument for why)."""
+    if distributed not in (None, False, True):
+        raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
+    if distributed is False:
+        if process_group is not None:
+            raise ValueError("process_group was given but distributed=False")
+        return
+    from .distributed import resolve_group
+    group = resolve_group(process_group)
+    if distributed or group is not None:
+        raise NotImplementedError(
+            "kfac_fast.KFAC does not support data parallelism: its step size, momentum and "
+            "damping adaptation (alpha, mu, rho) come from a quadratic model on the local "
+            "batch, which would differ across ranks. Use KFACPreconditioner (data-parallel) "
+            "with a torch optimizer, or pass distributed=False to run an independent "
+            "single-process KFAC on each rank")
+
+
 @torch.no_grad()
 def _restore(params: list, values: list) -> None:
     torch._foreach_copy_(params, values)
@@ -130,6 +149,16 @@ class KFAC(torch.optim.Optimizer):
         approx: "blockdiag" (the default) or "tridiag", the paper's block-tridiagonal
             inverse (section 4.3) on chains of Linear layers (`kfac_fast.tridiag`;
             method "inverse" only).
+        process_group, distributed: data parallelism is not supported. The step's
+            alpha, mu and rho come from the quadratic model on the local batch (its
+            gradient, exact Fisher-vector products and re-evaluated loss), which would
+            need every one of those reduced across ranks to be the global batch's;
+            averaging only the factors would give rank-dependent steps, so the
+            parameters would silently drift apart. Hence, when torch.distributed is
+            initialised with more than one rank in `process_group` (default: the
+            world), construction raises NotImplementedError unless distributed=False,
+            which runs an independent single-process KFAC on each rank (the user's
+            choice, e.g. separate runs per rank). distributed=True always raises.
 
     Attributes:
         preconditioner: the KFACPreconditioner that owns the factors.
@@ -147,9 +176,11 @@ class KFAC(torch.optim.Optimizer):
                  damping_in_rho: bool = False, variance: float = 1.0,
                  average_decay: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  skip_layers: Union[str, Iterable[str]] = (),
-                 factor_dtype: torch.dtype = torch.float32, approx: str = "blockdiag") -> None:
+                 factor_dtype: torch.dtype = torch.float32, approx: str = "blockdiag",
+                 process_group=None, distributed: Optional[bool] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_single_process(process_group, distributed)
         if method not in KFAC_METHODS:
             raise ValueError(f"method must be one of {KFAC_METHODS}, got {method!r}")
         if approx not in KFAC_APPROXIMATIONS:
@@ -189,7 +220,7 @@ class KFAC(torch.optim.Optimizer):
             model, factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
             damping=lambda _step: self.param_groups[0]["gamma"] ** 2, factor_decay=factor_decay,
             kl_clip=None, method=method, fisher="mc", skip_layers=skip_layers,
-            factor_dtype=factor_dtype)
+            factor_dtype=factor_dtype, distributed=False)
 
     # ------------------------------------------------------------------------------ API
     @property

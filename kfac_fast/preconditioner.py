@@ -132,7 +132,9 @@ class KFACPreconditioner:
             overflow) updates no factor, keeps the decompositions and leaves `.grad`
             unpreconditioned, all decided on the device (no host sync); counted in
             `health()` and `state_dict()`. Costs one isfinite reduction and one copy of
-            the gradients per step; False turns it off.
+            the gradients per step; False turns it off. Data-parallel: the flag is
+            all-reduced (MIN, on the device) so every rank drops the same steps; one
+            tiny all-reduce per factor step (per capture with update_factors_in_hooks).
         eigh_tol: None (default): every eigenbasis refresh is a full eigendecomposition.
             A float >= 0: refreshes are warm (`ops.eigh(..., previous=Q, tol=eigh_tol)`,
             see `kfac_fast.warm_eigh`): a factor whose previous basis Q still nearly
@@ -142,8 +144,9 @@ class KFACPreconditioner:
             of an eigh, while the preconditioned gradient moves by at most
             (r_A + r_G + r_A r_G) ||A||_F ||G||_F / damping relatively (warm_eigh's bound;
             in practice far less: tol=0.03 kept it within 0.75% of the full solve's in
-            bench/bench_warm_eigh.py). Eigen and EKFAC methods only; single-process only
-            (data-parallel refreshes always solve fully). Counts in `refresh_stats`.
+            bench/bench_warm_eigh.py). Eigen and EKFAC methods only. Data-parallel: each
+            factor's owner rank refreshes warm from the basis it holds; `refresh_stats`
+            (and the solver counters of `health()`) then count this rank's factors only.
         precision: of the preconditioning products (`kfac_fast.precision`). "fp32"
             (default, exact); "tf32": allow_tf32 for those products on CUDA (a no-op on
             CPU); "bf16" (eigen/ekfac, single-process): eigenvectors and gradient
@@ -248,7 +251,8 @@ class KFACPreconditioner:
                              "(check skip_layers)")
         self.damping.resolve(self.layers)
         # None when single-process (or a group of one): then nothing below communicates
-        self.distributed = data_parallel.setup(model, self.layers, method, process_group, distributed)
+        self.distributed = data_parallel.setup(model, self.layers, method, process_group, distributed,
+                                               health=self._health, eigh_tol=self.eigh_tol)
         if self.distributed is not None and (self.damping.per_layer or self.precision == "bf16"):
             raise ValueError("per-layer damping and precision='bf16' are single-process only "
                              "(data-parallel K-FAC takes one damping and the fp32 ops)")
@@ -446,6 +450,9 @@ class KFACPreconditioner:
         if not self.guard_nonfinite:
             return None
         ok = all_finite(tensors)
+        if self.distributed is not None and tensors:
+            # one rank's bad capture drops the step on every rank, else factors diverge
+            ok = self.distributed.agree_finite(ok, tensors[0].device)
         if ok is not None:
             self._captures_ok = ok if self._captures_ok is None else self._captures_ok & ok
         return self._captures_ok
@@ -654,7 +661,10 @@ class KFACPreconditioner:
     def _refresh(self, layers: list[KFACLayer]) -> None:
         if self.distributed is not None:
             # factors averaged across ranks, decompositions shared out (kfac_fast.distributed)
-            self.distributed.refresh(layers, self.damping(self.steps))
+            with record_warm_paths() as paths:
+                solved = self.distributed.refresh(layers, self.damping(self.steps))
+            if self.method != "inverse" and solved:
+                self._count_refresh(paths[0] if paths else None, solved)
             return
         if not layers:
             return

@@ -12,6 +12,7 @@ preconditioned gradients, never eigenvectors.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import queue as queue_mod
@@ -101,6 +102,10 @@ def test_single_process_without_init():
         KFACPreconditioner(nn.Linear(3, 2), distributed=kd.DistributedOptions())
     with pytest.raises(ValueError, match="strategy"):
         kd.DataParallelKFAC({}, "eigen", None, strategy="fastest")
+    from kfac_fast import KFAC
+    assert KFAC(nn.Linear(3, 2)).preconditioner.distributed is None
+    with pytest.raises(NotImplementedError, match="data parallelism"):
+        KFAC(nn.Linear(3, 2), distributed=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,9 +182,11 @@ def compare(got, want, factor_steps) -> list[str]:
 
 
 def check_equivalence(rank, world, *, strategy, factor_sync, method, ddp, hooks=False,
-                      group=None) -> list[str]:
-    """rank, world: this process's rank in `group` (default: the world) and its size."""
-    kw = dict(KFAC_KW, method=method, update_factors_in_hooks=hooks)
+                      group=None, extra=None, during=None, out=None) -> list[str]:
+    """rank, world: this process's rank in `group` (default: the world) and its size.
+    extra: more KFACPreconditioner arguments (both runs); during: a context manager
+    around the distributed run only; out: receives the distributed preconditioner."""
+    kw = dict(KFAC_KW, method=method, update_factors_in_hooks=hooks, **(extra or {}))
     ref_model = make_model()
     want = run_steps(ref_model, KFACPreconditioner(ref_model, distributed=False, **kw), None, world)
 
@@ -192,8 +199,11 @@ def check_equivalence(rank, world, *, strategy, factor_sync, method, ddp, hooks=
     precond = KFACPreconditioner(ddp_model or model, process_group=group, distributed=opts, **kw)
     if precond.distributed is None:
         return ["distributed driver was not set up"]
-    got = run_steps(model, precond, rank, world, ddp_model=ddp_model,
-                    average=None if ddp else (lambda ps: kd.average_gradients_(ps, group)))
+    with during or contextlib.nullcontext():
+        got = run_steps(model, precond, rank, world, ddp_model=ddp_model,
+                        average=None if ddp else (lambda ps: kd.average_gradients_(ps, group)))
+    if out is not None:
+        out["precond"] = precond
     for rec in got:  # DDP prefixes names with "module."
         rec["factors"] = {n.removeprefix("module."): v for n, v in rec["factors"].items()}
     want_steps = set(range(STEPS)) if factor_sync == "update" else {0, 2}
@@ -247,6 +257,111 @@ def check_state_dict(rank, world) -> list[str]:
     for name, (fa, fg) in want[-2]["factors"].items():
         if not torch.allclose(saved[name]["a_factor"], fa, **TOL):
             bad.append(f"saved A of {name} is not the global factor")
+    return bad
+
+
+def check_nonfinite_agreement(rank, world, *, hooks: bool) -> list[str]:
+    """A NaN in rank 0's input on step 1 only: every rank must drop that step's factor
+    statistics, exactly as the single-process guard does with the NaN in the global
+    batch (its k still advances), so the factors stay equal across ranks."""
+    bad_step = 1
+    kw = dict(KFAC_KW, method="eigen", update_factors_in_hooks=hooks)
+
+    def run(precond, model, shard):
+        factors = []
+        for step in range(STEPS):
+            x, y = make_data(world, step)
+            if step == bad_step:
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")  # example 0 is in rank 0's shard
+            if shard:
+                x, y = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if shard:
+                kd.average_gradients_(model.parameters())
+            precond.step()  # the parameters stay put: the NaN gradient is never applied
+            factors.append({n: (l.a_factor.clone(), l.g_factor.clone()) for n, l in precond.layers.items()})
+        return factors
+
+    ref_model = make_model()
+    ref = KFACPreconditioner(ref_model, distributed=False, **kw)
+    want = run(ref, ref_model, shard=False)
+    model = make_model()
+    precond = KFACPreconditioner(model, distributed=kd.DistributedOptions(factor_sync="update"), **kw)
+    got = run(precond, model, shard=True)
+    bad = []
+    for step, (g, w) in enumerate(zip(got, want)):
+        for name, (wa, wg) in w.items():
+            ga, gg = g[name]
+            if not (torch.allclose(ga, wa, **TOL) and torch.allclose(gg, wg, **TOL)):
+                bad.append(f"step {step}: factors of {name} differ from the single-process guard's")
+    for name, (a, g) in got[bad_step].items():
+        if not (torch.equal(a, got[bad_step - 1][name][0]) and torch.equal(g, got[bad_step - 1][name][1])):
+            bad.append(f"step {bad_step}: factors of {name} took the non-finite step's statistics")
+    # the same factors on every rank: rank 1 (clean input) must have dropped the step too
+    flat = torch.cat([t.reshape(-1) for f in got for a, g in f.values() for t in (a, g)])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if not all(torch.equal(t, gathered[0]) for t in gathered):
+        bad.append("factors differ across ranks")
+    if precond.health()["nonfinite_steps"] != 1:
+        bad.append(f"nonfinite_steps {precond.health()['nonfinite_steps']} != 1 on rank {rank}")
+    return bad
+
+
+@contextlib.contextmanager
+def first_eigh_fails():
+    """The first ops.eigh call (the owner's batched refresh) returns NaN; later ones work."""
+    from kfac_fast import ops
+    real, calls = ops.eigh, []
+
+    def eigh(matrices, **kw):
+        calls.append(len(matrices))
+        vals, vecs = real(matrices, **kw)
+        if len(calls) == 1:
+            vals = [torch.full_like(v, float("nan")) for v in vals]
+        return vals, vecs
+
+    ops.eigh = eigh
+    try:
+        yield calls
+    finally:
+        ops.eigh = real
+
+
+def check_refresh_paths(rank, world) -> dict:
+    """Owner refreshes go through the health fallback chain and the warm eigh_tol path."""
+    case = dict(strategy="communication", factor_sync="inverse", method="eigen", ddp=False)
+    out = {}
+    # first refresh: the owner's batched eigh is NaN; the fp64 retry must repair each owned factor
+    slot: dict = {}
+    out["fallback"] = check_equivalence(rank, world, **case, during=first_eigh_fails(), out=slot)
+    owners = slot["precond"].distributed.owners()
+    owned = sum(r == rank for r in owners.values())
+    retries = slot["precond"].health()["fp64_retries"]
+    if retries != owned:
+        out["fallback"].append(f"fp64_retries {retries} != {owned} factors owned by rank {rank}")
+    # warm refreshes, compared with the single-process run with the same eigh_tol
+    slot = {}
+    out["warm"] = check_equivalence(rank, world, **case, extra=dict(eigh_tol=0.5), out=slot)
+    out["warm_stats"] = dict(slot["precond"].refresh_stats)
+    out["owned"] = owned
+    return out
+
+
+def check_kfac_refused(rank, world) -> list[str]:
+    from kfac_fast import KFAC
+    bad = []
+    try:
+        KFAC(make_model())
+        bad.append("KFAC was built under torch.distributed without distributed=False")
+    except NotImplementedError as exc:
+        if "distributed=False" not in str(exc):
+            bad.append(f"unclear error: {exc}")
+    opt = KFAC(make_model(), distributed=False)  # the opt-out: independent per-rank runs
+    if opt.preconditioner.distributed is not None:
+        bad.append("KFAC(distributed=False) set up a distributed driver")
     return bad
 
 
@@ -315,6 +430,10 @@ def worker(rank: int, world: int, port: int, results) -> None:
         out["mismatch"] = check_mismatch(rank, world)
         if world == 2:
             out["sharded"] = check_sharded_refused(rank, world)
+            out["nonfinite"] = check_nonfinite_agreement(rank, world, hooks=False)
+            out["nonfinite_hooks"] = check_nonfinite_agreement(rank, world, hooks=True)
+            out["refresh"] = check_refresh_paths(rank, world)
+            out["kfac"] = check_kfac_refused(rank, world)
         if world == 4:
             # two independent pairs: group ranks differ from global ranks
             pairs = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
@@ -427,3 +546,35 @@ def test_sharded_parameters_are_refused(world_results):
         pytest.skip("checked in the world of 2")
     for rank, out in got.items():
         assert "DTensor" in out["sharded"] and "not supported" in out["sharded"], f"rank {rank}: {out['sharded']}"
+
+
+def test_nonfinite_step_is_dropped_on_every_rank(world_results):
+    world, got = world_results
+    if world != 2:
+        pytest.skip("checked in the world of 2")
+    for rank, out in got.items():
+        assert out["nonfinite"] == [], f"rank {rank}: {out['nonfinite']}"
+        assert out["nonfinite_hooks"] == [], f"rank {rank} (hooks): {out['nonfinite_hooks']}"
+
+
+def test_owner_refresh_uses_fallbacks_and_warm_eigh(world_results):
+    world, got = world_results
+    if world != 2:
+        pytest.skip("checked in the world of 2")
+    for rank, out in got.items():
+        r = out["refresh"]
+        assert r["fallback"] == [], f"rank {rank}: {r['fallback']}"
+        assert r["warm"] == [], f"rank {rank}: {r['warm']}"
+        # two refreshes (steps 0 and 2), each counting only this rank's factors
+        assert sum(r["warm_stats"].values()) == 2 * r["owned"], f"rank {rank}: {r}"
+    # the second refresh reused some owner's previous basis
+    assert sum(o["refresh"]["warm_stats"]["kept"] + o["refresh"]["warm_stats"]["refined"]
+               for o in got.values()) > 0
+
+
+def test_kfac_optimizer_refuses_data_parallel(world_results):
+    world, got = world_results
+    if world != 2:
+        pytest.skip("checked in the world of 2")
+    for rank, out in got.items():
+        assert out["kfac"] == [], f"rank {rank}: {out['kfac']}"
