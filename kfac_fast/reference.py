@@ -128,14 +128,34 @@ def update_factor_(factor: torch.Tensor, x: torch.Tensor, beta: Scalar, alpha: S
         return _decay_(factor, beta)
     # the row count from the shape, not -1: a (R, 0) input (d = 0) is valid
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(factor.dtype)
+    if beta.device.type == "cpu" and alpha.device.type == "cpu":
+        return _host_update_(factor, rows, float(beta), float(alpha), append_ones)
     if append_ones:
         rows = _with_ones(rows)
-    if beta.device.type == "cpu" and alpha.device.type == "cpu":
-        # host scalars: the whole update is one BLAS call (no temporary n x n product);
-        # with beta == 0 addmm does not read the old factor, so NaN in it cannot leak
-        return factor.addmm_(rows.mT, rows, beta=float(beta), alpha=float(alpha))
     _decay_(factor, beta)
     factor.add_(_scaled(alpha, rows.mT @ rows))
+    return factor
+
+
+def _host_update_(factor: torch.Tensor, rows: torch.Tensor, beta: float, alpha: float,
+                  append_ones: bool) -> torch.Tensor:
+    """factor <- beta*factor + alpha * x_bar^T x_bar for host scalars, by blocks of the factor.
+
+    The x^T x block is one BLAS call on a view of the factor (no n x n temporary); with
+    append_ones the last row/column is alpha * (column sums of x) and the corner alpha * R,
+    so x is never copied to append a ones-column (a full copy of a conv patch matrix).
+    beta == 0 never reads the old factor (addmm's rule, kept for the edge), so NaN in it
+    cannot leak.
+    """
+    d = rows.shape[1]
+    factor[:d, :d].addmm_(rows.mT, rows, beta=beta, alpha=alpha)
+    if append_ones:
+        sums = rows.sum(0).mul_(alpha)
+        edge = sums if beta == 0 else factor[:d, d].mul(beta).add_(sums)
+        factor[:d, d] = edge
+        factor[d, :d] = edge
+        corner = alpha * rows.shape[0]
+        factor[d, d] = corner if beta == 0 else beta * factor[d, d] + corner
     return factor
 
 
