@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .factor_update import CONFIG_CONV_16BIT, _input_precision, needs_index64, _scalar, _symmetric_epilogue, _upper_tile_of, pick_config
+from .factor_update import (CONFIG_CONV_16BIT, _input_precision, _scalar, _scalar_arg, _symmetric_epilogue,
+                            _upper_tile_of, needs_index64, pick_config)
 
 
 @triton.jit
@@ -52,14 +53,8 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
     else:
         IDX: tl.constexpr = tl.int32
     ti, tj = _upper_tile_of(tl.program_id(0))
-    if BETA_ON_DEVICE:
-        beta = tl.load(beta_ptr).to(tl.float32)
-    else:
-        beta = beta_val
-    if ALPHA_ON_DEVICE:
-        alpha = tl.load(alpha_ptr).to(tl.float32)
-    else:
-        alpha = alpha_val
+    beta = _scalar_arg(beta_ptr, beta_val, BETA_ON_DEVICE)
+    alpha = _scalar_arg(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)

@@ -53,6 +53,15 @@ def pick_config(x_dtype: torch.dtype, allow_tf32: bool, grouped: bool = False) -
 
 
 @triton.jit
+def _scalar_arg(ptr, value, ON_DEVICE: tl.constexpr):
+    """A scalar argument as fp32: loaded from device memory when it lives there (no host
+    sync to read it), else the value passed by argument."""
+    if ON_DEVICE:
+        value = tl.load(ptr).to(tl.float32)
+    return value
+
+
+@triton.jit
 def _upper_tile_of(pid):
     """(ti, tj), ti <= tj, of the pid-th upper-triangular tile pair (tj-major order)."""
     # The float root can be off by one for large pid; the integer checks repair it.
@@ -128,14 +137,8 @@ def _factor_update_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d, 
                           BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One upper tile of F <- beta*F + alpha*x_bar^T x_bar per program (1-D grid)."""
     ti, tj = _upper_tile_of(tl.program_id(0))
-    if BETA_ON_DEVICE:
-        beta = tl.load(beta_ptr).to(tl.float32)
-    else:
-        beta = beta_val
-    if ALPHA_ON_DEVICE:
-        alpha = tl.load(alpha_ptr).to(tl.float32)
-    else:
-        alpha = alpha_val
+    beta = _scalar_arg(beta_ptr, beta_val, BETA_ON_DEVICE)
+    alpha = _scalar_arg(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
                TWO_LEVEL, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION)
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .factor_update import _TL_DTYPES, host_table, per_layer_scalars
+from .factor_update import _TL_DTYPES, _scalar_arg, host_table, per_layer_scalars
 
 # untuned: chosen because IEEE fp32 GEMMs run on FMA units, where 64x64 tiles over 4
 # warps keep 32 accumulators per thread; grouped layers are small (d <= 4096), so
@@ -136,14 +136,8 @@ def _kl_nu_kernel(partials, T, lr_ptr, lr_val, kl_ptr, kl_val, nu_ptr,
         offs = t0 + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < T, other=0.0)
     total = tl.sum(acc, axis=0)
-    if LR_ON_DEVICE:
-        lr = tl.load(lr_ptr).to(tl.float32)
-    else:
-        lr = lr_val
-    if KL_ON_DEVICE:
-        kl = tl.load(kl_ptr).to(tl.float32)
-    else:
-        kl = kl_val
+    lr = _scalar_arg(lr_ptr, lr_val, LR_ON_DEVICE)
+    kl = _scalar_arg(kl_ptr, kl_val, KL_ON_DEVICE)
     s = tl.abs(lr * lr * total)
     nu = tl.where(s > 0.0, tl.minimum(tl.sqrt(kl / tl.where(s > 0.0, s, 1.0)), 1.0), 1.0)
     tl.store(nu_ptr, nu)
