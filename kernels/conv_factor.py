@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .factor_update import (CONFIG_CONV_16BIT, _input_precision, _scalar, _scalar_arg, _symmetric_epilogue,
+from .factor_update import (CONFIG_CONV_16BIT, _input_precision, _scalar, _scalar_arg, decay_only_, _symmetric_epilogue,
                             _upper_tile_of, needs_index64, pick_config)
 
 
@@ -100,11 +100,7 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     b_dev, b_t, b_val = _scalar(beta, factor.device)
     a_dev, a_t, a_val = _scalar(alpha, factor.device)
     if not a_dev and a_val == 0.0:
-        if b_dev:
-            factor.mul_(b_t.to(factor.dtype))
-        elif b_val != 1.0:
-            factor.mul_(b_val)
-        return factor
+        return decay_only_(factor, beta)
     cfg = dict(CONFIG_CONV_16BIT) if x.dtype != torch.float32 else pick_config(x.dtype, allow_tf32)
     cfg.update(config or {})
     nt = triton.cdiv(n, cfg["BLOCK"])

@@ -83,7 +83,8 @@ def _symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha):
     upper = (r <= c) & (c < n)
     f_rc = F + (r * stride_f + c)
     old = tl.load(f_rc, mask=upper, other=0.0)
-    out = beta * old + alpha * acc
+    # beta == 0 overwrites without reading (the op contract): 0 * NaN would leak
+    out = tl.where(beta == 0, 0.0, beta * old) + alpha * acc
     tl.store(f_rc, out, mask=upper)
     # Transposed in registers so the mirrored store stays coalesced.
     f_cr = F + (offs_j[:, None] * stride_f + offs_i[None, :])
@@ -208,6 +209,14 @@ def _scalar(s, device):
     return False, None, float(s)
 
 
+def decay_only_(factor: torch.Tensor, beta) -> torch.Tensor:
+    """factor <- beta*factor when alpha == 0 (x is not read), with the reference's
+    beta == 0 rule (overwrite without reading), so every backend agrees."""
+    from kfac_fast import reference
+
+    return reference._decay_(factor, reference._scalar(beta))
+
+
 def needs_index64(x: torch.Tensor) -> bool:
     """Whether some element offset of x may exceed int32."""
     span = sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride()) if s > 0)
@@ -231,11 +240,7 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
     b_dev, b_t, b_val = _scalar(beta, factor.device)
     a_dev, a_t, a_val = _scalar(alpha, factor.device)
     if not a_dev and a_val == 0.0:
-        if b_dev:
-            factor.mul_(b_t.to(factor.dtype))
-        elif b_val != 1.0:
-            factor.mul_(b_val)
-        return factor
+        return decay_only_(factor, beta)
     v, R, d, L_inner, s_outer, s_inner, s_col, two_level = rows_view(x)
     cfg = pick_config(x.dtype, allow_tf32)
     cfg.update(config or {})

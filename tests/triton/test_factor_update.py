@@ -105,6 +105,26 @@ def test_alpha_zero_keeps_nan_out(alpha_kind):
     torch.testing.assert_close(out, 0.5 * f0, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("beta_kind", ["host", "device"])
+def test_beta_zero_overwrites_nan_factor(beta_kind):
+    """beta == 0 must not read the old factor (the op contract), in every path."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(33, 39, generator=gen).to(DEV)
+    beta = 0.0 if beta_kind == "host" else torch.tensor(0.0, device=DEV)
+    ref = reference.update_factor_(torch.zeros(40, 40, dtype=torch.float64), x.double().cpu(), 0.0, 0.5,
+                                   append_ones=True)
+    out = torch.full((40, 40), NAN, device=DEV)
+    factor_update.update_factor_(out, x, beta, 0.5, append_ones=True, config=SMALL)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    grouped = [torch.full((40, 40), NAN, device=DEV)]
+    factor_update.update_factors_(grouped, [x], torch.tensor([0.0], device=DEV), torch.tensor([0.5], device=DEV),
+                                  append_ones=[True])
+    torch.testing.assert_close(grouped[0].double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    skipped = torch.full((40, 40), NAN, device=DEV)  # alpha == 0 too: zeros, x unread
+    factor_update.update_factor_(skipped, x, beta, 0.0, append_ones=True, config=SMALL)
+    assert (skipped == 0).all()
+
+
 def test_deterministic():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(200, 70, generator=gen).to(DEV)
