@@ -6,7 +6,7 @@ damping adapted every T1 = 5 steps, the gamma search every T3 = 20 steps (paper
 settings), so a run of 20 steps contains each periodic event once.
 
     pytest bench/bench_optimizer.py --benchmark-only     # KFAC vs SGD, 20 steps a round
-    python bench/bench_optimizer.py [--steps 40] [--batch 512] [--threads 2]
+    python bench/bench_optimizer.py [--steps 40] [--batch 512] [--threads 2] [--method eigen] [--settings demo]
 
 The script form prints the per-step split: forward (every closure call, including the
 loss re-evaluations of the damping adaptation and gamma search), factor statistics, MC
@@ -27,7 +27,7 @@ import torch
 
 from kfac_fast import KFAC
 from kfac_fast.curves import make_curves
-from kfac_fast.demo import bce_loss, build_autoencoder
+from kfac_fast.demo import KFAC_OPT_SETTINGS, bce_loss, build_autoencoder
 from kfac_fast.fvp import FisherProducts
 
 STEPS = 20
@@ -112,10 +112,17 @@ class PhaseTimer:
         setattr(obj, attr, wrapped)
 
 
-def split(steps: int, batch: int, device, method: str = "inverse") -> dict:
-    """Mean seconds per step by phase for `steps` KFAC steps (after 2 warm-up steps)."""
+def split(steps: int, batch: int, device, method: str = "inverse", settings: str = "paper") -> dict:
+    """Mean seconds per step by phase for `steps` KFAC steps (after 2 warm-up steps).
+
+    settings "paper": KFAC's defaults (the paper's constants) with `method`; "demo": the
+    demo's KFAC (paper) row (kfac_fast.demo.KFAC_OPT_SETTINGS, which fix the method).
+    """
     model, data = _problem(batch, device)
-    opt = KFAC(model, "bce_with_logits", method=method)
+    if settings == "demo":
+        opt = KFAC(model, "bce_with_logits", **KFAC_OPT_SETTINGS)
+    else:
+        opt = KFAC(model, "bce_with_logits", method=method)
     _kfac_steps(model, opt, data, 2)
     timer = PhaseTimer(device)
     pre = opt.preconditioner
@@ -168,15 +175,19 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--method", default="inverse", choices=["inverse", "eigen"])
+    p.add_argument("--settings", default="paper", choices=["paper", "demo"],
+                   help="paper: KFAC's defaults with --method; demo: the demo's KFAC (paper) row")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sgd = sgd_step_time(args.steps, args.batch, device)
-    parts = split(args.steps, args.batch, device, args.method)
+    parts = split(args.steps, args.batch, device, args.method, args.settings)
     total = sum(parts.values())
+    what = (f"demo settings {KFAC_OPT_SETTINGS}" if args.settings == "demo"
+            else f"paper settings, method {args.method}")
     print(f"CURVES autoencoder, batch {args.batch}, {args.steps} steps, device {device}, "
-          f"{torch.get_num_threads()} threads, method {args.method}, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, {what}, torch {torch.__version__}")
     print(f"{'phase':<42}{'ms/step':>9}{'share':>8}")
     for name, sec in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"{name:<42}{1e3 * sec:>9.2f}{sec / total:>8.1%}")

@@ -79,3 +79,34 @@ def test_quick_cli(tmp_path, capsys):
     assert (tmp_path / "curves_error.png").stat().st_size > 0
     text = capsys.readouterr().out
     assert "entropy floor" in text and "x SGD step" in text
+
+
+def _run(method, steps, seconds, errors, diverged=False):
+    return demo.Run(method, 0.1, list(steps), list(seconds), list(errors), diverged=diverged)
+
+
+def test_first_reach_and_error_before():
+    run = _run("kfac-opt", [0, 10, 20, 30], [0.0, 1.0, 2.5, 4.0], [800.0, 130.0, 90.0, 95.0])
+    assert demo.first_reach(run, 130.0) == (10, 1.0)  # "at or below"
+    assert demo.first_reach(run, 91.0) == (20, 2.5)
+    assert demo.first_reach(run, 10.0) is None
+    assert demo.error_before(run, step=25) == (20, 90.0)
+    assert demo.error_before(run, seconds=2.4) == (10, 130.0)
+    assert demo.error_before(run, step=30, seconds=3.9) == (20, 90.0)  # both bounds apply
+    assert demo.error_before(run) == (30, 95.0)
+    assert demo.error_before(run, seconds=-1.0) == (0, 800.0)  # nothing earlier: the start
+
+
+def test_target_report_compares_at_equal_steps_and_seconds():
+    sgd = _run("sgd", [0, 10, 20], [0.0, 1.0, 2.0], [800.0, 300.0, 126.0])
+    soap = _run("soap", [0, 10, 20], [0.0, 3.0, 6.0], [800.0, 200.0, 77.0])
+    kfac = _run("kfac-opt", [0, 10, 20], [0.0, 2.0, 4.0], [800.0, 110.0, 60.0])
+    lines = demo.target_report([sgd, soap, kfac])
+    assert lines == [
+        "KFAC (paper): SGD+momentum's final error 126.00 (20 steps, 2.0 s) reached at step 10, 2.0 s",
+        # equal seconds: the earlier finisher's 4.0 s; SOAP's last point by then is step 10
+        "KFAC (paper) vs SOAP: at step 20 60.00 vs 77.00; at 4.0 s 60.00 (step 20) vs 200.00 (step 10)",
+    ]
+    # diverged runs and absent baselines are left out rather than compared
+    assert demo.target_report([sgd, kfac]) == lines[:1]
+    assert demo.target_report([sgd, soap, _run("kfac-opt", [0], [0.0], [1e9], diverged=True)]) == []
