@@ -153,9 +153,10 @@ def _kfac(model, lr):
 # method="eigen" (the exactly damped (A (x) G + gamma^2 I)^-1) instead of the paper's
 # factored Tikhonov: at 400 steps it ended at 55.7-60.4 nats over six runs (MC seeds
 # 1-3, lambda0 0.01/0.1/1), factored Tikhonov at 68.2-77.5 (three MC seeds), SOAP at
-# 77.4. Its steps cost ~25% more on CPU (two more matmuls per layer). No gamma search:
-# it cost time and ended higher with either method (76.5 / 66.5 at 300 steps, MC seed 1,
-# against 80 / 62.0 without). Measured 2026-11-28 with /tmp scripts around `train`.
+# 77.4. Its steps cost ~25% more on CPU (two more matmuls per layer). No gamma search
+# (T3 = 20; 300 steps, MC seed 1): with eigen it ended higher, 66.5 against 62.0; with
+# factored Tikhonov a little lower, 76.5 against ~80.5, but in 39 s instead of ~31 s.
+# Measured 2026-11-28 with throwaway scripts around `train`.
 KFAC_OPT_SETTINGS = dict(method="eigen", gamma_interval=None, inv_update_steps=20,
                          factor_update_steps=2)
 
