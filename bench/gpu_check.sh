@@ -4,7 +4,7 @@
 # check of the Jacobi kernel and the benchmarks; writes JSON, logs and a short table under
 # $OUT (or ./gpu_out). Aim: under 8 minutes in all.
 #
-#   bash bench/gpu_check.sh [all|build|tests|sanitize|eigh|triton|refresh|step|e2e|integrations]
+#   bash bench/gpu_check.sh [all|build|tests|sanitize|eigh|triton|refresh|step|e2e|integrations|optimizer]
 #   (default: all)
 #
 # Run as one `device.run` call with a timeout that leaves room for a rerun of one part.
@@ -62,5 +62,10 @@ want refresh && bench refresh bench/bench_warm_eigh.py
 want step && bench step bench/bench_step.py
 want e2e && bench e2e bench/bench_e2e.py
 want integrations && bench integrations bench/bench_integrations.py
+# kfac_fast.KFAC's per-step split (the demo row's settings, then the paper's defaults)
+if want optimizer; then
+  run_part optimizer-demo 120 $PY bench/bench_optimizer.py --device cuda --settings demo --steps 40
+  run_part optimizer-paper 120 $PY bench/bench_optimizer.py --device cuda --steps 40
+fi
 
 echo; echo "==== summary ===="; cat "$SUMMARY"
