@@ -159,6 +159,8 @@ def _kfac(model, lr):
 # Measured 2026-11-28 with throwaway scripts around `train`.
 KFAC_OPT_SETTINGS = dict(method="eigen", gamma_interval=None, inv_update_steps=20,
                          factor_update_steps=2)
+# the block-tridiagonal inverse exists for factored Tikhonov damping only
+KFAC_TRI_SETTINGS = dict(KFAC_OPT_SETTINGS, method="inverse")
 
 
 def _kfac_opt(model, damping):
@@ -167,10 +169,8 @@ def _kfac_opt(model, damping):
 
 def _kfac_tri(model, damping):
     # the paper's block-tridiagonal inverse (kfac_fast.tridiag): not in the default
-    # --methods, its refreshes and steps cost about twice the block-diagonal ones; it
-    # exists for factored Tikhonov damping only
-    settings = dict(KFAC_OPT_SETTINGS, method="inverse")
-    return KFAC(model, "bce_with_logits", damping=damping, approx="tridiag", **settings), None
+    # --methods, its refreshes and steps cost about twice the block-diagonal ones
+    return KFAC(model, "bce_with_logits", damping=damping, approx="tridiag", **KFAC_TRI_SETTINGS), None
 
 
 def _closure(model, xb):
@@ -194,8 +194,7 @@ METHODS = {
                        + ", ".join(f"{k}={v}" for k, v in KFAC_OPT_SETTINGS.items()), knob="lambda0"),
     "kfac-tri": Method("KFAC (tridiag)", (150.0, 10.0, 1.0), _kfac_tri,
                        "the paper's optimizer with the block-tridiagonal inverse (approx='tridiag'); "
-                       + ", ".join(f"{k}={v}" for k, v in dict(KFAC_OPT_SETTINGS, method="inverse").items()),
-                       knob="lambda0"),
+                       + ", ".join(f"{k}={v}" for k, v in KFAC_TRI_SETTINGS.items()), knob="lambda0"),
 }
 
 
