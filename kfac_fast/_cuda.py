@@ -157,7 +157,7 @@ def _jacobi_bucket(stack: torch.Tensor, indices: list) -> tuple:
     return vals, vecs
 
 
-def eigh(matrices, *, previous=None, tol=None, clamp=True) -> tuple:
+def eigh(matrices, *, previous=None, tol=None, clamp=True, return_paths=False) -> tuple:
     """Batched eigendecomposition of symmetric matrices of mixed sizes (reference.eigh's contract).
 
     Buckets by (size, dtype); EIGH_CUTOFF_REASON says which solver serves which size.
@@ -168,14 +168,15 @@ def eigh(matrices, *, previous=None, tol=None, clamp=True) -> tuple:
     fn = "eigh"
     count = len(matrices)
     if count == 0:
-        return [], []
+        return ([], [], reference.cold_paths(0)) if return_paths else ([], [])
     device = matrices[0].device
     for i, m in enumerate(matrices):
         _check_float(fn, f"matrices[{i}]", m, device)
         if m.dim() != 2 or m.shape[0] != m.shape[1]:
             raise ValueError(f"{fn}: matrices[{i}] must be square (n, n), got {tuple(m.shape)}")
     if reference.warm_refresh_requested(previous, tol):
-        return reference.warm_refresh(matrices, previous, tol, clamp, full_solve=eigh)
+        out = reference.warm_refresh(matrices, previous, tol, clamp, full_solve=eigh)
+        return out if return_paths else out[:2]
     vals: list = [None] * count
     vecs: list = [None] * count
     for (n, _dtype, _dev), idx in reference._buckets(matrices, range(count)).items():
@@ -188,7 +189,7 @@ def eigh(matrices, *, previous=None, tol=None, clamp=True) -> tuple:
             vals[i], vecs[i] = d[k].contiguous(), q[k].contiguous()
     if clamp:
         vals = [d.clamp(min=0) for d in vals]
-    return vals, vecs
+    return (vals, vecs, reference.cold_paths(count)) if return_paths else (vals, vecs)
 
 
 # ---------------------------------------------------------------------------------------

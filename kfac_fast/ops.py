@@ -34,6 +34,9 @@ from ._dispatch import OP_NAMES
 Tensor = torch.Tensor
 Scalar = Union[float, Tensor]
 
+# Names of the warm-refresh paths `eigh(..., return_paths=True)` reports, by code.
+EIGH_PATHS = ("kept", "refined", "full")
+
 _FACTOR_DTYPES = (torch.float32, torch.float64)
 _INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -210,15 +213,16 @@ def _conv_input_factor_op(factor: Tensor, x: Tensor, beta: Tensor, alpha: Tensor
 
 @torch.library.custom_op(_lib + "eigh", mutates_args=())
 def _eigh_op(matrices: list[Tensor], previous: list[Optional[Tensor]], tol: Optional[float],
-             clamp: bool) -> tuple[list[Tensor], list[Tensor]]:
-    vals, vecs = _select("eigh", matrices[0], _max_size(matrices))(
-        matrices, previous=previous if len(previous) else None, tol=tol, clamp=clamp)
-    return list(vals), list(vecs)
+             clamp: bool) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    vals, vecs, paths = _select("eigh", matrices[0], _max_size(matrices))(
+        matrices, previous=previous if len(previous) else None, tol=tol, clamp=clamp, return_paths=True)
+    return list(vals), list(vecs), paths
 
 
 @_eigh_op.register_fake
 def _(matrices, previous, tol, clamp):
-    return [m.new_empty(m.shape[0]) for m in matrices], [m.new_empty(m.shape) for m in matrices]
+    return ([m.new_empty(m.shape[0]) for m in matrices], [m.new_empty(m.shape) for m in matrices],
+            torch.empty(len(matrices), dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op(_lib + "damped_inverse", mutates_args=())
@@ -449,7 +453,7 @@ def conv_input_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, k
 
 
 def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Tensor]]] = None,
-         tol: Optional[float] = None, clamp: bool = True) -> tuple:
+         tol: Optional[float] = None, clamp: bool = True, return_paths: bool = False) -> tuple:
     """Batched eigendecomposition of symmetric matrices of mixed sizes.
 
     matrices: list of symmetric (n_i, n_i) float32/64 tensors on one device. Returns
@@ -461,6 +465,9 @@ def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Ten
     (`kfac_fast.warm_eigh`): each previous basis is kept, refined by Jacobi/rotation
     steps, or replaced by a full solve; the result always meets r <= tol with
     ||Q^T Q - I||_F <= warm_eigh.default_ortho_tol(n, dtype).
+    return_paths (keyword-only): return (eigenvalues, eigenvectors, paths) instead, paths
+    a CPU int64 tensor with one entry per matrix indexing EIGH_PATHS ("kept", "refined",
+    "full"); a cold solve (no previous or no tol) is all "full".
     """
     op = "eigh"
     matrices = _tensor_list(op, "matrices", matrices)
@@ -473,8 +480,10 @@ def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Ten
         tol = float(tol)
     if not isinstance(clamp, bool):
         raise TypeError(f"{op}: clamp must be a bool, got {type(clamp).__name__}")
+    if not isinstance(return_paths, bool):
+        raise TypeError(f"{op}: return_paths must be a bool, got {type(return_paths).__name__}")
     if n == 0:
-        return [], []
+        return ([], [], torch.zeros(0, dtype=torch.int64)) if return_paths else ([], [])
     device = matrices[0].device
     for i, m in enumerate(matrices):
         size = _square(op, f"matrices[{i}]", m)
@@ -483,8 +492,8 @@ def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Ten
             _dtype(op, f"previous[{i}]", prev[i], _FACTOR_DTYPES)
             _shape(op, f"previous[{i}]", prev[i], (size, size), f"matrices[{i}] is {size}x{size}")
             _device(op, f"previous[{i}]", prev[i], device)
-    vals, vecs = torch.ops.kfac_fast.eigh(matrices, prev, tol, clamp)
-    return list(vals), list(vecs)
+    vals, vecs, paths = torch.ops.kfac_fast.eigh(matrices, prev, tol, clamp)
+    return (list(vals), list(vecs), paths) if return_paths else (list(vals), list(vecs))
 
 
 def damped_inverse(matrices: Sequence[Tensor], damping) -> list:
@@ -807,4 +816,4 @@ def unpack_triangles_(factors: Sequence[Tensor], flat: Tensor) -> list:
 
 
 # The op names are listed once, in _dispatch.OP_NAMES.
-__all__ = list(OP_NAMES)
+__all__ = [*OP_NAMES, "EIGH_PATHS"]

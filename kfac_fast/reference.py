@@ -258,7 +258,8 @@ def warm_refresh_requested(previous, tol) -> bool:
 
 def warm_refresh(matrices, previous, tol, clamp: bool, *, full_solve) -> tuple:
     """eigh's warm path, shared by every backend: `full_solve(matrices, clamp=False)` is the
-    backend's own cold solver, used for the factors that cannot be kept or refined."""
+    backend's own cold solver, used for the factors that cannot be kept or refined.
+    Returns (eigenvalues, eigenvectors, paths)."""
     from .warm_eigh import warm_eigh
 
     prev = [None if q is None else q.to(m.dtype) for m, q in zip(matrices, previous)]
@@ -266,7 +267,14 @@ def warm_refresh(matrices, previous, tol, clamp: bool, *, full_solve) -> tuple:
                                   full_solve=lambda ms: full_solve(ms, clamp=False), clamp=clamp)
     for sink in getattr(_warm_path_sinks, "stack", ()):
         sink.append(paths)
-    return vals, vecs
+    return vals, vecs, paths
+
+
+def cold_paths(count: int) -> torch.Tensor:
+    """The paths of a cold solve: every matrix "full" (warm_eigh.FULL)."""
+    from .warm_eigh import FULL
+
+    return torch.full((count,), FULL, dtype=torch.int64)
 
 
 _warm_path_sinks = threading.local()
@@ -289,7 +297,7 @@ def record_warm_paths():
 
 
 def eigh(matrices: Sequence[torch.Tensor], *, previous: Optional[Sequence[Optional[torch.Tensor]]] = None,
-         tol: Optional[float] = None, clamp: bool = True) -> tuple:
+         tol: Optional[float] = None, clamp: bool = True, return_paths: bool = False) -> tuple:
     """Batched eigendecomposition of symmetric matrices of mixed sizes.
 
     matrices: list of (n_i, n_i) float32/64 tensors (the lower triangle is read).
@@ -314,7 +322,7 @@ def eigh(matrices: Sequence[torch.Tensor], *, previous: Optional[Sequence[Option
             vals[i], vecs[i] = d[k].clone(), q[k].clone(memory_format=torch.contiguous_format)
     if clamp:
         vals = [d.clamp(min=0) for d in vals]
-    return vals, vecs
+    return (vals, vecs, cold_paths(n)) if return_paths else (vals, vecs)
 
 
 def _eigh_inverse(m: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:

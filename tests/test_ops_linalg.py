@@ -119,6 +119,30 @@ def test_eigh_warm_refresh():
         assert float(torch.linalg.matrix_norm(off) / torch.linalg.matrix_norm(f64(m))) <= 1e-8
 
 
+def test_eigh_return_paths():
+    gen = generator(8)
+    ms = [random_spd(n, dtype=torch.float64, gen=gen) for n in (6, 11, 4)]
+    assert ops.EIGH_PATHS == ("kept", "refined", "full")
+    full = ops.EIGH_PATHS.index("full")
+    # a cold solve: every matrix "full", and the same results as without return_paths
+    vals, vecs, paths = ops.eigh(ms, return_paths=True)
+    assert paths.dtype == torch.int64 and paths.device.type == "cpu"
+    assert paths.tolist() == [full] * 3
+    for d, d_ref in zip(vals, ops.eigh(ms)[0]):
+        torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
+    # warm: an exact basis is kept, a useless one or None is solved in full
+    prev = [vecs[0], random_orthogonal(11, gen=gen), None]
+    d2, q2, paths = ops.eigh(ms, previous=prev, tol=1e-8, return_paths=True)
+    assert paths.tolist() == [ops.EIGH_PATHS.index("kept"), full, full]
+    d_plain, _ = ops.eigh(ms, previous=prev, tol=1e-8)
+    for m, d, q, d_ref in zip(ms, d2, q2, d_plain):
+        _check_eigen(m, d, q)
+        torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
+    assert ops.eigh([], return_paths=True)[2].tolist() == []
+    with pytest.raises(TypeError, match="return_paths must be a bool"):
+        ops.eigh(ms, return_paths=1)
+
+
 @pytest.mark.parametrize("damping", [0.1, [1e-3, 0.5, 2.0, 1e-2]])
 def test_damped_inverse_matches_float64(damping):
     gen = generator(8)
