@@ -27,6 +27,7 @@ from torch import nn
 
 from kfac_fast import KFACPreconditioner
 from kfac_fast import distributed as kd
+from kfac_fast.distributed.collectives import _buckets
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
@@ -89,8 +90,8 @@ def test_assignment_is_least_loaded_and_deterministic():
 
 
 def test_buckets_respect_the_cap():
-    assert kd._buckets([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]
-    assert kd._buckets([], 8) == []
+    assert _buckets([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]
+    assert _buckets([], 8) == []
 
 
 def test_single_process_without_init():
@@ -153,7 +154,7 @@ def run_steps(model, precond, rank, world, *, ddp_model=None, average=None):
             average(model.parameters())
         precond.step()
         records.append({
-            "factors": {n: (l.a_factor.clone(), l.g_factor.clone()) for n, l in precond.layers.items()},
+            "factors": {n: (layer.a_factor.clone(), layer.g_factor.clone()) for n, layer in precond.layers.items()},
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
             "nu": None if precond.last_nu is None else float(precond.last_nu),
         })
@@ -254,7 +255,7 @@ def check_state_dict(rank, world) -> list[str]:
         if not torch.allclose(p.grad, want[-1]["grads"][name], **TOL):
             bad.append(f"after load: grad of {name} differs")
     saved = objs[0]["layers"]
-    for name, (fa, fg) in want[-2]["factors"].items():
+    for name, (fa, _fg) in want[-2]["factors"].items():
         if not torch.allclose(saved[name]["a_factor"], fa, **TOL):
             bad.append(f"saved A of {name} is not the global factor")
     return bad
@@ -281,7 +282,7 @@ def check_nonfinite_agreement(rank, world, *, hooks: bool) -> list[str]:
             if shard:
                 kd.average_gradients_(model.parameters())
             precond.step()  # the parameters stay put: the NaN gradient is never applied
-            factors.append({n: (l.a_factor.clone(), l.g_factor.clone()) for n, l in precond.layers.items()})
+            factors.append({n: (layer.a_factor.clone(), layer.g_factor.clone()) for n, layer in precond.layers.items()})
         return factors
 
     ref_model = make_model()

@@ -1,0 +1,64 @@
+"""Data-parallel K-FAC over torch.distributed: factor averaging and shared-out inversions.
+
+Each rank captures statistics of its own shard of the batch; the gradients are averaged
+before K-FAC sees them (by DistributedDataParallel, or by the user, e.g. with
+`average_gradients_`). What this package adds on top of the single-process preconditioner:
+
+- factor averaging: the packed upper triangles (`ops.pack_triangles`) of all factors are
+  averaged with a few flattened, bucketed all-reduces, never one per layer. Per-rank A
+  uses 1/R_local and G (with loss_average="batch") is per-example, so the average of
+  equal-size shards is exactly the factor of the global batch. Because the zero-debiased
+  running average is linear, averaging only before an inversion (`factor_sync="inverse"`,
+  as kfac-jax does) gives the same factors at inversion time as averaging after every
+  update (`factor_sync="update"`), with `inv_update_steps / factor_update_steps` times
+  fewer collectives; the price is that between inversions each rank holds its own local
+  factors (a checkpoint then averages them first, which is why `state_dict` is collective).
+- inversion work: decompositions are assigned by a greedy least-loaded rule on their
+  cost n^3, computed by their owner only.
+- two strategies, named after what they save:
+  "communication" (communication-optimal): owners broadcast eigenbases / inverses in
+  buckets; every rank preconditions every layer (no per-step collective from K-FAC).
+  "memory" (memory-optimal): a layer's A and G have one owner, which alone keeps its
+  decomposition and preconditions it; the preconditioned gradients are broadcast in
+  buckets every step (as much traffic as DDP's gradient all-reduce).
+
+Every collective is issued in the same order on every rank from rank-identical metadata
+(registration order, sizes, update counts): no decision depends on tensor values, so a
+rank cannot wait on a collective the others skip.
+
+Modules: `collectives` (bucketed all-reduce and broadcast), `assignment` (which rank
+decomposes which factor), `options` (DistributedOptions), `entry` (`setup`: whether a
+preconditioner runs data-parallel), `data_parallel` (DataParallelKFAC, the driver).
+"""
+
+from .assignment import assign_work, decomposition_cost, factor_owners, load_imbalance, rank_loads
+from .collectives import (
+    DEFAULT_BUCKET_CAP_MB,
+    allreduce_factors_,
+    average_gradients_,
+    broadcast_from_owners_,
+    check_same_layers,
+)
+from .data_parallel import DataParallelKFAC
+from .entry import check_unsharded, resolve_group, setup
+from .options import FACTOR_SYNCS, STRATEGIES, DistributedOptions
+
+__all__ = [
+    "DEFAULT_BUCKET_CAP_MB",
+    "FACTOR_SYNCS",
+    "STRATEGIES",
+    "DataParallelKFAC",
+    "DistributedOptions",
+    "allreduce_factors_",
+    "assign_work",
+    "average_gradients_",
+    "broadcast_from_owners_",
+    "check_same_layers",
+    "check_unsharded",
+    "decomposition_cost",
+    "factor_owners",
+    "load_imbalance",
+    "rank_loads",
+    "resolve_group",
+    "setup",
+]

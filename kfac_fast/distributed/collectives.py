@@ -1,0 +1,185 @@
+"""Bucketed collectives over a torch.distributed process group.
+
+Tensors travel flattened, a few buckets at a time, never one collective per tensor: a
+bucket is a run of consecutive tensors whose byte sizes sum to at most the cap. Every
+collective of a call is issued before the first wait, so the buckets are in flight
+together. Every rank must call these with the same tensor shapes in the same order.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .. import ops
+
+DEFAULT_BUCKET_CAP_MB = 25.0
+
+# pack(bucket) -> flat buffer; unpack(bucket, flat) writes the buffer back into the bucket
+Pack = Callable[[list], torch.Tensor]
+Unpack = Callable[[list, torch.Tensor], None]
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+    return dist
+
+
+def _buckets(sizes: Sequence[int], cap: int) -> list[list[int]]:
+    """Consecutive index groups whose sizes sum to at most cap (an oversize item alone)."""
+    out: list[list[int]] = []
+    total = 0
+    for i, s in enumerate(sizes):
+        if out and total + s <= cap:
+            out[-1].append(i)
+            total += s
+        else:
+            out.append([i])
+            total = s
+    return out
+
+
+def _flatten(bucket: list) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in bucket])
+
+
+def _unflatten_(bucket: list, flat: torch.Tensor) -> None:
+    offset = 0
+    for t in bucket:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _bucketed_mean_(groups: Iterable[list], sizes: Callable[[list], list], pack: Pack, unpack: Unpack,
+                    group: Any, bucket_cap_bytes: int) -> int:
+    """Average every tensor of `groups` across ranks in place; returns bytes all-reduced.
+
+    Each group (tensors that may share one buffer) is cut into buckets of at most
+    `bucket_cap_bytes` by `sizes(group)`; one all-reduce per bucket (sum, then 1/world
+    on the device: gloo has no AVG).
+    """
+    dist = _dist()
+    world = dist.get_world_size(group)
+    pending = []
+    for members in groups:
+        for idx in _buckets(sizes(members), bucket_cap_bytes):
+            bucket = [members[i] for i in idx]
+            flat = pack(bucket)
+            pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
+    sent = 0
+    for bucket, flat, work in pending:
+        work.wait()
+        flat.div_(world)
+        unpack(bucket, flat)
+        sent += _nbytes(flat)
+    return sent
+
+
+def allreduce_factors_(factors: Sequence[torch.Tensor], group: Any, bucket_cap_bytes: int) -> int:
+    """Average symmetric factors across `group` in place; returns bytes all-reduced per rank.
+
+    Each bucket is one `ops.pack_triangles` buffer: only the upper triangles travel.
+    """
+    factors = list(factors)
+    if not factors:
+        return 0
+    item = factors[0].element_size()
+
+    def sizes(members: list) -> list:
+        return [f.shape[0] * (f.shape[0] + 1) // 2 * item for f in members]
+
+    return _bucketed_mean_([factors], sizes, ops.pack_triangles, ops.unpack_triangles_, group,
+                           bucket_cap_bytes)
+
+
+def average_gradients_(parameters: Iterable[torch.Tensor], process_group: Optional[Any] = None,
+                       bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> int:
+    """Average `.grad` of the given parameters across ranks (plain data parallelism, no
+    DDP wrapper); returns bytes all-reduced. Call after backward, before K-FAC's step."""
+    dist = _dist()
+    group = dist.group.WORLD if process_group is None else process_group
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0
+    by_kind: dict = {}  # one flat buffer holds one dtype on one device
+    for g in grads:
+        by_kind.setdefault((g.dtype, g.device), []).append(g)
+    return _bucketed_mean_(by_kind.values(), lambda members: [_nbytes(g) for g in members],
+                           _flatten, _unflatten_, group, int(bucket_cap_mb * 2 ** 20))
+
+
+def broadcast_from_owners_(tensors: Sequence[torch.Tensor], owners: Sequence[int], group: Any,
+                           bucket_cap_bytes: int) -> int:
+    """Copy each tensor from its owner (a rank of `group`) to every rank, in place.
+
+    Tensors must already have their shapes and dtypes on every rank (non-owners' values
+    are overwritten). Each owner's tensors go out flattened, one broadcast per bucket
+    per dtype; returns the bytes broadcast (what every rank receives or sends).
+    """
+    dist = _dist()
+    tensors = list(tensors)
+    if len(tensors) != len(owners):
+        raise ValueError(f"broadcast_from_owners_: {len(tensors)} tensors but {len(owners)} owners")
+    me = dist.get_rank(group)
+    groups: dict = {}
+    for i, (t, r) in enumerate(zip(tensors, owners)):
+        groups.setdefault((r, t.dtype, t.device), []).append(i)
+    pending = []
+    for (owner, _, _), members in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), str(kv[0][2]))):
+        src = dist.get_global_rank(group, owner) if group is not dist.group.WORLD else owner
+        sizes = [_nbytes(tensors[i]) for i in members]
+        for idx in _buckets(sizes, bucket_cap_bytes):
+            bucket = [tensors[members[j]] for j in idx]
+            if owner == me:
+                flat = _flatten(bucket)
+            else:
+                flat = torch.empty(sum(t.numel() for t in bucket), dtype=bucket[0].dtype,
+                                   device=bucket[0].device)
+            pending.append((owner, bucket, flat, dist.broadcast(flat, src=src, group=group, async_op=True)))
+    sent = 0
+    for owner, bucket, flat, work in pending:
+        work.wait()
+        sent += _nbytes(flat)
+        if owner != me:
+            _unflatten_(bucket, flat)
+    return sent
+
+
+def all_reduce_min_(flag: torch.Tensor, group: Any) -> None:
+    """flag <- the minimum of flag over every rank of `group`, in place."""
+    dist = _dist()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+
+
+def check_same_layers(signature: list, group: Any) -> None:
+    """Raise ValueError on every rank unless every rank registered the same layers.
+
+    One all_gather of each rank's (name, kind, a_dim, g_dim, has_bias) list; every rank
+    compares all of them, so a mismatch is an error everywhere instead of a later hang.
+    """
+    dist = _dist()
+    world = dist.get_world_size(group)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, signature, group=group)
+    for rank, other in enumerate(gathered):
+        if other == gathered[0]:
+            continue
+        diff = next((i for i, (x, y) in enumerate(zip(gathered[0], other)) if x != y),
+                    min(len(gathered[0]), len(other)))
+        first = gathered[0][diff] if diff < len(gathered[0]) else "<none>"
+        theirs = other[diff] if diff < len(other) else "<none>"
+        raise ValueError(
+            f"kfac_fast.distributed: the model differs across ranks: rank {rank} registers "
+            f"{len(other)} layers and rank 0 {len(gathered[0])}; first difference at layer "
+            f"#{diff}: rank 0 has {first}, rank {rank} has {theirs} "
+            "(every rank must build the same model)")
+
+
+def rank_and_size(group: Any) -> tuple[int, int]:
+    """(this process's rank in `group`, the group's size)."""
+    dist = _dist()
+    return dist.get_rank(group), dist.get_world_size(group)

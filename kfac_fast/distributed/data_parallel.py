@@ -1,0 +1,350 @@
+"""DataParallelKFAC: one preconditioner's collectives and work split over a process group.
+
+The preconditioner keeps its single-process math; this driver adds what data
+parallelism needs around it: factor averaging, owner-only decompositions and their
+broadcast, and (strategy "memory") owner-only preconditioning with the preconditioned
+gradients broadcast. See `kfac_fast.distributed` for the strategies and the ordering
+rule every collective follows.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from .. import ops
+from ..health import Health
+from .assignment import factor_owners
+from .collectives import (
+    DEFAULT_BUCKET_CAP_MB,
+    all_reduce_min_,
+    allreduce_factors_,
+    broadcast_from_owners_,
+    check_same_layers,
+    rank_and_size,
+)
+from .options import FACTOR_SYNCS, STRATEGIES
+
+
+class DataParallelKFAC:
+    """The collectives and work split of one KFACPreconditioner over one process group.
+
+    The preconditioner calls, in this order per step: `factors_updated` after its
+    factor update, `refresh` with the stale layers on refresh steps, `precondition`
+    with the layers to precondition. `is_ready(layer)` replaces its local "has a
+    decomposition" check (under "memory" only owners hold one; the answer must be
+    the same on every rank).
+
+    Args:
+        layers: the preconditioner's registered layers (name -> KFACLayer), same order
+            on every rank.
+        method: "eigen" or "inverse" ("ekfac" is refused: its scales would need an
+            all-reduce the size of the gradients at every step).
+        group: a process group of size > 1 (see `resolve_group`).
+        strategy: "communication" or "memory" (module docstring).
+        factor_sync: "inverse" (average before each inversion) or "update" (after every
+            factor update).
+        bucket_cap_mb: bytes per flattened collective, in MiB.
+        profile: accumulate wall time per phase in `seconds` (synchronises CUDA around
+            each phase: for measurements, not for training).
+        health: the `kfac_fast.health.Health` whose fallback chain (fp64 retry, added
+            damping, previous result) serves the decompositions, as in the
+            single-process refresh; its solver counters then count only the factors this
+            rank owns (a fresh one when None).
+        eigh_tol: the warm-refresh tolerance (KFACPreconditioner's `eigh_tol`): an owner
+            refreshes from the eigenbasis it holds (ownership is fixed, so it is its own
+            previous solve, or the broadcast copy of it); without one, a full solve.
+    """
+
+    def __init__(self, layers: dict, method: str, group: Any, *, strategy: str = "communication",
+                 factor_sync: str = "inverse", bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+                 profile: bool = False, health: Optional[Health] = None,
+                 eigh_tol: Optional[float] = None) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if factor_sync not in FACTOR_SYNCS:
+            raise ValueError(f"factor_sync must be one of {FACTOR_SYNCS}, got {factor_sync!r}")
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
+        if method == "ekfac":
+            raise NotImplementedError("method='ekfac' is not supported under torch.distributed: its "
+                                      "scales change every step and would need an all-reduce as large "
+                                      "as the gradients; use method='eigen' or 'inverse'")
+        if method not in ("eigen", "inverse"):
+            raise ValueError(f"method must be 'eigen' or 'inverse', got {method!r}")
+        self.layers = layers
+        self.method = method
+        self.group = group
+        self.strategy = strategy
+        self.factor_sync = factor_sync
+        self.bucket_cap = int(bucket_cap_mb * 2 ** 20)
+        self.profile = profile
+        self.health = Health() if health is None else health
+        self.eigh_tol = eigh_tol
+        self.rank, self.world_size = rank_and_size(group)
+        self.bytes = {"factors": 0, "decompositions": 0, "gradients": 0}
+        self.seconds = {"communication": 0.0, "inversion": 0.0, "preconditioning": 0.0}
+        self._owners: Optional[dict] = None  # (layer name, "a"|"g") -> rank
+        self._ready: set = set()
+        check_same_layers([(n, layer.kind, layer.a_dim, layer.g_dim, layer.has_bias)
+                           for n, layer in layers.items()], group)
+
+    # ---- bookkeeping --------------------------------------------------------------------
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        if not self.profile:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def owners(self) -> dict:
+        """(layer name, "a" or "g") -> owning rank; fixed at the first refresh.
+
+        "communication" balances single factors; "memory" keeps a layer's A and G on one
+        rank (its owner preconditions the layer) and balances their summed cost.
+        """
+        if self._owners is None:
+            dims = {name: (layer.a_dim, layer.g_dim) for name, layer in self.layers.items()}
+            self._owners = factor_owners(dims, self.world_size, whole_layers=self.strategy == "memory")
+        return self._owners
+
+    def is_ready(self, layer: Any) -> bool:
+        """Whether the layer has been decomposed (somewhere); identical on every rank."""
+        return layer.name in self._ready
+
+    # ---- factors ------------------------------------------------------------------------
+    def average_factors(self, layers: list) -> None:
+        """All-reduce-average the A and G factors of `layers` (in their given order)."""
+        factors = [f for layer in layers for f in (layer.a_factor, layer.g_factor)]
+        with self._timed("communication"):
+            self.bytes["factors"] += allreduce_factors_(factors, self.group, self.bucket_cap)
+
+    def factors_updated(self, layers: list) -> None:
+        """After a factor update of `layers`: average now under factor_sync="update"."""
+        if self.factor_sync == "update" and layers:
+            self.average_factors(layers)
+
+    def agree_finite(self, ok: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The non-finite guard's flag, AND-ed over every rank (MIN all-reduce, on device).
+
+        Each rank checks only its own captures; without this a NaN on one rank would drop
+        that step's statistics there and keep them elsewhere, and the ranks' factors (and,
+        under "memory", their decisions to keep `.grad`) would diverge. ok None (nothing
+        to check here) counts as finite but still joins the collective, so every rank
+        issues it. No host sync: the flag stays a device tensor.
+        """
+        # int32: MIN on bool is not supported by every backend
+        flag = (torch.ones((), dtype=torch.int32, device=device) if ok is None
+                else ok.to(device=device, dtype=torch.int32).reshape(()))
+        with self._timed("communication"):
+            all_reduce_min_(flag, self.group)
+        return flag.bool()
+
+    # ---- inversions ---------------------------------------------------------------------
+    def refresh(self, layers: list, damping: float) -> tuple[int, Optional[torch.Tensor]]:
+        """Decompose the factors of `layers`, each by its owner, and share the results.
+
+        Returns (solved, paths): how many factors this rank decomposed, and what the
+        eigh refresh did for each of them (a CPU int64 tensor of `ops.EIGH_PATHS` codes,
+        in the order A then G of each owned layer), or None when nothing was solved, for
+        method "inverse", or when the solver reports no paths.
+        """
+        if not layers:
+            return 0, None
+        if self.factor_sync == "inverse":
+            self.average_factors(layers)
+        owners = self.owners()
+        items = [(layer, s) for layer in layers for s in ("a", "g")]
+        mine = [(layer, s) for layer, s in items if owners[(layer.name, s)] == self.rank]
+        with self._timed("inversion"):
+            paths = self._decompose(mine, damping)
+        if self.strategy == "communication":
+            self._share_decompositions(layers)
+        self._ready.update(layer.name for layer in layers)
+        return len(mine), paths
+
+    def _share_decompositions(self, layers: list) -> None:
+        """Broadcast every factor's decomposition from its owner to all ranks."""
+        owners = self.owners()
+        tensors, item_owners = [], []
+        for layer in layers:
+            for side in ("a", "g"):
+                owner = owners[(layer.name, side)]
+                parts = self._result_tensors(layer, side, allocate=owner != self.rank)
+                tensors += parts
+                item_owners += [owner] * len(parts)
+        with self._timed("communication"):
+            self.bytes["decompositions"] += broadcast_from_owners_(tensors, item_owners, self.group,
+                                                                   self.bucket_cap)
+
+    def _decompose(self, items: list, damping: float) -> Optional[torch.Tensor]:
+        """Decompose the (layer, side) factors this rank owns; returns eigh's paths."""
+        if not items:
+            return None
+        factors = [layer.a_factor if s == "a" else layer.g_factor for layer, s in items]
+        if self.method == "inverse":
+            # the same pi_damping call as the single-process path, so the damping is
+            # bit-identical; each owner needs only the two traces
+            pis = {}
+            for layer, _ in items:
+                if layer.name not in pis:
+                    pis[layer.name] = ops.pi_damping(layer.a_factor, layer.g_factor, damping)
+            # the single-process fallback chain; an owner's previous inverse is its own
+            invs = self.health.solve_inverse(factors, [pis[layer.name][0 if s == "a" else 1] for layer, s in items],
+                                             [getattr(layer, f"{s}_inv") for layer, s in items])
+            for (layer, side), inv in zip(items, invs):
+                setattr(layer, f"{side}_inv", inv)
+            return None
+        previous = [None if getattr(layer, f"q{s}") is None else (getattr(layer, f"d{s}"), getattr(layer, f"q{s}"))
+                    for layer, s in items]
+        solved = self.health.solve_eigh(factors, previous, tol=self.eigh_tol)
+        # (vals, vecs, paths); a Health without path reporting returns (vals, vecs)
+        vals, vecs = solved[0], solved[1]
+        paths = solved[2] if len(solved) > 2 else None
+        for (layer, side), d, q in zip(items, vals, vecs):
+            setattr(layer, f"d{side}", d)
+            setattr(layer, f"q{side}", q)
+        return paths
+
+    def _result_tensors(self, layer: Any, side: str, *, allocate: bool) -> list:
+        """The decomposition tensors of one factor (allocated empty on non-owners)."""
+        factor = layer.a_factor if side == "a" else layer.g_factor
+        n = factor.shape[0]
+        names = (f"{side}_inv",) if self.method == "inverse" else (f"q{side}", f"d{side}")
+        out = []
+        for name in names:
+            if allocate:
+                shape = (n,) if name.startswith("d") else (n, n)
+                setattr(layer, name, torch.empty(shape, dtype=factor.dtype, device=factor.device))
+            out.append(getattr(layer, name))
+        return out
+
+    # ---- preconditioning ------------------------------------------------------------------
+    def precondition(self, layers: list, local: Callable[[list], Optional[torch.Tensor]], *,
+                     damping: float, lr: float, kl_clip: Optional[float]) -> Optional[torch.Tensor]:
+        """Precondition `.grad` of `layers` (all with gradients); returns nu.
+
+        "communication": every rank runs `local` (the single-process preconditioning).
+        "memory": owners precondition their layers, then the preconditioned gradients
+        and each layer's <P, dW_bar> are broadcast, and every rank applies the same KL
+        clip factor (sums taken in the same order everywhere).
+        """
+        if self.strategy == "communication":
+            with self._timed("preconditioning"):
+                return local(layers)
+        if not layers:
+            return None
+        owners = self.owners()
+        mine = [layer for layer in layers if owners[(layer.name, "a")] == self.rank]
+        device = layers[0].module.weight.grad.device
+        inner = {layer.name: torch.zeros((), dtype=torch.float64, device=device) for layer in layers}
+        with self._timed("preconditioning"):
+            if mine:
+                inner.update(self._precondition_owned(mine, damping, with_inner=kl_clip is not None))
+        tensors, item_owners = [], []
+        for layer in layers:
+            parts = _grad_tensors(layer) + ([inner[layer.name]] if kl_clip is not None else [])
+            tensors += parts
+            item_owners += [owners[(layer.name, "a")]] * len(parts)
+        with self._timed("communication"):
+            self.bytes["gradients"] += broadcast_from_owners_(tensors, item_owners, self.group,
+                                                              self.bucket_cap)
+        nu_dtype = torch.float64 if layers[0].module.weight.grad.dtype == torch.float64 else torch.float32
+        if kl_clip is None:
+            return torch.ones((), dtype=nu_dtype, device=device)
+        with self._timed("preconditioning"):
+            total = torch.stack([inner[layer.name] for layer in layers]).sum() * (lr * lr)
+            total = total.abs()
+            nu = torch.where(total > 0, torch.clamp(torch.sqrt(kl_clip / total.clamp_min(1e-300)), max=1.0),
+                             torch.ones_like(total))
+            grads = [g for layer in layers for g in _grad_tensors(layer)]
+            torch._foreach_mul_(grads, nu.to(grads[0].dtype))
+        return nu.to(nu_dtype)
+
+    def _precondition_owned(self, mine: list, damping: float, *, with_inner: bool) -> dict:
+        """Precondition the layers this rank owns in place in `.grad`; returns, when
+        with_inner, each layer's <P, dW_bar> in float64 (the KL clip's terms)."""
+        grads = [_grad_bar(layer) for layer in mine]
+        if self.method == "eigen":
+            ps = ops.precondition_eigen(grads, [layer.qa for layer in mine], [layer.da for layer in mine],
+                                        [layer.qg for layer in mine], [layer.dg for layer in mine], damping)
+        else:
+            ps = ops.precondition_inverse(grads, [layer.a_inv for layer in mine],
+                                          [layer.g_inv for layer in mine])
+        inner = {}
+        for layer, g, p in zip(mine, grads, ps):
+            if with_inner:
+                # <P, dW_bar>: for the eigen method this equals the in-place op's
+                # sum((Q_G^T dW_bar Q_A)^2 / (d_G d_A^T + damping))
+                inner[layer.name] = (p.to(torch.float64) * g.to(torch.float64)).sum()
+            _write_grad(layer, p)
+        return inner
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def before_state_dict(self) -> None:
+        """Make this rank's state global before a checkpoint (collective): average the
+        factors under factor_sync="inverse"; under "memory" gather every decomposition
+        (until `after_state_dict`), so rank 0's checkpoint resumes exactly."""
+        if self.factor_sync == "inverse":
+            self.average_factors([layer for layer in self.layers.values()
+                                  if layer.a_factor is not None and layer.g_factor is not None])
+        if self.strategy == "memory":
+            self._share_decompositions([layer for layer in self.layers.values() if layer.name in self._ready])
+
+    def after_state_dict(self) -> None:
+        """Release the decompositions `before_state_dict` gathered."""
+        self._drop_unowned()
+
+    def after_load_state_dict(self) -> None:
+        """Rebuild the rank-identical ready set from the loaded state (the same on every
+        rank, since every rank loads rank 0's checkpoint); under "memory" keep only the
+        decompositions this rank owns."""
+        self._ready = {n for n, layer in self.layers.items()
+                       if all(getattr(layer, a) is not None for a in self._result_names())}
+        self._drop_unowned()
+
+    def _result_names(self) -> tuple:
+        return ("a_inv", "g_inv") if self.method == "inverse" else ("qa", "da", "qg", "dg")
+
+    def _drop_unowned(self) -> None:
+        if self.strategy != "memory":
+            return
+        owners = self.owners()
+        for name, layer in self.layers.items():
+            if owners[(name, "a")] != self.rank:
+                for attr in self._result_names():
+                    setattr(layer, attr, None)
+
+
+def _grad_bar(layer: Any) -> torch.Tensor:
+    """dW_bar = [dW | db] as a (d_out, n_a) matrix (a copy when the layer has a bias)."""
+    w = layer.module.weight.grad
+    w2 = w.reshape(w.shape[0], -1)
+    if layer.has_bias:
+        return torch.cat([w2, layer.module.bias.grad.unsqueeze(1)], dim=1)
+    return w2
+
+
+def _grad_tensors(layer: Any) -> list:
+    """The layer's gradient tensors: weight.grad, then bias.grad when it has one."""
+    return [layer.module.weight.grad] + ([layer.module.bias.grad] if layer.has_bias else [])
+
+
+def _write_grad(layer: Any, p: torch.Tensor) -> None:
+    w = layer.module.weight.grad
+    d_in = w[0].numel()
+    w.copy_(p[:, :d_in].reshape_as(w))
+    if layer.has_bias:
+        layer.module.bias.grad.copy_(p[:, d_in])

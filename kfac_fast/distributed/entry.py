@@ -1,0 +1,101 @@
+"""Whether a preconditioner runs data-parallel, and its driver when it does."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from ..health import Health
+from .collectives import _dist
+from .data_parallel import DataParallelKFAC
+from .options import DistributedOptions
+
+
+def resolve_group(process_group: Optional[Any] = None) -> Optional[Any]:
+    """The process group to use, or None for single-process behaviour.
+
+    None means the default (world) group when torch.distributed is initialised; a group
+    of size one is single-process too, so a world of one runs exactly the single-process
+    code path.
+    """
+    dist = _dist()
+    if not dist.is_available() or not dist.is_initialized():
+        if process_group is not None:
+            raise RuntimeError("process_group was given but torch.distributed is not initialised "
+                               "(call torch.distributed.init_process_group first)")
+        return None
+    group = dist.group.WORLD if process_group is None else process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[Any] = None,
+          distributed: Union[None, bool, DistributedOptions] = None, *,
+          health: Optional[Health] = None, eigh_tol: Optional[float] = None) -> Optional[DataParallelKFAC]:
+    """The preconditioner's distributed driver, or None to run single-process.
+
+    distributed: None (on when torch.distributed is initialised), False (off), True or
+    a DistributedOptions (on; torch.distributed must be initialised). A group of one
+    rank always runs single-process: the exact single-process code path.
+    health, eigh_tol: the preconditioner's solver fallbacks / counters and warm-refresh
+    tolerance, used by the owner of each decomposition (see DataParallelKFAC).
+    """
+    if distributed is False:
+        if process_group is not None:
+            raise ValueError("process_group was given but distributed=False")
+        return None
+    if not (distributed is None or distributed is True or isinstance(distributed, DistributedOptions)):
+        raise TypeError(f"distributed must be None, a bool or a DistributedOptions, got {distributed!r}")
+    dist = _dist()
+    if distributed is not None and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed was requested but torch.distributed is not initialised "
+                           "(call torch.distributed.init_process_group first, or pass distributed=False)")
+    group = resolve_group(process_group)
+    if group is None:
+        return None
+    check_unsharded(model)
+    opts = distributed if isinstance(distributed, DistributedOptions) else DistributedOptions()
+    return DataParallelKFAC(layers, method, group, strategy=opts.strategy, factor_sync=opts.factor_sync,
+                            bucket_cap_mb=opts.bucket_cap_mb, profile=opts.profile,
+                            health=health, eigh_tol=eigh_tol)
+
+
+def _sharded_module_types() -> tuple:
+    """FSDP's wrapper classes this torch has (FSDP1 and FSDP2), maybe none."""
+    types = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        types.append(FullyShardedDataParallel)
+    except ImportError:
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        types.append(FSDPModule)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def check_unsharded(model: nn.Module) -> None:
+    """Raise NotImplementedError naming the first FSDP-wrapped module or DTensor parameter.
+
+    K-FAC needs each rank to hold whole layers and whole gradients; sharded parameters
+    would need factor and gradient gathers this package does not do.
+    """
+    fsdp_types = _sharded_module_types()
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        DTensor = None
+    for name, module in model.named_modules():
+        if fsdp_types and isinstance(module, fsdp_types):
+            raise NotImplementedError(
+                f"kfac_fast.distributed: module {name or '<root>'!r} is FSDP-wrapped "
+                f"({type(module).__name__}); FSDP-sharded parameters are not supported, "
+                "use DistributedDataParallel or plain data parallelism")
+    if DTensor is not None:
+        for name, p in model.named_parameters():
+            if isinstance(p, DTensor):
+                raise NotImplementedError(
+                    f"kfac_fast.distributed: parameter {name!r} is a DTensor (FSDP2 or tensor "
+                    "parallel sharding); sharded parameters are not supported, use "
+                    "DistributedDataParallel or plain data parallelism")
