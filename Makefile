@@ -12,10 +12,12 @@ THREADS ?= 2
 # MKL threads spin while waiting by default; on a shared 2-core machine that made one
 # 785x785 eigh take 3-11 s instead of 0.2 s (measured by the demo helper).
 export OMP_WAIT_POLICY ?= PASSIVE
+# Linters pinned exactly: a new ruff or mypy release must not turn CI red on its own.
+LINT_DEPS := ruff==0.17.6 mypy==2.4.1
 DEPS := "setuptools>=77" wheel cmake ninja "pybind11>=2.12" numpy pytest pytest-benchmark \
-        hypothesis matplotlib tqdm "triton>=3.6" heavyball
+        hypothesis matplotlib tqdm "triton>=3.6" heavyball $(LINT_DEPS)
 
-.PHONY: all install test test-fast test-interpret demo bench clean
+.PHONY: all install lint test test-fast test-interpret demo bench clean
 all: test
 
 $(PYTHON):
@@ -34,6 +36,13 @@ $(STAMP): $(PYTHON) pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 
 install: $(STAMP)
 
+# ruff over the code, mypy over the typed public API (files and settings in pyproject.toml),
+# and the house rules (module size, import direction, layer kinds, packaging).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kfac_fast kernels tests bench examples setup.py
+	$(VENV)/bin/mypy
+	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m pytest -q tests/test_house.py
+
 # Interpreted Triton tests need TRITON_INTERPRET=1 before kernels are decorated, so they
 # run in their own pytest process.
 test: $(STAMP)
@@ -50,4 +59,4 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m pytest -q bench --benchmark-columns=min,median,max
 
 clean:
-	rm -rf build *.egg-info kfac_fast/_C*.so $(VENV)
+	rm -rf build *.egg-info kfac_fast/_C*.so .mypy_cache .ruff_cache $(VENV)

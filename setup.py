@@ -1,6 +1,8 @@
 """Build kfac_fast: Python packages plus the compiled module `kfac_fast._C` via CMake.
 
-`kernels/` ships as the subpackage `kfac_fast.kernels` (editable installs included).
+Packages are found, not listed: every directory with an `__init__.py` under `kfac_fast/`
+ships, and `kernels/` (with its subpackages) ships as `kfac_fast.kernels` (editable
+installs included). tests/test_house.py fails when a package would be left out.
 CUDA sources are compiled whenever nvcc is found; `KFAC_FAST_CUDA=0|1` overrides that
 and `KFAC_FAST_CUDA_ARCHS` picks the architectures (default "80;90", plus PTX).
 """
@@ -10,10 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _packages() -> list[str]:
+    """`kfac_fast` and its subpackages, plus `kernels/` and its subpackages renamed under
+    `kfac_fast.kernels` (package_dir below maps the name back to the directory)."""
+    own = find_packages(where=str(ROOT), include=["kfac_fast", "kfac_fast.*"])
+    kernels = ["kfac_fast.kernels"] + [f"kfac_fast.kernels.{p}" for p in find_packages(where=str(ROOT / "kernels"))]
+    return sorted(own + kernels)
 
 
 class CMakeExtension(Extension):
@@ -21,7 +31,7 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
-def _find_nvcc():
+def _find_nvcc() -> str | None:
     nvcc = shutil.which("nvcc")
     if nvcc:
         return nvcc
@@ -64,8 +74,10 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["kfac_fast", "kfac_fast.integrations", "kfac_fast.kernels"],
+    packages=_packages(),
     package_dir={"kfac_fast": "kfac_fast", "kfac_fast.kernels": "kernels"},
+    # py.typed: the package's annotations are meant for type checkers (PEP 561).
+    package_data={"kfac_fast": ["py.typed"]},
     ext_modules=[CMakeExtension("kfac_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -5,10 +5,20 @@ frontend. Importing never fails because the compiled module `_C`, CUDA or Triton
 missing: every op falls back to its torch reference, and `backend_info()` says which
 implementation serves each op and why.
 """
+from . import ops
+from ._info import backend_info
+from .checkpoint import load_checkpoint, save_checkpoint
+from .optimizer import KFAC
+from .preconditioner import KFACPreconditioner
+
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402,F401
-from ._info import backend_info  # noqa: E402,F401
-from .preconditioner import KFACPreconditioner  # noqa: E402,F401
-from .optimizer import KFAC  # noqa: E402,F401
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402,F401
+__all__ = [
+    "KFAC",
+    "KFACPreconditioner",
+    "__version__",
+    "backend_info",
+    "load_checkpoint",
+    "ops",
+    "save_checkpoint",
+]
