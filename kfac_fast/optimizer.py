@@ -48,15 +48,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from .fisher import canonical_loss
 from .fvp import FisherProducts, dot
+from .optimizer_damping import adapt_lambda, search_gamma
 from .preconditioner import KFACPreconditioner
-from .quadratic import adapt_damping, model_change, reduction_ratio, step_coefficients
+from .quadratic import step_coefficients
 
 KFAC_METHODS = ("inverse", "eigen")
 KFAC_APPROXIMATIONS = ("blockdiag", "tridiag")
@@ -72,28 +73,27 @@ def exponential_batch_size(step: int, initial: int = 1000, total: int = 60000,
     return int(round(initial * (total / initial) ** min(step / ramp_steps, 1.0)))
 
 
-def _positive_int(name: str, v, optional: bool = False):
-    if v is None and optional:
-        return None
+def _positive_int(name: str, v: Any, optional: bool = False) -> int:
+    """v, an int >= 1 (`optional` only says in the error that None is allowed too)."""
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {v!r}")
     return v
 
 
-def _positive_float(name: str, v, *, allow_zero: bool = False) -> float:
+def _positive_float(name: str, v: Any, *, allow_zero: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
             or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
     return float(v)
 
 
-def _unit_interval(name: str, v) -> float:
+def _unit_interval(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
         raise ValueError(f"{name} must be in (0, 1), got {v!r}")
     return float(v)
 
 
-def _check_single_process(process_group, distributed) -> None:
+def _check_single_process(process_group: Optional[Any], distributed: Optional[bool]) -> None:
     """Refuse data parallelism (see KFAC's `distributed` argument for why)."""
     if distributed not in (None, False, True):
         raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
@@ -110,11 +110,6 @@ def _check_single_process(process_group, distributed) -> None:
             "batch, which would differ across ranks. Use KFACPreconditioner (data-parallel) "
             "with a torch optimizer, or pass distributed=False to run an independent "
             "single-process KFAC on each rank")
-
-
-@torch.no_grad()
-def _restore(params: list, values: list) -> None:
-    torch._foreach_copy_(params, values)
 
 
 class KFAC(torch.optim.Optimizer):
@@ -182,7 +177,7 @@ class KFAC(torch.optim.Optimizer):
                  average_decay: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  skip_layers: Union[str, Iterable[str]] = (),
                  factor_dtype: torch.dtype = torch.float32, approx: str = "blockdiag",
-                 process_group=None, distributed: Optional[bool] = None) -> None:
+                 process_group: Optional[Any] = None, distributed: Optional[bool] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_single_process(process_group, distributed)
@@ -196,7 +191,7 @@ class KFAC(torch.optim.Optimizer):
         if not isinstance(momentum, bool):
             raise TypeError(f"momentum must be a bool, got {momentum!r}")
         t1 = _positive_int("damping_interval", damping_interval)
-        t3 = _positive_int("gamma_interval", gamma_interval, optional=True)
+        t3 = None if gamma_interval is None else _positive_int("gamma_interval", gamma_interval, optional=True)
         params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(
             damping=_positive_float("damping", damping),
@@ -256,37 +251,40 @@ class KFAC(torch.optim.Optimizer):
         with torch.no_grad():
             return self._step(closure, group, fisher, loss)
 
-    def _step(self, closure, group: dict, fisher: FisherProducts, loss: torch.Tensor) -> torch.Tensor:
+    def _step(self, closure: Callable[[], tuple], group: dict, fisher: FisherProducts,
+              loss: torch.Tensor) -> torch.Tensor:
         """Everything after the backward: directions, the model solve, the update."""
         step = group["step"]
         live = fisher.params
         if not live:
             raise RuntimeError("the closure's outputs do not depend on any parameter of the model")
-        for p, g in zip(live, fisher.gradient):
-            p.grad = g.clone()  # the preconditioner rewrites .grad in place
+        current = [g.clone() for g in fisher.gradient]  # the preconditioner rewrites .grad in place
+        for p, g in zip(live, current):
+            p.grad = g
         eta = group["l2_reg"]
         if eta:
-            torch._foreach_add_([p.grad for p in live], live, alpha=eta)
-        grads = [p.grad.clone() for p in live]
+            torch._foreach_add_(current, live, alpha=eta)
+        grads = [g.clone() for g in current]
         self.preconditioner.step()
         directions = self._take_directions(live, grads)
 
-        prev = [self.state[p].get("prev_update") for p in live]
-        prev = prev if group["momentum"] and all(d is not None for d in prev) else None
+        previous = [self.state[p].get("prev_update") for p in live]
+        prev = previous if group["momentum"] and all(d is not None for d in previous) else None
         adapt = step % group["damping_interval"] == 0
         search = group["gamma_interval"] is not None and step % group["gamma_interval"] == 0
-        theta = [p.detach().clone() for p in live] if search or adapt else None
-        h_old = self._loss_value(loss) if adapt else None
+        # theta and h(theta) before the update: only the search and the adaptation read them
+        theta = [p.detach().clone() for p in live] if search or adapt else []
+        h_old = self._loss_value(loss) if adapt else math.nan
 
         solved = self._solve(fisher, grads, directions, prev, group["damping"] + eta)
         if search:
-            solved = self._search_gamma(closure, fisher, live, grads, prev, theta, solved)
+            solved = search_gamma(self, closure, fisher, live, grads, prev, theta, solved)
         x, update = solved["x"], solved["update"]
         torch._foreach_add_(live, update)
         self.last = {"alpha": x[0], "mu": x[1] if x.shape[0] > 1 else torch.zeros_like(x[0])}
 
         if adapt:
-            self._adapt(closure, h_old, live, theta, solved)
+            adapt_lambda(self, closure, h_old, live, theta, solved)
         for p, d in zip(live, update):
             self.state[p]["prev_update"] = d
         self._average(live)
@@ -294,7 +292,7 @@ class KFAC(torch.optim.Optimizer):
         return loss.detach()
 
     @contextlib.contextmanager
-    def swap_averaged(self):
+    def swap_averaged(self) -> Iterator[None]:
         """Within the block the parameters hold their iterate average (average_decay set)."""
         live = [p for p in self.param_groups[0]["params"] if "average" in self.state[p]]
         if not live:
@@ -322,7 +320,7 @@ class KFAC(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------ internals
     @staticmethod
-    def _evaluate(closure) -> tuple:
+    def _evaluate(closure: Callable[[], tuple]) -> tuple:
         result = closure()
         if not (isinstance(result, (tuple, list)) and len(result) == 2):
             raise TypeError("the closure must return (loss, outputs), got "
@@ -334,7 +332,7 @@ class KFAC(torch.optim.Optimizer):
             raise TypeError(f"the closure's outputs must be a tensor, got {type(outputs).__name__}")
         return loss, outputs
 
-    def _evaluate_no_grad(self, closure) -> torch.Tensor:
+    def _evaluate_no_grad(self, closure: Callable[[], tuple]) -> torch.Tensor:
         """The closure's loss at the current parameters (no graph, no capture)."""
         with torch.no_grad():
             return self._evaluate(closure)[0]
@@ -369,7 +367,7 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner.repeat_precondition(refresh=self.preconditioner.method == "inverse")
         return self._take_directions(live, grads)
 
-    def _solve(self, fisher: FisherProducts, grads: list, directions: list, prev, c: float) -> dict:
+    def _solve(self, fisher: FisherProducts, grads: list, directions: list, prev: Optional[list], c: float) -> dict:
         """alpha (and mu) minimising the damped model, and the update they give."""
         vectors = [directions] if prev is None else [directions, prev]
         k = len(vectors)
@@ -385,62 +383,6 @@ class KFAC(torch.optim.Optimizer):
             torch._foreach_add_(update, [d * x[1].to(d.dtype) for d in prev])
         return {"x": x, "b": b, "gram_f": gram_f, "gram_i": gram_i, "update": update,
                 "directions": directions}
-
-    def _search_gamma(self, closure, fisher, live, grads, prev, theta, current: dict) -> dict:
-        """Paper section 6.6: gamma among gamma * {omega2, 1, 1/omega2} by h(theta + delta)."""
-        group = self.param_groups[0]
-        gamma, omega2 = group["gamma"], group["omega2"]
-        c = group["damping"] + group["l2_reg"]
-        inverse = self.preconditioner.method == "inverse"
-        layers = list(self.preconditioner.layers.values())
-        # every candidate's products first: moving theta bumps the parameters' version
-        # counters, and the forward graph the Fisher products use must not see that
-        trials = []
-        for cand in (gamma, gamma * omega2, gamma / omega2):
-            if cand == gamma:
-                solved = current  # the inverses in use are this candidate's
-            else:
-                group["gamma"] = cand
-                solved = self._solve(fisher, grads, self._precondition_again(live, grads), prev, c)
-            inverses = [(l.a_inv, l.g_inv) for l in layers] if inverse else None
-            if inverse and hasattr(self.preconditioner, "inverse_snapshot"):  # approx="tridiag"
-                inverses.append(self.preconditioner.inverse_snapshot())
-            trials.append((cand, solved, inverses))
-        best = None
-        for cand, solved, inverses in trials:
-            torch._foreach_add_(live, solved["update"])
-            h = self._loss_value(self._evaluate_no_grad(closure))
-            _restore(live, theta)
-            if best is None or h < best[0]:
-                best = (h, cand, solved, inverses)
-        h, cand, solved, inverses = best
-        group["gamma"] = cand
-        if inverse:
-            if hasattr(self.preconditioner, "restore_inverses"):
-                self.preconditioner.restore_inverses(inverses.pop())
-            for l, (a_inv, g_inv) in zip(layers, inverses):
-                l.a_inv, l.g_inv = a_inv, g_inv
-        solved["loss_after"] = h
-        return solved
-
-    def _adapt(self, closure, h_old: float, live: list, theta: list, solved: dict) -> None:
-        """Levenberg-Marquardt on rho (host syncs: every T1 steps only)."""
-        group = self.param_groups[0]
-        eta = group["l2_reg"]
-        h_new = solved.get("loss_after")
-        if h_new is None:
-            h_new = self._loss_value(self._evaluate_no_grad(closure))
-        c = group["damping"] + eta if group["damping_in_rho"] else eta
-        change = model_change(solved["x"], solved["b"], solved["gram_f"], solved["gram_i"], c).item()
-        rho = reduction_ratio(h_new, h_old, change)
-        if not math.isfinite(h_new):
-            # a step into overflow is undone; more damping shortens the next one
-            _restore(live, theta)
-            torch._foreach_zero_(solved["update"])
-        group["damping"] = adapt_damping(group["damping"], rho, group["omega1"])
-        if group["gamma_interval"] is None:
-            group["gamma"] = math.sqrt(group["damping"] + eta)
-        self.last.update(rho=rho, loss_after=h_new)
 
     def _average(self, live: list) -> None:
         decay = self.param_groups[0]["average_decay"]
