@@ -1,0 +1,4 @@
+"""`python -m kfac_fast.demo`."""
+from .cli import main
+
+main()
