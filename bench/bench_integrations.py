@@ -60,6 +60,15 @@ def _timed(benchmark, device, step):
     benchmark.pedantic(call, rounds=3, iterations=1)
 
 
+def _run(benchmark, device, group, step):
+    """Time `step` in benchmark group `group`, the libraries' warnings silenced."""
+    benchmark.group = group
+    benchmark.extra_info.update(threads=THREADS if device == "cpu" else None, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _timed(benchmark, device, step)
+
+
 @pytest.mark.parametrize("accelerated", [False, True], ids=["kfac-pytorch", "kfac-pytorch+kfac_fast"])
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,11 +89,7 @@ def test_kfac_pytorch(benchmark, device, model_name, accelerated):
         nn.functional.cross_entropy(model(x), y).backward()
         pc.step()
 
-    benchmark.group = f"kfac-pytorch {model_name} {device}"
-    benchmark.extra_info.update(threads=THREADS if device == "cpu" else None, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _timed(benchmark, device, step)
+    _run(benchmark, device, f"kfac-pytorch {model_name} {device}", step)
 
 
 @pytest.mark.parametrize("accelerated", [False, True], ids=["asdl", "asdl+kfac_fast"])
@@ -111,9 +116,5 @@ def test_asdl(benchmark, device, model_name, accelerated, monkeypatch):
         gm.setup_loss_call(nn.functional.cross_entropy, dummy, y)
         gm.forward_and_backward()
 
-    benchmark.group = f"asdl {model_name} {device}"
-    benchmark.extra_info.update(threads=THREADS if device == "cpu" else None, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _timed(benchmark, device, step)
+    _run(benchmark, device, f"asdl {model_name} {device}", step)
 

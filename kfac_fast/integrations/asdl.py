@@ -28,19 +28,16 @@ semantics to keep; `accelerate` refuses it with that reason.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .. import ops
+from ._patching import accelerated_context, is_accelerated, restore_attributes, save_attributes, set_record, take_record
 
 __all__ = ["accelerate", "deaccelerate", "accelerated", "is_accelerated", "TESTED_VERSIONS"]
 
 TESTED_VERSIONS = ("0.1a5",)
 _EPS = 1e-7  # ASDL's Kron.update_inv floor on each factor's damping
-_STATE = "_kfac_fast"
 _METHODS = ("update_preconditioner", "precondition")
-_MISSING = object()
 
 
 def _asdl():
@@ -63,7 +60,8 @@ def _assigned(gm):
     _, ng, _ = _asdl()
     for enum_shape, shape in enumerate(ng._module_level_shapes):
         for enum_module, module in enumerate(gm.modules_for(shape)):
-            if gm.world_rank == gm.partitions[enum_shape][enum_module] and gm.is_module_for_inv_and_precondition(module):
+            if (gm.world_rank == gm.partitions[enum_shape][enum_module]
+                    and gm.is_module_for_inv_and_precondition(module)):
                 yield shape, module
 
 
@@ -195,10 +193,6 @@ def _precondition_full(gm, ng, grad_scale, use_inv) -> None:
     fisher.mvp(vectors=vectors, use_inv=use_inv, inplace=True)
 
 
-def is_accelerated(gm) -> bool:
-    return getattr(gm, _STATE, None) is not None
-
-
 def accelerate(gm):
     """Route an ASDL KfacGradientMaker's inversions and preconditioning through kfac_fast;
     returns the same object. Accelerating twice is a no-op."""
@@ -214,31 +208,20 @@ def accelerate(gm):
         if not hasattr(gm, attr):
             raise TypeError(f"accelerate: this ASDL version has no {attr!r} on its gradient maker "
                             f"(tested with {', '.join(TESTED_VERSIONS)})")
-    saved = {name: gm.__dict__.get(name, _MISSING) for name in _METHODS}
+    saved = save_attributes(gm, _METHODS)
     gm.update_preconditioner = _make_update_preconditioner(gm, gm.update_preconditioner)
     gm.precondition = _make_precondition(gm, gm.precondition)
-    setattr(gm, _STATE, saved)
+    set_record(gm, saved)
     return gm
 
 
 def deaccelerate(gm):
     """Undo `accelerate` (the state lives in ASDL's own Kron objects: nothing to convert)."""
-    saved = getattr(gm, _STATE, None)
-    if saved is None:
-        return gm
-    for name, value in saved.items():
-        if value is _MISSING:
-            delattr(gm, name)
-        else:
-            setattr(gm, name, value)
-    setattr(gm, _STATE, None)
+    saved = take_record(gm)
+    if saved is not None:
+        restore_attributes(gm, saved)
     return gm
 
 
-@contextlib.contextmanager
-def accelerated(gm):
-    accelerate(gm)
-    try:
-        yield gm
-    finally:
-        deaccelerate(gm)
+accelerated = accelerated_context(
+    accelerate, deaccelerate, "`with accelerated(gm): ...` accelerates for the block, then restores.")

@@ -42,23 +42,22 @@ kfac-pytorch's own `step` (work assignment, broadcasts) runs unchanged.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from typing import Callable, Optional
 
 import torch
 
 from .. import ops
+from ._kfac_pytorch_factors import a_stat, fold_pending, g_stat, save_stat, update_factor
+from ._patching import accelerated_context, is_accelerated, restore_attributes, save_attributes, set_record, take_record
 
 __all__ = ["accelerate", "deaccelerate", "accelerated", "is_accelerated", "TESTED_VERSIONS"]
 
 TESTED_VERSIONS = ("0.4.2",)
 # kfac-pytorch decomposes every factor in float32, whatever the factor dtype.
 _DECOMP_DTYPE = torch.float32
-_STATE = "_kfac_fast"  # attribute holding the adapter's record on the preconditioner
 _LAYER_METHODS = ("save_layer_input", "save_layer_grad_output", "update_a_factor", "update_g_factor",
                   "reset_batch", "compute_a_inv", "compute_g_inv", "preconditioned_grad")
-_MISSING = object()
 
 
 def _kfac():
@@ -72,126 +71,6 @@ def _kfac():
         raise ImportError("kfac_fast.integrations.kfac_pytorch needs kfac-pytorch "
                           "(https://github.com/gpauloski/kfac-pytorch), which is not installed") from exc
     return kfac
-
-
-# =======================================================================================
-# statistics: one captured tensor and how it enters a factor
-# =======================================================================================
-class _Stat:
-    """A layer input or output gradient and the op that adds scale * x_bar^T x_bar."""
-
-    __slots__ = ("update", "n", "dtype", "device")
-
-    def __init__(self, update: Callable, n: int, dtype: torch.dtype, device: torch.device):
-        self.update = update  # update(target, beta, weight): target <- beta*target + weight*scale*x^T x
-        self.n = n
-        self.dtype = dtype
-        self.device = device
-
-
-def _factor_dtype(layer, x: torch.Tensor) -> torch.dtype:
-    """kfac-pytorch stores factors in factor_dtype, else in the activations' dtype;
-    kfac_fast factors are float32/64, so half activations give float32 factors."""
-    if layer.factor_dtype is not None:
-        return layer.factor_dtype
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _linear_stat(layer, x: torch.Tensor, scale: float, append_ones: bool) -> _Stat:
-    rows = x.numel() // x.shape[-1]
-    alpha = scale / rows  # get_cov divides by the row count
-
-    def update(target, beta, weight):
-        ops.update_factor_(target, x, beta, weight * alpha, append_ones=append_ones)
-
-    return _Stat(update, x.shape[-1] + int(append_ones), _factor_dtype(layer, x), x.device)
-
-
-def _conv_patch_count(x: torch.Tensor, conv: torch.nn.Conv2d) -> int:
-    """Patches per example as kfac-pytorch's _extract_patches counts them (no dilation)."""
-    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    return ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
-
-
-def _a_stat(layer, x: torch.Tensor) -> _Stat:
-    helper = layer.module
-    bias = helper.has_bias()
-    if not isinstance(helper.module, torch.nn.Conv2d):
-        return _linear_stat(layer, x, 1.0, bias)
-    conv = helper.module
-    spatial = _conv_patch_count(x, conv)
-    # kfac-pytorch divides every patch (ones column included) by L, then averages over N*L rows.
-    alpha = 1.0 / (x.shape[0] * spatial * spatial * spatial)
-
-    def update(target, beta, weight):
-        ops.conv_input_factor_(target, x, beta, weight * alpha, conv.kernel_size, conv.stride, conv.padding,
-                               1, append_ones=bias)
-
-    return _Stat(update, helper.a_factor_shape[0], _factor_dtype(layer, x), x.device)
-
-
-def _g_stat(layer, g: torch.Tensor) -> _Stat:
-    scale = 1.0
-    if layer.grad_scaler is not None:
-        scale = 1.0 / layer.grad_scaler() ** 2  # g / s enters the covariance squared
-    if isinstance(layer.module.module, torch.nn.Conv2d):
-        spatial = g.shape[2] * g.shape[3]
-        return _linear_stat(layer, g.permute(0, 2, 3, 1), scale / (spatial * spatial), False)
-    return _linear_stat(layer, g, scale, False)
-
-
-# =======================================================================================
-# per-layer accumulation, kept in kfac-pytorch's own fields (_a_batch, _a_count)
-# =======================================================================================
-def _fold_pending(layer, side: str) -> None:
-    """Add the pending statistic into the layer's batch sum (kfac-pytorch's _x_batch)."""
-    pending = getattr(layer, f"_kfac_fast_{side}_pending", None)
-    if pending is None:
-        return
-    setattr(layer, f"_kfac_fast_{side}_pending", None)
-    batch = getattr(layer, f"_{side}_batch")
-    if batch is None:
-        batch = torch.empty(pending.n, pending.n, dtype=pending.dtype, device=pending.device)
-        pending.update(batch, 0.0, 1.0)  # beta = 0: the buffer is never read
-        setattr(layer, f"_{side}_batch", batch)
-    else:
-        pending.update(batch, 1.0, 1.0)
-
-
-def _save(layer, side: str, stat: _Stat, lazy: bool) -> None:
-    _fold_pending(layer, side)
-    setattr(layer, f"_{side}_count", getattr(layer, f"_{side}_count") + 1)
-    setattr(layer, f"_kfac_fast_{side}_pending", stat)
-    if not lazy:  # the update comes later (step): hold a covariance, never an activation
-        _fold_pending(layer, side)
-
-
-def _update(layer, side: str, decay: float) -> None:
-    """factor <- decay*factor + (1-decay)*mean(batch), identity when there is none yet."""
-    pending = getattr(layer, f"_kfac_fast_{side}_pending", None)
-    batch = getattr(layer, f"_{side}_batch")
-    count = getattr(layer, f"_{side}_count")
-    if pending is None and batch is None:
-        return
-    factor = getattr(layer, f"{side}_factor")
-    ref = pending if pending is not None else batch
-    if batch is None:
-        # One capture since the last update: the running average is the op's beta.
-        if factor is None:
-            new = torch.eye(ref.n, dtype=ref.dtype, device=ref.device)
-        else:
-            new = factor.to(dtype=ref.dtype, copy=True, memory_format=torch.contiguous_format)
-        pending.update(new, decay, 1.0 - decay)
-        setattr(layer, f"_kfac_fast_{side}_pending", None)
-    else:
-        _fold_pending(layer, side)
-        batch = getattr(layer, f"_{side}_batch")
-        if factor is None:
-            factor = torch.eye(batch.shape[0], dtype=batch.dtype, device=batch.device)
-        new = torch.add(factor * decay, batch, alpha=(1.0 - decay) / count)
-    setattr(layer, f"_{side}_batch", None)
-    setattr(layer, f"_{side}_count", 0)
-    setattr(layer, f"{side}_factor", new)
 
 
 # =======================================================================================
@@ -267,16 +146,16 @@ def _layer_methods(layer, lazy: bool, batched: bool, originals: dict) -> dict:
     """Replacement methods for one layer (closures over it)."""
 
     def save_layer_input(input_):
-        _save(layer, "a", _a_stat(layer, input_[0]), lazy)
+        save_stat(layer, "a", a_stat(layer, input_[0]), lazy)
 
     def save_layer_grad_output(grad_output):
-        _save(layer, "g", _g_stat(layer, grad_output[0]), lazy)
+        save_stat(layer, "g", g_stat(layer, grad_output[0]), lazy)
 
     def update_a_factor(alpha: float = 0.95):
-        _update(layer, "a", alpha)
+        update_factor(layer, "a", alpha)
 
     def update_g_factor(alpha: float = 0.95):
-        _update(layer, "g", alpha)
+        update_factor(layer, "g", alpha)
 
     def reset_batch():
         layer._kfac_fast_a_pending = None
@@ -366,10 +245,6 @@ def _check(pc) -> None:
                                  "and decompositions in float32 or float64")
 
 
-def is_accelerated(pc) -> bool:
-    return getattr(pc, _STATE, None) is not None
-
-
 def accelerate(pc, *, batched: Optional[bool] = None):
     """Route a kfac-pytorch preconditioner's math through kfac_fast; returns the same object.
 
@@ -394,10 +269,10 @@ def accelerate(pc, *, batched: Optional[bool] = None):
     # Without accumulation the hooks run save and update back to back: a capture can
     # wait for the update and join it (beta = decay) without outliving the hook.
     lazy = bool(pc._update_factors_in_hook) and pc._accumulation_steps == 1
-    record = {"layers": [], "step": pc.__dict__.get("step", _MISSING), "batched": batched}
+    record = {"layers": [], "saved": save_attributes(pc, ("step",)), "batched": batched}
     for layer in layers:
         originals = {name: getattr(layer, name) for name in _LAYER_METHODS}
-        saved = {name: layer.__dict__.get(name, _MISSING) for name in _LAYER_METHODS}
+        saved = save_attributes(layer, _LAYER_METHODS)
         for name, fn in _layer_methods(layer, lazy, batched, originals).items():
             setattr(layer, name, fn)
         layer._kfac_fast_a_pending = None
@@ -405,44 +280,30 @@ def accelerate(pc, *, batched: Optional[bool] = None):
         record["layers"].append((layer, saved))
     if batched:
         pc.step = _make_step(pc, layers)
-    setattr(pc, _STATE, record)
+    set_record(pc, record)
     return pc
 
 
 def deaccelerate(pc):
     """Undo `accelerate`: kfac-pytorch's own methods again, state in its own format."""
-    record = getattr(pc, _STATE, None)
+    record = take_record(pc)
     if record is None:
         return pc
     for layer, saved in record["layers"]:
-        _fold_pending(layer, "a")
-        _fold_pending(layer, "g")
+        fold_pending(layer, "a")
+        fold_pending(layer, "g")
         if (_is_eigen(layer) and layer.prediv_eigenvalues and layer.dgda is None
                 and layer.da is not None and layer.dg is not None):
             layer.dgda = 1 / (torch.outer(layer.dg, layer.da) + layer._kfac_fast_inv_damping)
             layer.da = None
             layer.dg = None
-        for name, value in saved.items():
-            if value is _MISSING:
-                delattr(layer, name)
-            else:
-                setattr(layer, name, value)
+        restore_attributes(layer, saved)
         for attr in ("_kfac_fast_a_pending", "_kfac_fast_g_pending", "_kfac_fast_inv_damping"):
             layer.__dict__.pop(attr, None)
     if record["batched"]:
-        if record["step"] is _MISSING:
-            del pc.step
-        else:
-            pc.step = record["step"]
-    setattr(pc, _STATE, None)
+        restore_attributes(pc, record["saved"])
     return pc
 
 
-@contextlib.contextmanager
-def accelerated(pc, **kwargs):
-    """`with accelerated(precond): ...` accelerates for the block, then restores."""
-    accelerate(pc, **kwargs)
-    try:
-        yield pc
-    finally:
-        deaccelerate(pc)
+accelerated = accelerated_context(
+    accelerate, deaccelerate, "`with accelerated(precond): ...` accelerates for the block, then restores.")
