@@ -1,10 +1,10 @@
 """Batched eigendecomposition on the GPU: kfac_fast's Jacobi kernel against torch.
 
-Side by side in one run, per (batch, n): the Jacobi kernel (`_cuda.jacobi_eigh_stack`,
+Side by side in one run, per (batch, n): the Jacobi kernel (`backends.cuda.jacobi_eigh_stack`,
 raw, no retry), kfac_fast's eigh op (buckets, retry check: one host read), torch's
 batched torch.linalg.eigh, and a per-matrix torch.linalg.eigh loop. Inputs are fp32
 K-FAC-like factors (x^T x / rows, rows = n // 2 + 1: rank deficient as with small batches).
-The torch/Jacobi cut-off in kfac_fast/_cuda.py (EIGH_TORCH_MAX_N) should follow these
+The torch/Jacobi cut-off in kfac_fast/backends/cuda.py (EIGH_TORCH_MAX_N) should follow these
 numbers. GPU only: every case skips without CUDA.
 
     pytest bench/bench_eigh.py --benchmark-only --benchmark-group-by=group
@@ -26,7 +26,7 @@ def _factors(batch, n):
 
 
 def _run(impl, stack):
-    from kfac_fast import _cuda
+    from kfac_fast.backends import cuda as _cuda
 
     if impl == "kfac_jacobi":
         return _cuda.jacobi_eigh_stack(stack)

@@ -53,7 +53,7 @@ class Workload:
         x = make_curves(batch, seed=seed).to(device)
         bce_loss(model(x), x).backward()
         self.xs = xs
-        self.gs = [g * batch for g in reversed(gs)]  # DESIGN's d = N * grad_output
+        self.gs = [g * batch for g in reversed(gs)]  # docs/design.md's d = N * grad_output
         self.append = [True] * len(xs)
         n = len(xs)
         self.a = [torch.eye(x.shape[1] + 1, device=device) for x in xs]

@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from kfac_fast.warm_eigh import FULL, KEPT, REFINED, offdiag_ratio, warm_eigh
+from kfac_fast.backends.warm_eigh import FULL, KEPT, REFINED, offdiag_ratio, warm_eigh
 
 DECAY = 0.95
 THREADS = 2

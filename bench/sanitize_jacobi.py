@@ -12,7 +12,8 @@ import torch
 
 
 def main() -> int:
-    from kfac_fast import _C, _cuda
+    from kfac_fast import _C
+    from kfac_fast.backends import cuda as _cuda
 
     assert torch.cuda.is_available() and _C.build_info()["cuda"], "needs CUDA and a CUDA build of _C"
     failures = []

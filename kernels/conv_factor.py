@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .factor_update import (CONFIG_CONV_16BIT, _input_precision, _scalar, _scalar_arg, decay_only_, _symmetric_epilogue,
-                            _upper_tile_of, needs_index64, pick_config)
+from .factor_update import CONFIG_CONV_16BIT, pick_config
+from .launch import input_precision, kernel_scalar, load_scalar, needs_index64, pair, symmetric_epilogue, upper_tile_of
 
 
 @triton.jit
@@ -52,9 +52,9 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
         IDX: tl.constexpr = tl.int64
     else:
         IDX: tl.constexpr = tl.int32
-    ti, tj = _upper_tile_of(tl.program_id(0))
-    beta = _scalar_arg(beta_ptr, beta_val, BETA_ON_DEVICE)
-    alpha = _scalar_arg(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
+    ti, tj = upper_tile_of(tl.program_id(0))
+    beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
+    alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -71,11 +71,7 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
         a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
         b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    _symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha)
-
-
-def _pair(v):
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha)
 
 
 def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dilation, *,
@@ -83,24 +79,17 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     """A <- beta*A + alpha*P_bar^T P_bar for Conv2d input x in one launch; returns factor.
 
     Preconditions: as the module docstring. `config` overrides the tile sizes."""
-    if factor.dtype != torch.float32:
-        from kfac_fast import reference
-
-        return reference.conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding,
-                                            dilation, append_ones=append_ones)
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
+    kh, kw = pair(kernel_size)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
+    dh, dw = pair(dilation)
     N, C, H, W = x.shape
     OH = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     OW = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     OH, OW = max(OH, 0), max(OW, 0)
     n = factor.shape[0]
-    b_dev, b_t, b_val = _scalar(beta, factor.device)
-    a_dev, a_t, a_val = _scalar(alpha, factor.device)
-    if not a_dev and a_val == 0.0:
-        return decay_only_(factor, beta)
+    b_dev, b_t, b_val = kernel_scalar(beta, factor.device)
+    a_dev, a_t, a_val = kernel_scalar(alpha, factor.device)
     cfg = dict(CONFIG_CONV_16BIT) if x.dtype != torch.float32 else pick_config(x.dtype, allow_tf32)
     cfg.update(config or {})
     nt = triton.cdiv(n, cfg["BLOCK"])
@@ -110,6 +99,6 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
         N * L, max(L, 1), max(OW, 1), C * kh * kw, n, H, W, *x.stride(), sh, sw, ph, pw, dh, dw,
         factor.stride(0), KH=kh, KW=kw, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev,
         INDEX64=needs_index64(x), BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=_input_precision(x.dtype, allow_tf32),
+        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factor

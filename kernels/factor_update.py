@@ -9,7 +9,7 @@ is fp32; fp32 x is multiplied in IEEE fp32 unless the caller passes `allow_tf32=
 Deterministic: one program owns each output tile and reduces over all rows in order.
 
 Preconditions of the launch functions (`kfac_fast.ops` checks them): factors are
-contiguous square float32 (float64 factors are served by the reference), x is
+contiguous square float32 (the router sends float64 ones elsewhere), x is
 float32/float16/bfloat16 with last dim d and n = d + append_ones, scalars are 0-dim
 tensors (CPU ones are read on the host, device ones are loaded in-kernel).
 """
@@ -18,6 +18,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .launch import (
+    TL_DTYPES,
+    host_table,
+    input_precision,
+    kernel_scalar,
+    load_scalar,
+    needs_index64,
+    per_layer_scalars,
+    symmetric_epilogue,
+    upper_tile_of,
+)
 
 # untuned: chosen because 128x128 fp32 accumulators with 8 warps hold 64 registers per
 # thread and fit wgmma's 64-row granularity; BLOCK_K=64 with 3 stages keeps two 16-bit
@@ -40,9 +52,6 @@ CONFIG_GROUPED_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=2)
 # spilled (ptxas -v) where 32 does not.
 CONFIG_CONV_16BIT = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 def pick_config(x_dtype: torch.dtype, allow_tf32: bool, grouped: bool = False) -> dict:
     """The launch configuration this module ships for an input dtype."""
     if x_dtype in (torch.float16, torch.bfloat16):
@@ -50,45 +59,6 @@ def pick_config(x_dtype: torch.dtype, allow_tf32: bool, grouped: bool = False) -
     if grouped:
         return dict(CONFIG_GROUPED_FP32)
     return dict(CONFIG_TF32 if allow_tf32 else CONFIG_FP32)
-
-
-@triton.jit
-def _scalar_arg(ptr, value, ON_DEVICE: tl.constexpr):
-    """A scalar argument as fp32: loaded from device memory when it lives there (no host
-    sync to read it), else the value passed by argument."""
-    if ON_DEVICE:
-        value = tl.load(ptr).to(tl.float32)
-    return value
-
-
-@triton.jit
-def _upper_tile_of(pid):
-    """(ti, tj), ti <= tj, of the pid-th upper-triangular tile pair (tj-major order)."""
-    # The float root can be off by one for large pid; the integer checks repair it.
-    tj = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
-    tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
-    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)
-    ti = pid - tj * (tj + 1) // 2
-    return ti, tj
-
-
-@triton.jit
-def _symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha):
-    """F[i, j] <- beta*F[i, j] + alpha*acc on and above the diagonal, mirrored below.
-
-    int32 offsets (factors have n <= 46340): 64-bit offset tiles cost registers."""
-    r = offs_i[:, None]
-    c = offs_j[None, :]
-    # Only the upper triangle is read: the lower one may hold anything (even NaN).
-    upper = (r <= c) & (c < n)
-    f_rc = F + (r * stride_f + c)
-    old = tl.load(f_rc, mask=upper, other=0.0)
-    # beta == 0 overwrites without reading (the op contract): 0 * NaN would leak
-    out = tl.where(beta == 0, 0.0, beta * old) + alpha * acc
-    tl.store(f_rc, out, mask=upper)
-    # Transposed in registers so the mirrored store stays coalesced.
-    f_cr = F + (offs_j[:, None] * stride_f + offs_i[None, :])
-    tl.store(f_cr, tl.trans(out), mask=tl.trans(upper))
 
 
 @triton.jit
@@ -127,7 +97,7 @@ def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj
         a = tl.where(rmask[:, None] & ones_i[None, :], one, a)
         b = tl.where(rmask[:, None] & ones_j[None, :], one, b)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    _symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha)
+    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha)
 
 
 @triton.jit
@@ -137,9 +107,9 @@ def _factor_update_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d, 
                           TWO_LEVEL: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One upper tile of F <- beta*F + alpha*x_bar^T x_bar per program (1-D grid)."""
-    ti, tj = _upper_tile_of(tl.program_id(0))
-    beta = _scalar_arg(beta_ptr, beta_val, BETA_ON_DEVICE)
-    alpha = _scalar_arg(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
+    ti, tj = upper_tile_of(tl.program_id(0))
+    beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
+    alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
                TWO_LEVEL, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION)
 
@@ -198,49 +168,14 @@ def rows_view(x: torch.Tensor):
     return v, R, d, max(v.shape[1], 1), v.stride(0), v.stride(1), v.stride(2), True
 
 
-def _scalar(s, device):
-    """(by_pointer, tensor, host float) for a 0-dim tensor or number: a tensor on the
-    data's device is loaded in-kernel (no sync), a CPU one next to CUDA data is read on
-    the host (no sync either), a number is passed by value."""
-    if isinstance(s, torch.Tensor):
-        if s.device == torch.device(device):
-            return True, s, 0.0
-        return False, None, float(s.item())
-    return False, None, float(s)
-
-
-def decay_only_(factor: torch.Tensor, beta) -> torch.Tensor:
-    """factor <- beta*factor when alpha == 0 (x is not read), with the reference's
-    beta == 0 rule (overwrite without reading), so every backend agrees."""
-    from kfac_fast import reference
-
-    return reference._decay_(factor, reference._scalar(beta))
-
-
-def needs_index64(x: torch.Tensor) -> bool:
-    """Whether some element offset of x may exceed int32."""
-    span = sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride()) if s > 0)
-    return span >= 2**31 - 1
-
-
-def _input_precision(x_dtype, allow_tf32):
-    return "tf32" if (x_dtype == torch.float32 and allow_tf32) else "ieee"
-
-
 def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=False, config=None):
     """factor <- beta*factor + alpha*x_bar^T x_bar in one launch; returns factor.
 
     Preconditions: as the module docstring. `config` overrides the shipped tile sizes
     (tests use small tiles under the interpreter)."""
-    if factor.dtype != torch.float32:
-        from kfac_fast import reference
-
-        return reference.update_factor_(factor, x, beta, alpha, append_ones=append_ones)
     n = factor.shape[0]
-    b_dev, b_t, b_val = _scalar(beta, factor.device)
-    a_dev, a_t, a_val = _scalar(alpha, factor.device)
-    if not a_dev and a_val == 0.0:
-        return decay_only_(factor, beta)
+    b_dev, b_t, b_val = kernel_scalar(beta, factor.device)
+    a_dev, a_t, a_val = kernel_scalar(alpha, factor.device)
     v, R, d, L_inner, s_outer, s_inner, s_col, two_level = rows_view(x)
     cfg = pick_config(x.dtype, allow_tf32)
     cfg.update(config or {})
@@ -251,31 +186,9 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
         R, d, n, L_inner, s_outer, s_inner, s_col, factor.stride(0),
         BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, TWO_LEVEL=two_level, INDEX64=needs_index64(v),
         BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=_input_precision(x.dtype, allow_tf32),
+        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factor
-
-
-def per_layer_scalars(values, L: int, device) -> torch.Tensor:
-    """A (L,) float32 tensor on `device` from one scalar, a sequence or a 1-D tensor;
-    host values travel in one copy, device values stay on the device (no sync)."""
-    if isinstance(values, torch.Tensor):
-        t = values.to(device=device, dtype=torch.float32)
-        return t.expand(L).contiguous() if t.dim() == 0 else t.reshape(L)
-    if isinstance(values, (int, float)):
-        return torch.full((L,), float(values), dtype=torch.float32, device=device)
-    values = list(values)
-    if all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values):
-        return host_table([float(v) for v in values], torch.float32, device)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
-
-
-def host_table(rows, dtype, device) -> torch.Tensor:
-    """A host list as a device tensor in one asynchronous copy (pinned when on CUDA)."""
-    t = torch.tensor(rows, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 _WORK_CACHE: dict = {}
@@ -306,10 +219,6 @@ def update_factors_(factors, xs, betas, alphas, *, append_ones=False, allow_tf32
     L = len(factors)
     if L == 0:
         return factors
-    if any(f.dtype != torch.float32 for f in factors):
-        from kfac_fast import reference
-
-        return reference.update_factors_(factors, xs, betas, alphas, append_ones=append_ones)
     device = factors[0].device
     beta_t = per_layer_scalars(betas, L, device)
     alpha_t = per_layer_scalars(alphas, L, device)
@@ -334,8 +243,8 @@ def update_factors_(factors, xs, betas, alphas, *, append_ones=False, allow_tf32
         if work.shape[0] == 0:
             continue
         _factor_update_grouped_kernel[(work.shape[0],)](
-            work, meta_t, b, a, X_DTYPE=_TL_DTYPES[x_dtype], INDEX64=any(needs_index64(v) for v in keep),
+            work, meta_t, b, a, X_DTYPE=TL_DTYPES[x_dtype], INDEX64=any(needs_index64(v) for v in keep),
             BLOCK=cfg["BLOCK"],
-            BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=_input_precision(x_dtype, allow_tf32),
+            BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=input_precision(x_dtype, allow_tf32),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factors

@@ -14,7 +14,7 @@ Preconditions also: every operand spans < 2^31 elements (int32 offsets).
 Deterministic: each output tile and each partial has one owner; the sum is in order.
 
 Preconditions of the launch functions (`kfac_fast.ops` checks them): eigenvectors and
-eigenvalues float32 (float64 ones are served by the reference), gradients of one dtype
+eigenvalues float32 (the router sends float64 ones elsewhere), gradients of one dtype
 (float32/float16/bfloat16), weight grads viewable as (d_out, -1), shapes consistent
 with the eigenvectors; scalars 0-dim tensors or per-layer sequences.
 """
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .factor_update import _TL_DTYPES, _scalar_arg, host_table, per_layer_scalars
+from .launch import TL_DTYPES, host_table, load_scalar, per_layer_scalars
 
 # untuned: chosen because IEEE fp32 GEMMs run on FMA units, where 64x64 tiles over 4
 # warps keep 32 accumulators per thread; grouped layers are small (d <= 4096), so
@@ -136,8 +136,8 @@ def _kl_nu_kernel(partials, T, lr_ptr, lr_val, kl_ptr, kl_val, nu_ptr,
         offs = t0 + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < T, other=0.0)
     total = tl.sum(acc, axis=0)
-    lr = _scalar_arg(lr_ptr, lr_val, LR_ON_DEVICE)
-    kl = _scalar_arg(kl_ptr, kl_val, KL_ON_DEVICE)
+    lr = load_scalar(lr_ptr, lr_val, LR_ON_DEVICE)
+    kl = load_scalar(kl_ptr, kl_val, KL_ON_DEVICE)
     s = tl.abs(lr * lr * total)
     nu = tl.where(s > 0.0, tl.minimum(tl.sqrt(kl / tl.where(s > 0.0, s, 1.0)), 1.0), 1.0)
     tl.store(nu_ptr, nu)
@@ -179,7 +179,7 @@ def _precondition(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip
     cfg = dict(CONFIG_TF32 if allow_tf32 else CONFIG_FP32)
     cfg.update(config or {})
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    g_dtype = _TL_DTYPES[w_in[0].dtype]
+    g_dtype = TL_DTYPES[w_in[0].dtype]
     shapes = [(q_g.shape[0], q_a.shape[0]) for q_a, q_g in zip(qa, qg)]
     offsets, total = [], 0
     for m, n in shapes:
@@ -238,41 +238,23 @@ def _precondition(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip
     return nu
 
 
-def _served(tensors) -> bool:
-    return all(t.dtype == torch.float32 for t in tensors)
-
-
 def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr=None, kl_clip=None,
                         allow_tf32=False, config=None):
     """Writes nu*P into every weight and bias grad in five launches; returns nu (0-dim).
 
-    Preconditions: as the module docstring. `config` overrides the tile sizes."""
-    L = len(weight_grads)
-    views = []
-    for w in weight_grads:
-        try:
-            views.append(w.view(w.shape[0], -1))
-        except RuntimeError:
-            views = None
-            break
-    dtypes = {w.dtype for w in weight_grads} | {b.dtype for b in bias_grads if b is not None}
-    if (L == 0 or views is None or len(dtypes) != 1 or not _served(list(qa) + list(qg) + list(da) + list(dg))):
-        from kfac_fast import reference
-
-        return reference.precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping,
-                                             lr=lr, kl_clip=kl_clip)
+    Preconditions: as the module docstring, and at least one layer, each weight grad a
+    view of (d_out, -1) (kfac_fast.backends.triton routes other calls elsewhere).
+    `config` overrides the tile sizes."""
+    views = [w.view(w.shape[0], -1) for w in weight_grads]
     return _precondition(views, list(bias_grads), views, list(bias_grads), qa, da, qg, dg, damping, lr,
                          kl_clip, allow_tf32, config)
 
 
 def precondition_eigen(grads, qa, da, qg, dg, damping, *, allow_tf32=False, config=None):
-    """P_i = Q_G[(Q_G^T dW_bar Q_A) * Rcp]Q_A^T for a list of dW_bar matrices (four launches)."""
-    L = len(grads)
-    dtypes = {g.dtype for g in grads}
-    if L == 0 or len(dtypes) != 1 or not _served(list(qa) + list(qg) + list(da) + list(dg)):
-        from kfac_fast import reference
+    """P_i = Q_G[(Q_G^T dW_bar Q_A) * Rcp]Q_A^T for a list of dW_bar matrices (four launches).
 
-        return reference.precondition_eigen(grads, qa, da, qg, dg, damping)
+    Preconditions: as the module docstring, and at least one layer."""
+    L = len(grads)
     outs = [torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in grads]
     _precondition(list(grads), [None] * L, outs, [None] * L, qa, da, qg, dg, damping, None, None,
                   allow_tf32, config)

@@ -1,33 +1,68 @@
-"""Which implementation serves an op for a device, dtype and size.
+"""The router: which registered implementation serves an op call.
 
-Every op of `kfac_fast.ops` has a torch implementation (`kfac_fast.reference`, always
-available) and may have faster ones: "triton" (`kfac_fast.kernels`) and "cuda"
-(`kfac_fast._C`). An implementation has exactly the signature of its reference function
-and receives arguments already validated by `kfac_fast.ops`, with scalars as 0-dim
-tensors (a CPU scalar may be read on the host without a device sync).
+This module is only the mechanism. It knows no op and no backend by name: the backend
+modules under `kfac_fast.backends` declare themselves (`register_backend`) and add their
+rows (`register`), and `kfac_fast._ops` asks `select` on every call. The backends
+package is imported on first use, so its rows exist before the first call without the
+router importing any backend by name.
 
-`KFAC_FAST_BACKEND=auto|torch|triton|cuda` picks the backend. `auto` takes the first
-available backend in each op's preference order and falls back silently; naming a
-backend that cannot serve a call raises a RuntimeError that says why.
+An implementation has exactly the signature of its torch reference and receives
+arguments already validated by `kfac_fast.ops`, with scalars as 0-dim tensors (a CPU
+scalar may be read on the host without a device sync).
+
+`KFAC_FAST_BACKEND=auto|<backend>` picks the backend. `auto` takes the first
+implementation in each op's preference order that serves the call and falls back
+silently; naming a backend that cannot serve a call raises a RuntimeError that says why.
 """
 from __future__ import annotations
 
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+# Imported on first use: each of its modules registers one backend.
+BACKENDS_PACKAGE = "kfac_fast.backends"
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a refusal rule sees: the device, the dtype of the op's leading tensor, the
+    largest matrix size, and the implementation's arguments (None when `describe` asks
+    about a device in general)."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype] = None
+    size: Optional[int] = None
+    args: Optional[tuple] = None
+    kwargs: dict = field(default_factory=dict)
+
+
+# A rule: None when the implementation can serve the call, else the reason it cannot.
+Refusal = Callable[[Call], Optional[str]]
+
+
+@dataclass
+class _Backend:
+    name: str
+    preference: float
+    missing: Callable[[], Optional[str]]  # why it cannot run on this machine at all
+    _why: Any = field(default=False, repr=False)  # cached missing(); False: not asked yet
+
+    def unavailable(self) -> Optional[str]:
+        if self._why is False:
+            self._why = self.missing()
+        return self._why
 
 
 @dataclass
 class _Impl:
     backend: str
     target: str  # "module:function", imported on first use
-    # (device, dtype, size) -> None when it can serve the call, else the reason it cannot
-    refuses: Callable[[torch.device, Optional[torch.dtype], Optional[int]], Optional[str]]
+    refuses: Refusal
+    preference: float
     _fn: Optional[Callable] = field(default=None, repr=False)
 
     def load(self) -> Callable:
@@ -37,78 +72,77 @@ class _Impl:
         return self._fn
 
 
+_BACKENDS: dict[str, _Backend] = {}
 _REGISTRY: dict[str, list[_Impl]] = {}
-_UNAVAILABLE: dict[str, str] = {}  # backend -> why it cannot be used on this machine
+_loaded = False
 
 
-def _backend_missing(backend: str) -> Optional[str]:
-    """Why a backend cannot be used at all on this machine (None when it can)."""
-    if backend in _UNAVAILABLE:
-        return _UNAVAILABLE[backend]
-    why = None
-    if backend == "triton":
-        try:
-            importlib.import_module("triton")
-        except Exception as exc:  # ImportError, or a broken install
-            why = f"triton is not importable ({type(exc).__name__}: {exc})"
-    elif backend == "cuda":
-        try:
-            from kfac_fast import _C  # noqa: F401
-
-            if not _C.build_info()["cuda"]:
-                why = "kfac_fast._C was built without CUDA (no nvcc at build time, or KFAC_FAST_CUDA=0)"
-        except Exception as exc:
-            why = f"kfac_fast._C is not importable ({type(exc).__name__}: {exc})"
-    _UNAVAILABLE[backend] = why
-    return why
-
-
-def _on_cuda(device, dtype, size):
-    return None if device.type == "cuda" else f"runs on CUDA tensors only (got {device.type})"
-
-
-def _serves_all(device, dtype, size):
+def serves_all(call: Call) -> Optional[str]:
+    """The rule of an implementation that serves every call."""
     return None
 
 
-# `auto` tries backends in this order unless a registration says otherwise.
-_DEFAULT_PREFERENCE = {"cuda": 0, "triton": 1, "torch": 2}
+def on_cuda(call: Call) -> Optional[str]:
+    """The default rule: CUDA tensors only."""
+    return None if call.device.type == "cuda" else f"runs on CUDA tensors only (got {call.device.type})"
 
 
-def register(op: str, backend: str, target: str, refuses=_on_cuda, preference=None) -> None:
-    """Add an implementation of `op`; `auto` tries lower `preference` first."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    impl = _Impl(backend, target, refuses)
-    impl.preference = _DEFAULT_PREFERENCE[backend] if preference is None else preference
+def register_backend(name: str, *, preference: float, missing: Callable[[], Optional[str]]) -> None:
+    """Declare a backend: `auto` tries lower `preference` first; `missing()` says why the
+    backend cannot be used on this machine (None when it can), asked once."""
+    _BACKENDS[name] = _Backend(name, preference, missing)
+
+
+def register(op: str, backend: str, target: str, refuses: Refusal = on_cuda,
+             preference: Optional[float] = None) -> None:
+    """Add an implementation of `op` ("module:function"); `preference` overrides the
+    backend's own for this op."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend {backend!r} is not declared (register_backend first)")
+    rank = _BACKENDS[backend].preference if preference is None else preference
     impls = _REGISTRY.setdefault(op, [])
-    impls.append(impl)
+    impls.append(_Impl(backend, target, refuses, rank))
     impls.sort(key=lambda i: i.preference)
 
 
+def _load_backends() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        importlib.import_module(BACKENDS_PACKAGE)
+
+
+def backend_names() -> tuple[str, ...]:
+    """The declared backends, in declaration order."""
+    _load_backends()
+    return tuple(_BACKENDS)
+
+
 def requested_backend() -> str:
+    """The value of KFAC_FAST_BACKEND ("auto" when unset); ValueError when unknown."""
+    names = backend_names()
     value = os.environ.get("KFAC_FAST_BACKEND", "auto").strip().lower() or "auto"
-    if value != "auto" and value not in BACKENDS:
-        raise ValueError(f"KFAC_FAST_BACKEND must be auto, {', '.join(BACKENDS)}; got {value!r}")
+    if value != "auto" and value not in names:
+        raise ValueError(f"KFAC_FAST_BACKEND must be auto, {', '.join(names)}; got {value!r}")
     return value
 
 
-def _explain(impl: _Impl, device, dtype, size) -> Optional[str]:
-    return _backend_missing(impl.backend) or impl.refuses(device, dtype, size)
+def _explain(impl: _Impl, call: Call) -> Optional[str]:
+    return _BACKENDS[impl.backend].unavailable() or impl.refuses(call)
 
 
-def select(op: str, device: torch.device, dtype=None, size=None) -> tuple[str, Callable]:
+def select(op: str, call: Call) -> tuple[str, Callable]:
     """(backend name, implementation) that serves `op` for this call."""
-    impls = _REGISTRY[op]
     wanted = requested_backend()
+    impls = _REGISTRY[op]
     if wanted == "auto":
         for impl in impls:
-            if _explain(impl, device, dtype, size) is None:
+            if _explain(impl, call) is None:
                 return impl.backend, impl.load()
-        raise RuntimeError(f"kfac_fast: no implementation of {op} serves device {device}")
+        raise RuntimeError(f"kfac_fast: no implementation of {op} serves device {call.device}")
     for impl in impls:
         if impl.backend == wanted:
-            why = _explain(impl, device, dtype, size)
+            why = _explain(impl, call)
             if why is not None:
                 raise RuntimeError(f"KFAC_FAST_BACKEND={wanted}: {op} cannot use {wanted}: {why}")
             return impl.backend, impl.load()
@@ -117,12 +151,14 @@ def select(op: str, device: torch.device, dtype=None, size=None) -> tuple[str, C
 
 def describe(device: torch.device) -> dict[str, dict[str, str]]:
     """For each op: the backend chosen for `device` (auto rules) and why each is or is not used."""
+    _load_backends()
+    call = Call(torch.device(device))
     info = {}
     for op, impls in _REGISTRY.items():
         reasons = {}
         chosen = None
         for impl in impls:
-            why = _explain(impl, device, None, None)
+            why = _explain(impl, call)
             if why is None and chosen is None:
                 chosen = impl.backend
                 reasons[impl.backend] = "used: first available in preference order"
@@ -132,56 +168,3 @@ def describe(device: torch.device) -> dict[str, dict[str, str]]:
                 reasons[impl.backend] = f"not used: {why}"
         info[op] = {"backend": chosen or "none", **reasons}
     return info
-
-
-# ---------------------------------------------------------------------------------------
-# The implementations. Each row: op name, backend, "module:function", and optionally the
-# rule that refuses a call (default: CUDA tensors only). Keep one section per backend.
-# ---------------------------------------------------------------------------------------
-OP_NAMES = (
-    "update_factor_", "update_factors_", "conv_input_factor_", "eigh", "damped_inverse",
-    "pi_damping", "precondition_eigen", "precondition_eigen_", "precondition_inverse",
-    "precondition_inverse_", "ekfac_scales_", "precondition_ekfac", "precondition_ekfac_",
-    "kl_clip_scale", "pack_triangles", "unpack_triangles_",
-)
-
-# --- torch: the reference, every op, every device ---
-for _op in OP_NAMES:
-    register(_op, "torch", f"kfac_fast.reference:{_op}", refuses=_serves_all)
-
-# --- triton (kfac_fast.kernels) ---
-def _triton_fp32(device, dtype, size):
-    """CUDA tensors with float32 factors/eigenvectors (float64 ones stay on the reference)."""
-    why = _on_cuda(device, dtype, size)
-    if why is None and dtype is not None and dtype != torch.float32:
-        why = f"serves float32 factors/eigenvectors only (got {dtype})"
-    return why
-
-
-register("update_factor_", "triton", "kfac_fast.kernels.factor_update:update_factor_", refuses=_triton_fp32)
-register("update_factors_", "triton", "kfac_fast.kernels.factor_update:update_factors_", refuses=_triton_fp32)
-register("conv_input_factor_", "triton", "kfac_fast.kernels.conv_factor:conv_input_factor_", refuses=_triton_fp32)
-# Preferred over the cuda backend's per-layer torch GEMMs + scale kernel: five launches
-# for all layers instead of four GEMMs per layer. Untuned: chosen by launch count, not by
-# a measurement (no GPU yet); bench/bench_triton.py decides on the next GPU run.
-_GROUPED_FIRST = 0.5
-register("precondition_eigen", "triton", "kfac_fast.kernels.precondition:precondition_eigen",
-         refuses=_triton_fp32, preference=_GROUPED_FIRST)
-register("precondition_eigen_", "triton", "kfac_fast.kernels.precondition:precondition_eigen_",
-         refuses=_triton_fp32, preference=_GROUPED_FIRST)
-
-# --- cuda (kfac_fast._C through kfac_fast._cuda) ---
-def _eigh_cuda_refuses(device, dtype, size):
-    """CUDA tensors only. It never refuses a size: it buckets by size itself (small and
-    large n to torch.linalg.eigh, mid sizes to the Jacobi kernel), so the reason states
-    that cut-off; describe() shows it for non-CUDA devices."""
-    from kfac_fast._cuda import EIGH_CUTOFF_REASON
-
-    if device.type != "cuda":
-        return f"runs on CUDA tensors only (got {device.type}); on CUDA, {EIGH_CUTOFF_REASON}"
-    return None
-
-
-register("eigh", "cuda", "kfac_fast._cuda:eigh", refuses=_eigh_cuda_refuses)
-register("precondition_eigen", "cuda", "kfac_fast._cuda:precondition_eigen")
-register("precondition_eigen_", "cuda", "kfac_fast._cuda:precondition_eigen_")

@@ -1,6 +1,6 @@
 """Shared test helpers: the error rule, float64 copies, random inputs.
 
-The error rule (DESIGN.md): an implementation's relative error against the float64
+The error rule (docs/design.md): an implementation's relative error against the float64
 reference must be at most max(2 x the error of torch computing in fp32 from the same
 inputs, 1e-6). Relative error = ||actual - expected||_F / ||expected||_F over all
 tensors of a result (lists are concatenated).

@@ -29,7 +29,8 @@ def test_cuda_sources_compiled_when_nvcc_present():
 
 
 def test_host_core_always_built():
-    from kfac_fast import _C, _cuda
+    from kfac_fast import _C
+    from kfac_fast.backends import cuda as _cuda
 
     assert _C.JACOBI_MAX_N == _cuda.EIGH_JACOBI_MAX_N
     assert hasattr(_C, "jacobi_eigh_host") and hasattr(_C, "jacobi_plan")

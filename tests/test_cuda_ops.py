@@ -1,4 +1,4 @@
-"""The CUDA kernels of `_C` (through kfac_fast._cuda) against LAPACK and the reference ops.
+"""The CUDA kernels of `_C` (through kfac_fast.backends.cuda) against LAPACK and the reference ops.
 
 GPU only: every test skips without CUDA, and nothing here touches CUDA at import time.
 """
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kfac_fast import reference
+from kfac_fast.backends import reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -19,7 +19,8 @@ KINDS = ["spd", "rank_deficient", "repeated", "cond1e8"]
 
 @pytest.fixture(scope="module")
 def cuda():
-    from kfac_fast import _C, _cuda
+    from kfac_fast import _C
+    from kfac_fast.backends import cuda as _cuda
 
     if not _C.build_info()["cuda"]:
         pytest.skip("kfac_fast._C was built without CUDA")
@@ -221,7 +222,7 @@ def test_precondition_eigen_against_reference(cuda, dtype):
 
 
 def test_precondition_eigen_clamps_negative_eigenvalues(cuda):
-    # The kernel fuses the clamp max(d, 0) (DESIGN.md: eigenvalues clamped at 0), so
+    # The kernel fuses the clamp max(d, 0) (docs/design.md: eigenvalues clamped at 0), so
     # eigenvalues from eigh(clamp=False) give the reference's result on clamped ones.
     gen = torch.Generator().manual_seed(12)
     (L,) = _layers(gen, [(9, 6)], torch.float64)

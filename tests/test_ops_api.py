@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kfac_fast
-from kfac_fast import _dispatch, ops
+from kfac_fast import _ops, ops
 from tests._oracle import generator, randn, random_spd
 
 F = torch.ones(4, 4)
@@ -140,8 +140,8 @@ def _op_samples():
 
 def test_every_op_is_registered():
     ops_with_samples = {op._name.split("::")[1] for op, _ in _op_samples()}
-    assert ops_with_samples == set(_dispatch.OP_NAMES)
-    for name in _dispatch.OP_NAMES:
+    assert ops_with_samples == set(_ops.OP_NAMES)
+    for name in _ops.OP_NAMES:
         assert hasattr(torch.ops.kfac_fast, name)
 
 
@@ -206,10 +206,10 @@ def test_compile_inplace_precondition_with_none_bias():
 def test_backend_info_reports_every_op():
     info = kfac_fast.backend_info()
     assert "cpu" in info["devices"]
-    assert set(info["devices"]["cpu"]) == set(_dispatch.OP_NAMES)
+    assert set(info["devices"]["cpu"]) == set(_ops.OP_NAMES)
     assert all(row["backend"] == "torch" for row in info["devices"]["cpu"].values())
     text = str(info)
-    for op in _dispatch.OP_NAMES:
+    for op in _ops.OP_NAMES:
         assert op in text
     assert "_C" in text and "triton" in text
     assert set(kfac_fast.backend_info("cpu")["devices"]) == {"cpu"}

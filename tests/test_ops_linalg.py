@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from kfac_fast import ops, reference
+from kfac_fast import ops
+from kfac_fast.backends import reference
 from tests._oracle import assert_error_rule, f64, generator, random_orthogonal, random_spd
 
 

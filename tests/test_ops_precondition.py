@@ -2,12 +2,14 @@
 import pytest
 import torch
 
-from kfac_fast import ops, reference
+from kfac_fast import ops
+from kfac_fast.backends import reference
+from kfac_fast.backends.reference import precondition as reference_precondition
 from tests._oracle import assert_error_rule, f64, generator, randn, random_spd
 
 
 def _dense_kfac(a64, g64, dw_bar64, damping):
-    """DESIGN.md's oracle: solve((A (x) G) + damping I, vec(dW_bar)), vec stacks columns."""
+    """docs/design.md's oracle: solve((A (x) G) + damping I, vec(dW_bar)), vec stacks columns."""
     k = torch.kron(a64, g64) + damping * torch.eye(a64.shape[0] * g64.shape[0], dtype=torch.float64)
     d_out, n_a = dw_bar64.shape
     return torch.linalg.solve(k, dw_bar64.mT.reshape(-1)).reshape(n_a, d_out).mT
@@ -153,7 +155,7 @@ def test_ekfac_scales_match_per_example_definition(seq, bias):
 
 
 def test_ekfac_scales_chunked_per_example(monkeypatch):
-    monkeypatch.setattr(reference, "_EKFAC_CHUNK_ELEMENTS", 20)  # several chunks
+    monkeypatch.setattr(reference_precondition, "EKFAC_CHUNK_ELEMENTS", 20)  # several chunks
     gen = generator(6)
     xs, gs = [torch.randn(9, 3, 2, generator=gen, dtype=torch.float64)], [torch.randn(9, 3, 4, generator=gen, dtype=torch.float64)]
     _, _, qa, _, qg, _ = _layers(gen, [(4, 3)], dtype=torch.float64)

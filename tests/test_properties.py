@@ -190,6 +190,6 @@ def test_hard_spectra_never_give_nan(case):
     (p,) = ops.precondition_eigen([grad], vecs, vals, vecs, vals, damping)
     assert torch.isfinite(p).all()
     h = health.Health()
-    hv, hq = h.solve_eigh([m], [None])
+    hv, hq, _ = h.solve_eigh([m], [None])  # (vals, vecs, paths)
     assert torch.isfinite(hv[0]).all() and torch.isfinite(hq[0]).all()
     assert torch.isfinite(h.solve_inverse([m], [damping], [None])[0]).all()

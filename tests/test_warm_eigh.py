@@ -1,4 +1,4 @@
-"""Warm-started eigenbasis refresh (kfac_fast.warm_eigh): the guarantee on every path.
+"""Warm-started eigenbasis refresh (kfac_fast.backends.warm_eigh): the guarantee on every path.
 
 Sequences mimic training: a zero-debiased running average (decay 0.95) of sample
 covariances Z^T Z / m whose generating matrix drifts slowly, refreshed every 10 updates.
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kfac_fast.warm_eigh import FULL, KEPT, REFINED, default_ortho_tol, warm_eigh
+from kfac_fast.backends.warm_eigh import FULL, KEPT, REFINED, default_ortho_tol, warm_eigh
 
 DECAY = 0.95
 

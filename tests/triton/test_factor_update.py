@@ -1,5 +1,5 @@
 """Triton factor updates (kernels/factor_update.py, kernels/conv_factor.py) against
-kfac_fast.reference in float64, under DESIGN.md's error rule.
+kfac_fast.backends.reference in float64, under docs/design.md's error rule.
 
 Runs under TRITON_INTERPRET=1 on CPU (its own pytest process: the variable is read when
 `@triton.jit` decorates) or on a CUDA device. Tiles of 32 keep each case about a second.
@@ -12,7 +12,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (CPU) or a CUDA device", allow_module_level=True)
 
-from kfac_fast import reference  # noqa: E402
+from kfac_fast.backends import reference  # noqa: E402
 from kfac_fast.kernels import conv_factor, factor_update  # noqa: E402
 
 pytestmark = pytest.mark.interpret
@@ -26,7 +26,7 @@ def rel(out, ref):
 
 
 def check(out, ref64, ref32):
-    """DESIGN.md: error <= max(2 x torch-fp32 error from the same inputs, 1e-6)."""
+    """docs/design.md: error <= max(2 x torch-fp32 error from the same inputs, 1e-6)."""
     err, bound = rel(out, ref64), max(2 * rel(ref32, ref64), 1e-6)
     assert err <= bound, f"relative error {err:.3g} > {bound:.3g}"
 
@@ -164,7 +164,7 @@ def test_grouped_alpha_zero_layer():
     gen = torch.Generator().manual_seed(4)
     xs = [torch.randn(10, 5, generator=gen).to(DEV), torch.full((10, 40), NAN, device=DEV)]
     fs = [sym_factor(6, gen), sym_factor(41, gen)]
-    want = [0.5 * fs[0].double() + 2.0 * reference._with_ones(xs[0].double()).T @ reference._with_ones(xs[0].double()),
+    want = [0.5 * fs[0].double() + 2.0 * reference.with_ones(xs[0].double()).T @ reference.with_ones(xs[0].double()),
             0.25 * fs[1].double()]
     factor_update.update_factors_(fs, xs, torch.tensor([0.5, 0.25], device=DEV),
                                   torch.tensor([2.0, 0.0], device=DEV), append_ones=True, config=SMALL)

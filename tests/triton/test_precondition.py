@@ -1,5 +1,5 @@
 """Triton grouped eigenbasis preconditioning (kernels/precondition.py) against
-kfac_fast.reference in float64, under DESIGN.md's error rule.
+kfac_fast.backends.reference in float64, under docs/design.md's error rule.
 
 Runs under TRITON_INTERPRET=1 on CPU (its own pytest process) or on a CUDA device.
 """
@@ -11,7 +11,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (CPU) or a CUDA device", allow_module_level=True)
 
-from kfac_fast import reference  # noqa: E402
+from kfac_fast.backends import reference  # noqa: E402
 from kfac_fast.kernels import precondition  # noqa: E402
 
 pytestmark = pytest.mark.interpret

@@ -1,6 +1,6 @@
-"""The "cuda" implementations (kernels of `kfac_fast._C`) of eigh and the eigen preconditioners.
+"""The "cuda" backend: kernels of `kfac_fast._C` for eigh and the eigen preconditioners.
 
-Each function has exactly the signature of its `kfac_fast.reference` counterpart and
+Each function has exactly the signature of its `kfac_fast.backends.reference` counterpart and
 receives arguments validated by `kfac_fast.ops`. Before a kernel call this module checks
 every tensor the kernel will touch (CUDA, one device, dtype, shape, unit column stride)
 and passes `data_ptr()` and the current stream as integers: `_C` does not link libtorch.
@@ -12,15 +12,19 @@ and passes `data_ptr()` and the current stream as integers: `_C` does not link l
   1 / (max(d_G,0) max(d_A,0)^T + damping) and the KL-clip term by one kernel launch for
   all layers (csrc/eigen_scale.cu); damping may stay on the device (no sync).
 
-Importing this module never touches CUDA or `_C`; both are looked up on first use.
+Importing this module never touches CUDA or `_C`; both are looked up on first use. Its
+rows (bottom of the file) say which ops it serves; eigh's rule explains the size buckets.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 
-from . import reference
+from kfac_fast import _dispatch
+
+from ._common import buckets, eigh_stack, kl_nu, layer_scalar, nu_dtype, solve_eigh
 
 # Sizes n <= this go to torch.linalg.eigh, whose batched path (cuSOLVER's batched Jacobi)
 # serves them in one call. Not measured here (no GPU when this was written): chosen from
@@ -54,7 +58,7 @@ _PLANS: dict = {}
 
 
 def _lib():
-    from . import _C
+    from kfac_fast import _C
 
     if not _C.build_info()["cuda"]:
         raise RuntimeError("kfac_fast._C was built without CUDA; the cuda backend is unavailable")
@@ -151,45 +155,43 @@ def _jacobi_bucket(stack: torch.Tensor, indices: list) -> tuple:
         mask = bad.to(stack.device)
         redo = [indices[int(j)] for j in torch.nonzero(bad).flatten()]
         # Raises ValueError naming the matrix when an input is not finite, as the reference.
-        d64, q64 = reference._eigh_stack(stack[mask].to(torch.float64), redo)
+        d64, q64 = eigh_stack(stack[mask].to(torch.float64), redo)
         vals[mask] = d64.to(stack.dtype)
         vecs[mask] = q64.to(stack.dtype)
     return vals, vecs
 
 
-def eigh(matrices, *, previous=None, tol=None, clamp=True, return_paths=False) -> tuple:
-    """Batched eigendecomposition of symmetric matrices of mixed sizes (reference.eigh's contract).
-
-    Buckets by (size, dtype); EIGH_CUTOFF_REASON says which solver serves which size.
-    The Jacobi kernel symmetrises (M + M^T)/2 where torch reads the lower triangle: the
-    same for the symmetric inputs the contract requires. With `previous` and `tol`, the
-    shared warm refresh (reference.warm_refresh) with this function as its cold solver.
-    """
-    fn = "eigh"
-    count = len(matrices)
-    if count == 0:
-        return ([], [], reference.cold_paths(0)) if return_paths else ([], [])
-    device = matrices[0].device
-    for i, m in enumerate(matrices):
-        _check_float(fn, f"matrices[{i}]", m, device)
-        if m.dim() != 2 or m.shape[0] != m.shape[1]:
-            raise ValueError(f"{fn}: matrices[{i}] must be square (n, n), got {tuple(m.shape)}")
-    if reference.warm_refresh_requested(previous, tol):
-        out = reference.warm_refresh(matrices, previous, tol, clamp, full_solve=eigh)
-        return out if return_paths else out[:2]
-    vals: list = [None] * count
-    vecs: list = [None] * count
-    for (n, _dtype, _dev), idx in reference._buckets(matrices, range(count)).items():
+def _cold_eigh(matrices: list) -> tuple:
+    """Unclamped eigendecompositions by (size, dtype) bucket: the Jacobi kernel or torch."""
+    vals: list = [None] * len(matrices)
+    vecs: list = [None] * len(matrices)
+    for (n, _dtype, _dev), idx in buckets(matrices, range(len(matrices))).items():
         stack = torch.stack([matrices[i] for i in idx])
         if EIGH_TORCH_MAX_N < n <= EIGH_JACOBI_MAX_N:
             d, q = _jacobi_bucket(stack, idx)
         else:
-            d, q = reference._eigh_stack(stack, idx)
+            d, q = eigh_stack(stack, idx)
         for k, i in enumerate(idx):
             vals[i], vecs[i] = d[k].contiguous(), q[k].contiguous()
-    if clamp:
-        vals = [d.clamp(min=0) for d in vals]
-    return (vals, vecs, reference.cold_paths(count)) if return_paths else (vals, vecs)
+    return vals, vecs
+
+
+def eigh(matrices, *, previous=None, tol=None, clamp=True, return_paths=False) -> tuple:
+    """Batched eigendecomposition of symmetric matrices of mixed sizes (the reference's contract).
+
+    Buckets by (size, dtype); EIGH_CUTOFF_REASON says which solver serves which size.
+    The Jacobi kernel symmetrises (M + M^T)/2 where torch reads the lower triangle: the
+    same for the symmetric inputs the contract requires. With `previous` and `tol`, the
+    shared warm refresh (`_common.solve_eigh`) with these buckets as its cold solver.
+    """
+    fn = "eigh"
+    if len(matrices):
+        device = matrices[0].device
+        for i, m in enumerate(matrices):
+            _check_float(fn, f"matrices[{i}]", m, device)
+            if m.dim() != 2 or m.shape[0] != m.shape[1]:
+                raise ValueError(f"{fn}: matrices[{i}] must be square (n, n), got {tuple(m.shape)}")
+    return solve_eigh(matrices, previous, tol, clamp, return_paths, _cold_eigh)
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class _Damping:
             if j >= t.numel():
                 raise ValueError(f"damping has {t.numel()} entries, need one per layer ({self.count})")
             return t.data_ptr() + j * t.element_size(), 0.0
-        s = reference._layer_scalar(d, i)
+        s = layer_scalar(d, i)
         if s.device.type != "cpu":
             if s.device != device:
                 raise ValueError(f"damping[{i}] must be on the CPU or on {device}, got {s.device}")
@@ -327,9 +329,7 @@ def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr
         d_ins.append(d_in)
     want_kl = kl_clip is not None
     total = _scale_(fn, xs, dg, da, _Damping(damping, count), kl=want_kl)
-    nu = reference._kl_nu(total, None if lr is None else reference._scalar(lr),
-                          None if kl_clip is None else reference._scalar(kl_clip),
-                          device, reference._nu_dtype(weight_grads[0]))
+    nu = kl_nu(total, lr, kl_clip, device, nu_dtype(weight_grads[0]))
     for i, (w, b, x) in enumerate(zip(weight_grads, bias_grads, xs)):
         y = qg[i] @ x
         nu_x = nu.to(y.dtype)
@@ -337,3 +337,32 @@ def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr
         if b is not None:
             b.copy_((y @ qa[i][d_ins[i]]).mul_(nu_x).reshape(b.shape))
     return nu
+
+
+# ---------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------
+def _missing() -> Optional[str]:
+    """Why this machine has no cuda backend (None when `_C` was built with CUDA)."""
+    try:
+        lib = importlib.import_module("kfac_fast._C")
+        if not lib.build_info()["cuda"]:
+            return "kfac_fast._C was built without CUDA (no nvcc at build time, or KFAC_FAST_CUDA=0)"
+    except Exception as exc:  # ImportError, or a module built for another Python/ABI
+        return f"kfac_fast._C is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _eigh_refuses(call: _dispatch.Call) -> Optional[str]:
+    """CUDA tensors only. It never refuses a size: it buckets by size itself (small and
+    large n to torch.linalg.eigh, mid sizes to the Jacobi kernel), so the reason states
+    that cut-off; describe() shows it for non-CUDA devices."""
+    if call.device.type != "cuda":
+        return f"runs on CUDA tensors only (got {call.device.type}); on CUDA, {EIGH_CUTOFF_REASON}"
+    return None
+
+
+_dispatch.register_backend("cuda", preference=0, missing=_missing)
+_dispatch.register("eigh", "cuda", f"{__name__}:eigh", refuses=_eigh_refuses)
+_dispatch.register("precondition_eigen", "cuda", f"{__name__}:precondition_eigen")
+_dispatch.register("precondition_eigen_", "cuda", f"{__name__}:precondition_eigen_")

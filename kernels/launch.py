@@ -1,0 +1,107 @@
+"""What the kernel files share: scalar arguments, offsets, host tables, the symmetric
+epilogue and tile order of the factor kernels.
+
+Host-side helpers prepare launch arguments without a device sync where they can; the
+`@triton.jit` helpers are inlined into the kernels that call them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def load_scalar(ptr, value, ON_DEVICE: tl.constexpr):
+    """A scalar argument as fp32: loaded from device memory when it lives there (no host
+    sync to read it), else the value passed by argument."""
+    if ON_DEVICE:
+        value = tl.load(ptr).to(tl.float32)
+    return value
+
+
+@triton.jit
+def upper_tile_of(pid):
+    """(ti, tj), ti <= tj, of the pid-th upper-triangular tile pair (tj-major order)."""
+    # The float root can be off by one for large pid; the integer checks repair it.
+    tj = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)
+    ti = pid - tj * (tj + 1) // 2
+    return ti, tj
+
+
+@triton.jit
+def symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha):
+    """F[i, j] <- beta*F[i, j] + alpha*acc on and above the diagonal, mirrored below.
+
+    int32 offsets (factors have n <= 46340): 64-bit offset tiles cost registers."""
+    r = offs_i[:, None]
+    c = offs_j[None, :]
+    # Only the upper triangle is read: the lower one may hold anything (even NaN).
+    upper = (r <= c) & (c < n)
+    f_rc = F + (r * stride_f + c)
+    old = tl.load(f_rc, mask=upper, other=0.0)
+    # beta == 0 overwrites without reading (the op contract): 0 * NaN would leak
+    out = tl.where(beta == 0, 0.0, beta * old) + alpha * acc
+    tl.store(f_rc, out, mask=upper)
+    # Transposed in registers so the mirrored store stays coalesced.
+    f_cr = F + (offs_j[:, None] * stride_f + offs_i[None, :])
+    tl.store(f_cr, tl.trans(out), mask=tl.trans(upper))
+
+
+# ---------------------------------------------------------------------------------------
+# host helpers
+# ---------------------------------------------------------------------------------------
+def kernel_scalar(s, device) -> tuple:
+    """(on_device, tensor, host float) for a 0-dim tensor or number: a tensor on the
+    data's device is loaded in-kernel (no sync), a CPU one next to CUDA data is read on
+    the host (no sync either), a number is passed by value."""
+    if isinstance(s, torch.Tensor):
+        if s.device == torch.device(device):
+            return True, s, 0.0
+        return False, None, float(s.item())
+    return False, None, float(s)
+
+
+def input_precision(x_dtype: torch.dtype, allow_tf32: bool) -> str:
+    """tl.dot's input_precision: TF32 only for float32 inputs when the caller allows it."""
+    return "tf32" if (x_dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def needs_index64(x: torch.Tensor) -> bool:
+    """Whether some element offset of x may exceed int32."""
+    span = sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride()) if s > 0)
+    return span >= 2**31 - 1
+
+
+def pair(v) -> tuple:
+    """(a, b) from an int or a pair of ints (validated by kfac_fast.ops)."""
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def host_table(rows, dtype, device) -> torch.Tensor:
+    """A host list as a device tensor in one asynchronous copy (pinned when on CUDA)."""
+    t = torch.tensor(rows, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def per_layer_scalars(values, L: int, device) -> torch.Tensor:
+    """A (L,) float32 tensor on `device` from one scalar, a sequence or a 1-D tensor;
+    host values travel in one copy, device values stay on the device (no sync)."""
+    if isinstance(values, torch.Tensor):
+        t = values.to(device=device, dtype=torch.float32)
+        return t.expand(L).contiguous() if t.dim() == 0 else t.reshape(L)
+    if isinstance(values, (int, float)):
+        return torch.full((L,), float(values), dtype=torch.float32, device=device)
+    values = list(values)
+    if all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values):
+        return host_table([float(v) for v in values], torch.float32, device)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
