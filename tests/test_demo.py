@@ -34,16 +34,16 @@ def test_autoencoder_architecture():
     model = demo.build_autoencoder(seed=0)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     sizes = [784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784]
-    assert [(l.in_features, l.out_features) for l in linears] == list(zip(sizes[:-1], sizes[1:]))
+    assert [(lin.in_features, lin.out_features) for lin in linears] == list(zip(sizes[:-1], sizes[1:]))
     # Logistic after every layer but the code layer (6 units, linear) and the output
     # (logits: the logistic is inside the loss).
     kinds = [type(m).__name__ for m in model]
     code = [i for i, k in enumerate(kinds) if k == "Linear"][5]  # 784-...-25 -> 6
     assert kinds.count("Sigmoid") == 10 and kinds[code + 1] == "Linear" and kinds[-1] == "Linear"
-    for l in linears:
-        nonzero = (l.weight != 0).sum(1)
-        assert torch.all(nonzero == min(15, l.in_features))
-        assert torch.all(l.bias == 0)
+    for lin in linears:
+        nonzero = (lin.weight != 0).sum(1)
+        assert torch.all(nonzero == min(15, lin.in_features))
+        assert torch.all(lin.bias == 0)
     assert torch.equal(linears[0].weight, demo.build_autoencoder(seed=0)[0].weight)
     out = model(torch.rand(3, 784))
     assert out.shape == (3, 784)

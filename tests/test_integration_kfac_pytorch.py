@@ -14,8 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 
 from kfac.preconditioner import KFACPreconditioner  # noqa: E402
 
-from kfac_fast.integrations.kfac_pytorch import (  # noqa: E402
-    accelerate, accelerated, deaccelerate, is_accelerated)
+from kfac_fast.integrations.kfac_pytorch import accelerate, accelerated, deaccelerate, is_accelerated  # noqa: E402
 
 DTYPE = torch.float64
 # kfac-pytorch decomposes in float32 on both sides: agreement is float32-level, not

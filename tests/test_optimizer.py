@@ -159,7 +159,7 @@ def test_optimizer_coefficients_equal_the_dense_solve_on_the_batch():
     for x, y in batches:
         fishers.append(dense_fisher(model, x, hess))
 
-        def closure():
+        def closure(x=x, y=y):
             out = model(x)
             return loss_fn(out, y), out
 
@@ -258,7 +258,7 @@ def test_small_autoencoder_halves_its_training_error_in_200_steps(method):
     for _ in range(200):
         xb = data[torch.randint(0, len(data), (64,), generator=gen)]
 
-        def closure():
+        def closure(xb=xb):
             out = model(xb)
             return F.binary_cross_entropy_with_logits(out, xb, reduction="sum") / xb.shape[0], out
 
