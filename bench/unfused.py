@@ -21,8 +21,8 @@ import math
 from typing import Callable, Union
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 Scalar = Union[float, Callable[[int], float]]
 

@@ -13,7 +13,7 @@ basis / the plain damped identity, so the step stays defined), counting every ru
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -48,19 +48,25 @@ def guard_weights(ok: Optional[Tensor], betas, alphas, device: torch.device) -> 
     """
     if ok is None:
         return betas, alphas
-    b, a = _as_tensor(betas, device), _as_tensor(alphas, device)
+    b, a = as_device_tensor(betas, device), as_device_tensor(alphas, device)
     ok = ok.to(device)
     return torch.where(ok, b, torch.ones_like(b)), torch.where(ok, a, torch.zeros_like(a))
 
 
-def _as_tensor(values, device: torch.device) -> Tensor:
+def as_device_tensor(values: Any, device: torch.device) -> Tensor:
+    """Host numbers (and 0-dim tensors) as a float64 1-D tensor on `device`, without a
+    host sync: a host list goes through pinned memory, non-blocking; with 0-dim device
+    tensors among them (masked row counts) the floats are filled on the device, since a
+    pageable host-to-device copy would sync. A tensor is converted as a whole."""
     if isinstance(values, torch.Tensor):
         return values.to(device=device, dtype=torch.float64).reshape(-1)
     if any(isinstance(v, torch.Tensor) for v in values):
-        return torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(())
+        return torch.stack([v.to(device=device, dtype=torch.float64).reshape(())
+                            if isinstance(v, torch.Tensor)
+                            else torch.full((), float(v), dtype=torch.float64, device=device)
                             for v in values])
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if device.type == "cuda":  # no sync: pinned, non-blocking copy
+    if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -106,18 +112,23 @@ class Health:
 
         previous[i]: (eigenvalues, eigenvectors) in use for factors[i], or None.
         tol: None for full solves, else ops.eigh's warm refresh from the previous bases.
-        Returns (eigenvalues, eigenvectors) lists, all finite.
+        Returns (eigenvalues, eigenvectors, paths): lists, all finite, and a CPU int64
+        tensor indexing `ops.EIGH_PATHS` per factor (what a warm refresh did; a factor
+        the fallback chain solved counts as "full").
         """
+        full = ops.EIGH_PATHS.index("full")
         try:
             warm = None if tol is None else [None if p is None else p[1] for p in previous]
-            vals, vecs = ops.eigh(factors, previous=warm, tol=tol)
+            vals, vecs, paths = ops.eigh(factors, previous=warm, tol=tol, return_paths=True)
             bad = [i for i in range(len(factors)) if not _finite(vals[i], vecs[i])]
         except (RuntimeError, ValueError):
             vals, vecs = [None] * len(factors), [None] * len(factors)
+            paths = torch.full((len(factors),), full, dtype=torch.int64)
             bad = list(range(len(factors)))
         for i in bad:
             vals[i], vecs[i] = self._eigh_one(factors[i], previous[i], retry_plain=vals[i] is None)
-        return vals, vecs
+            paths[i] = full
+        return vals, vecs, paths
 
     def _eigh_one(self, m: Tensor, previous, *, retry_plain: bool) -> tuple:
         if _finite(m):

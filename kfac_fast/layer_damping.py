@@ -70,9 +70,8 @@ class LayerDamping:
             return
         for name in names:
             if self._by_name is not None:
-                fn = self._by_name
                 self._resolved[name] = Hyperparameter(
-                    f"damping({name!r}, step)", lambda step, n=name: fn(n, step), positive)
+                    f"damping({name!r}, step)", lambda step, n=name, fn=self._by_name: fn(n, step), positive)
                 continue
             exact = [h for key, _, h in self._rules if key == name]
             matched = exact or [h for _, p, h in self._rules if p.fullmatch(name)]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_fast import KFACPreconditioner
-from kfac_fast.layer_kinds import update_frequencies_
+from kfac_fast.layers.embedding import update_frequencies_
 
 DAMPING = 1e-2
 
@@ -111,7 +111,8 @@ def test_conv1d_equals_unit_height_conv2d(padding, stride, bias):
     p1, p2 = precond(c1), precond(c2)
     c1(x).tanh().sum().backward()
     c2(x.unsqueeze(2)).tanh().sum().backward()
-    p1.step(); p2.step()
+    p1.step()
+    p2.step()
     l1, l2 = p1.layers[""], p2.layers[""]
     torch.testing.assert_close(l1.a_factor, l2.a_factor)
     torch.testing.assert_close(l1.g_factor, l2.g_factor)
@@ -161,7 +162,8 @@ def test_channels_last_conv2d_grads():
     ref(x).square().sum().backward()
     cl(x.to(memory_format=torch.channels_last)).square().sum().backward()
     assert cl[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
-    pr.step(); pc.step()
+    pr.step()
+    pc.step()
     for a, b in zip(ref.parameters(), cl.parameters()):
         torch.testing.assert_close(b.grad, a.grad)
     assert cl[0].weight.grad.is_contiguous(memory_format=torch.channels_last)

@@ -246,7 +246,7 @@ def _g_factors(loss_average, loss_fn, x, y):
     model = mlp(seed=3)
     precond = KFACPreconditioner(model, loss_average=loss_average, kl_clip=None, factor_dtype=torch.float64)
     rec, _ = run_step(model, precond, x, y, loss_fn)
-    return model, rec, {n: l.g_factor.clone() for n, l in precond.layers.items()}
+    return model, rec, {n: layer.g_factor.clone() for n, layer in precond.layers.items()}
 
 
 @pytest.mark.parametrize("loss_average,loss_fn,scale", [
@@ -278,7 +278,7 @@ def test_factors_do_not_change_with_batch_size():
         model = mlp(seed=5)
         precond = KFACPreconditioner(model, kl_clip=None, factor_dtype=torch.float64)
         run_step(model, precond, xx, yy, ce_batch)
-        out.append({n: (l.a_factor.clone(), l.g_factor.clone()) for n, l in precond.layers.items()})
+        out.append({n: (layer.a_factor.clone(), layer.g_factor.clone()) for n, layer in precond.layers.items()})
     for name in out[0]:
         torch.testing.assert_close(out[0][name][0], out[1][name][0], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(out[0][name][1], out[1][name][1], rtol=1e-12, atol=1e-14)

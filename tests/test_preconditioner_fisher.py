@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_preconditioner import dw_bar, layer_modules, mlp
 
 from kfac_fast import KFACPreconditioner
 from kfac_fast.fisher import sampled_output_grad
-from test_preconditioner import dw_bar, layer_modules, mlp
 
 # float64 oracles: every test here runs with float64 as the default dtype.
 pytestmark = pytest.mark.usefixtures("float64_default")

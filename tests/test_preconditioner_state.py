@@ -7,17 +7,17 @@ import warnings
 
 import pytest
 import torch
+from test_preconditioner import ce_batch, cnn, dense_eigen, dw_bar, layer_modules, mlp, oracle_a, oracle_g, run_step
 from torch import nn
 
 from kfac_fast import KFACPreconditioner
-from test_preconditioner import ce_batch, cnn, dense_eigen, dw_bar, layer_modules, mlp, oracle_a, oracle_g, run_step
 
 # float64 oracles: every test here runs with float64 as the default dtype.
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def factors(precond):
-    return {n: (l.a_factor.clone(), l.g_factor.clone()) for n, l in precond.layers.items()}
+    return {n: (layer.a_factor.clone(), layer.g_factor.clone()) for n, layer in precond.layers.items()}
 
 
 def grads(model):
@@ -92,11 +92,13 @@ def test_accumulation_equals_one_larger_batch(in_hooks, method):
     p_small = KFACPreconditioner(small, method=method, kl_clip=None, factor_dtype=torch.float64,
                                  accumulation_steps=k, update_factors_in_hooks=in_hooks)
     for _ in range(2):  # the second step also exercises beta_k and the hook-mode EKFAC scales
-        big.zero_grad(); small.zero_grad()
+        big.zero_grad()
+        small.zero_grad()
         ce_batch(big(x), y).backward()
         for xs, ys in zip(x.chunk(k), y.chunk(k)):
             (ce_batch(small(xs), ys) / k).backward()
-        p_big.step(); p_small.step()
+        p_big.step()
+        p_small.step()
         assert_same(factors(p_big), factors(p_small), rtol=1e-12, atol=1e-14)
         assert_same(grads(big), grads(small), rtol=1e-9, atol=1e-12)
     if method == "ekfac" and not in_hooks:
@@ -117,7 +119,7 @@ def test_hooks_mode_matches_held_mode_on_convolutions():
     run_step(models[1], hooked, x, y, ce_batch)
     assert_same(factors(held), factors(hooked), rtol=1e-12, atol=1e-14)
     assert_same(grads(models[0]), grads(models[1]), rtol=1e-10, atol=1e-13)
-    assert all(not l.inputs and not l.grads for l in hooked.layers.values())
+    assert all(not layer.inputs and not layer.grads for layer in hooked.layers.values())
 
 
 @pytest.mark.parametrize("in_hooks", [False, True])
@@ -305,7 +307,7 @@ def test_bf16_autocast_activations_accumulate_into_fp32_factors():
             loss = ce_batch(model(x), y)
         loss.backward()
         precond.step()
-        assert all(l.a_factor.dtype == l.g_factor.dtype == torch.float32 for l in precond.layers.values())
+        assert all(layer.a_factor.dtype == layer.g_factor.dtype == torch.float32 for layer in precond.layers.values())
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         out.append(factors(precond))
     # bf16 keeps 8 bits of mantissa: the factors agree to bf16 accuracy, not better

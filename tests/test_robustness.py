@@ -36,7 +36,7 @@ def backward(model, x, y):
 
 
 def snapshot(precond):
-    return {n: {k: v.clone() for k, v in l.state_tensors().items()} for n, l in precond.layers.items()}
+    return {n: {k: v.clone() for k, v in layer.state_tensors().items()} for n, layer in precond.layers.items()}
 
 
 def assert_state_equal(before, after):
@@ -202,7 +202,7 @@ def test_nonfinite_factor_keeps_the_previous_decomposition():
 def test_solver_without_previous_result_falls_back_to_identity(monkeypatch):
     monkeypatch.setattr(health.ops, "eigh", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
     h = health.Health()
-    vals, vecs = h.solve_eigh([torch.eye(3)], [None])
+    vals, vecs, _ = h.solve_eigh([torch.eye(3)], [None])
     assert torch.equal(vecs[0], torch.eye(3)) and torch.equal(vals[0], torch.zeros(3))
     assert h.report()["kept_previous"] == 1
 
@@ -217,7 +217,7 @@ def test_hard_spectra_solve_to_finite_results(spectrum):
     q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
     m = ((q * torch.tensor(spectrum, dtype=torch.float64)) @ q.mT).float()
     h = health.Health()
-    vals, vecs = h.solve_eigh([m], [None])
+    vals, vecs, _ = h.solve_eigh([m], [None])
     assert torch.isfinite(vals[0]).all() and torch.isfinite(vecs[0]).all()
     inv = h.solve_inverse([m], [torch.tensor(1e-3)], [None])
     assert torch.isfinite(inv[0]).all()

@@ -11,10 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_fast import KFACPreconditioner
-from kfac_fast import ops
-from kfac_fast.demo import KFAC_SETTINGS, bce_loss, build_autoencoder
+from kfac_fast import KFACPreconditioner, ops
 from kfac_fast.curves import make_curves
+from kfac_fast.demo import KFAC_SETTINGS, bce_loss, build_autoencoder
 from kfac_fast.precision import eigen_denominators, precondition_bf16
 
 
@@ -130,7 +129,7 @@ def test_padded_batch_with_mask_equals_unpadded_batch():
         model = token_mlp()
         pre = KFACPreconditioner(model, damping=1e-2, kl_clip=1e-3, loss_average="tokens",
                                  factor_dtype=torch.float64)
-        for step in range(2):  # the second step runs the running average too
+        for _ in range(2):  # the second step runs the running average too
             model.zero_grad()
             if use_mask:
                 pre.set_row_mask(mi)
@@ -258,9 +257,9 @@ def test_bf16_precision_error_on_demo_factors():
     xb = make_curves(128, seed=9)
     model.zero_grad()
     bce_loss(model(xb), xb).backward()
-    grads = [grad_bar(l.module).clone() for l in layers]
-    qa, da = [l.qa for l in layers], [l.da for l in layers]
-    qg, dg = [l.qg for l in layers], [l.dg for l in layers]
+    grads = [grad_bar(layer.module).clone() for layer in layers]
+    qa, da = [layer.qa for layer in layers], [layer.da for layer in layers]
+    qg, dg = [layer.qg for layer in layers], [layer.dg for layer in layers]
     exact = ops.precondition_eigen([g.double() for g in grads], [q.double() for q in qa],
                                    [d.double() for d in da], [q.double() for q in qg],
                                    [d.double() for d in dg], damping)

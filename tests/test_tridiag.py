@@ -9,9 +9,8 @@ from torch import nn
 
 import kfac_fast
 from kfac_fast import KFACPreconditioner, ops
-from kfac_fast.tridiag import (TridiagPreconditioner, find_chains, kronecker_difference_inverses,
-                               precondition_chain)
 from kfac_fast.schedules import running_average_weights
+from kfac_fast.tridiag import TridiagPreconditioner, find_chains, kronecker_difference_inverses, precondition_chain
 
 WIDTHS = (4, 5, 3, 2)
 
@@ -47,10 +46,13 @@ def dense_tridiag_gradient(precond, grads):
     layers = [precond.layers[n] for n in names]
     damping = precond.damping(precond.steps)
     diag = []
-    for l in layers:
-        da, dg = ops.pi_damping(l.a_factor, l.g_factor, damping)
-        eye = lambda n: torch.eye(n, dtype=torch.float64)
-        diag.append(torch.kron(l.a_factor + da * eye(l.a_dim), l.g_factor + dg * eye(l.g_dim)))
+
+    def eye(n):
+        return torch.eye(n, dtype=torch.float64)
+
+    for layer in layers:
+        da, dg = ops.pi_damping(layer.a_factor, layer.g_factor, damping)
+        diag.append(torch.kron(layer.a_factor + da * eye(layer.a_dim), layer.g_factor + dg * eye(layer.g_dim)))
     cross = [torch.kron(p.a_cross, p.g_cross) for p in precond.pairs]
     sizes = [d.shape[0] for d in diag]
     offs = [0] + list(torch.tensor(sizes).cumsum(0).tolist())
@@ -76,7 +78,8 @@ def dense_tridiag_gradient(precond, grads):
             torch.testing.assert_close(f_hat[sk, offs[k + 1]:offs[k + 2]], cross[k], rtol=1e-8, atol=1e-10)
     g = torch.cat([vec(grads[n]) for n in names])
     p = f_inv @ g
-    return {nm: unvec(p[offs[k]:offs[k + 1]], l.g_dim, l.a_dim) for k, (nm, l) in enumerate(zip(names, layers))}
+    return {nm: unvec(p[offs[k]:offs[k + 1]], layer.g_dim, layer.a_dim)
+            for k, (nm, layer) in enumerate(zip(names, layers))}
 
 
 def grad_bar(layer):
@@ -100,7 +103,7 @@ def test_cross_factors_are_running_averages_of_paired_rows():
     expected_c = expected_d = None
     for step, (x, y) in enumerate(zip(xs, ys)):
         acts, outs = {}, {}
-        def record(m, i, o, n):
+        def record(m, i, o, n, acts=acts, outs=outs):
             acts[n], outs[n] = i[0], o
 
         hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(m, i, o, n))
@@ -134,13 +137,13 @@ def test_preconditioned_gradient_matches_dense_block_tridiagonal_inverse(bias):
         x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
         model.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
-        raw = {n: grad_bar(l) for n, l in precond.layers.items()}
+        raw = {n: grad_bar(layer) for n, layer in precond.layers.items()}
         precond.step()
     assert [p.key for p in precond.pairs] == ["0|2", "2|4"]
     assert all(p.state is not None for p in precond.pairs)
     expected = dense_tridiag_gradient(precond, raw)
-    for n, l in precond.layers.items():
-        torch.testing.assert_close(grad_bar(l), expected[n], rtol=1e-8, atol=1e-12)
+    for n, layer in precond.layers.items():
+        torch.testing.assert_close(grad_bar(layer), expected[n], rtol=1e-8, atol=1e-12)
     # the cross terms matter: block-diagonal gives a different direction
     blockdiag = raw["2"]
     l2 = precond.layers["2"]
@@ -164,7 +167,7 @@ def test_zero_cross_factors_give_the_block_diagonal_method():
     for p, g in zip(model.parameters(), raw):
         p.grad = g.clone()
     tri.repeat_precondition(refresh=True)
-    for p, q, c in zip(model.parameters(), twin.parameters(), changed):
+    for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
     assert any((c - p.grad).norm() > 1e-3 * p.grad.norm() for p, c in zip(model.parameters(), changed))
 

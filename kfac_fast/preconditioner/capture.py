@@ -1,0 +1,125 @@
+"""Capture: what the layers' hooks hand the preconditioner, and the MC Fisher's backward.
+
+A forward hook reports each registered layer's input and output (`on_forward`); on a
+factor-update step the input is held (or consumed at once in hooks mode) and a
+gradient hook on the output collects the output gradient in row layout. Row masks of
+padded sequences are applied here; `sample_fisher` runs the MC Fisher's extra
+backward to the captured outputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import row_mask as row_masks
+from ..fisher import canonical_loss, sampled_output_grad
+from ..layers import KFACLayer
+from .base import PreconditionerBase
+
+
+class CaptureMixin(PreconditionerBase):
+    """The hooks' side of KFACPreconditioner."""
+
+    def _is_factor_step(self) -> bool:
+        step, cached = self._factor_step_cache
+        if step != self.steps:
+            cached = self.steps % self.factor_update_steps(self.steps) == 0
+            self._factor_step_cache = (self.steps, cached)
+        return cached
+
+    def on_forward(self, layer: KFACLayer, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Forward hook body: hold or consume the input, arrange for the output gradient."""
+        capture = self._is_factor_step()
+        mask = None
+        if capture:
+            x = layer.batched_input(x)
+            mask = row_masks.mask_for(self._row_mask, x) if layer.row_maskable else None
+            rows = None
+            if mask is not None:  # x_bar with padding rows zeroed: its own ones-column
+                x, rows = row_masks.masked_input(x, mask, layer.has_bias), row_masks.real_rows(mask)
+            if self.update_factors_in_hooks:
+                self._hook_update_a(layer, x, rows)
+                if self.method == "ekfac":
+                    layer.inputs.append(x)
+            else:
+                layer.inputs.append(x)
+                layer.input_rows.append(rows)
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        if capture and self.fisher == "mc":
+            layer.edges.append(torch.autograd.graph.get_gradient_edge(output))
+        empirical = capture and self.fisher == "empirical"
+
+        def grad_hook(g: torch.Tensor) -> None:
+            # registered before any in-place op on `output`, so g is the gradient of the
+            # layer's own output even when e.g. ReLU(inplace=True) follows
+            layer.fired_backward = True
+            if empirical:
+                rows = layer.grad_rows(g.detach())
+                if mask is None:
+                    self._on_grad(layer, rows)
+                else:
+                    self._on_grad(layer, row_masks.masked_rows(rows, mask), row_masks.real_rows(mask))
+
+        output.register_hook(grad_hook)
+
+    def _on_grad(self, layer: KFACLayer, rows: torch.Tensor,
+                 tokens: Optional[torch.Tensor] = None) -> None:
+        """tokens: the real rows of a masked capture (0-dim device tensor), else None."""
+        if self.update_factors_in_hooks:
+            self._hook_update_g(layer, rows, tokens)
+        else:
+            layer.grads.append(rows)
+            layer.grad_tokens.append(tokens)
+
+    def set_row_mask(self, mask: Optional[torch.Tensor]) -> None:
+        """The real-token mask of the next forward (see the package docstring): a bool
+        (N, T) tensor, True for real tokens, applied to every nn.Linear whose input has
+        leading dims exactly (N, T). It holds until `step()` (which clears it) or the next
+        call; None clears it. Methods "eigen"/"inverse" with fisher="empirical"."""
+        mask = row_masks.check_row_mask(mask)
+        if mask is not None and (self.method == "ekfac" or self.fisher == "mc"):
+            raise ValueError(f"set_row_mask supports method 'eigen'/'inverse' with fisher='empirical', "
+                             f"this preconditioner has method={self.method!r}, fisher={self.fisher!r}")
+        self._row_mask = mask
+
+    def sample_fisher(self, output: torch.Tensor, loss: str = "cross_entropy", *,
+                      num_samples: int = 1, generator: Optional[torch.Generator] = None,
+                      variance: float = 1.0) -> None:
+        """The MC Fisher's extra backward (needs `fisher="mc"`).
+
+        Samples targets from the model's predictive distribution at `output` (see
+        `kfac_fast.fisher`) and back-propagates sum_rows -log p(y|output) to the outputs
+        of the layers captured since the last call, with `torch.autograd.grad`
+        (retain_graph=True; no `.grad` is touched, no DDP hook fires). Call it after the
+        forward and before the user's `loss.backward()`. On steps that do not update
+        factors it does nothing.
+
+        Args:
+            output: the model's output (logits, or the mean for "gaussian").
+            loss: "cross_entropy" (classes last), "bce_with_logits" or "gaussian"/"mse".
+            num_samples: independent samples; G averages over them.
+            generator: optional torch.Generator for reproducible sampling.
+            variance: variance of the "gaussian" predictive distribution.
+        """
+        if self.fisher != "mc":
+            raise RuntimeError("sample_fisher needs KFACPreconditioner(..., fisher='mc'), "
+                               f"this one has fisher={self.fisher!r}")
+        loss = canonical_loss(loss)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            raise ValueError("output must be a tensor that requires grad (the model's output)")
+        pending = [(layer, edge) for layer in self.layers.values() for edge in layer.edges]
+        for layer in self.layers.values():
+            layer.edges.clear()  # a later micro-batch must not revisit a freed graph
+        if not pending:
+            return
+        for _ in range(num_samples):
+            grad_out = sampled_output_grad(output, loss, generator=generator, variance=variance)
+            grads = torch.autograd.grad([output], [e for _, e in pending], [grad_out],
+                                        retain_graph=True, allow_unused=True)
+            for (layer, _), g in zip(pending, grads):
+                if g is not None:
+                    self._on_grad(layer, layer.grad_rows(g))

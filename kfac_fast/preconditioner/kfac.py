@@ -1,0 +1,372 @@
+"""KFACPreconditioner: K-FAC for any nn.Module through the `kfac_fast.ops` API.
+
+Usage (the familiar three lines; K-FAC rewrites `.grad` between backward and step)::
+
+    precond = KFACPreconditioner(model, lr=0.1, damping=1e-3)
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)      # mean over the batch: loss_average="batch"
+        loss.backward()
+        precond.step()                           # preconditions .grad in place
+        optimizer.step()
+
+The true (MC) Fisher of the paper, `fisher="mc"`: one extra backward with targets
+sampled from the model, through `torch.autograd.grad` with respect to the captured
+layer outputs (it touches neither `.grad` nor DDP hooks). Call it after the forward and
+before the user's backward (or after `loss.backward(retain_graph=True)`)::
+
+    out = model(x)
+    precond.sample_fisher(out, "cross_entropy")  # or "bce_with_logits", "gaussian"
+    F.cross_entropy(out, y).backward()
+    precond.step()
+
+AMP: activations and gradients may be bf16/fp16; factors stay fp32. With a
+`torch.amp.GradScaler` pass it as `grad_scaler=` and unscale the grads before K-FAC::
+
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    precond.step()
+    scaler.step(optimizer); scaler.update()
+
+The captured output gradients carry the scale s; G is corrected by 1/s^2 on the device
+(the scale is read as a tensor: no host sync), and a step whose gradients overflowed
+leaves G unchanged (the update's weight becomes 0 on the device).
+
+Memory: by default the layer inputs and output gradients of a factor-update step are
+held until `step()` (one grouped `update_factors_` launch for all layers). Holding the
+inputs keeps every layer's activation alive past the backward that would have freed
+it (about one activation's worth per registered layer, plus the output gradients).
+`update_factors_in_hooks=True` instead updates each factor inside its hook (one launch
+per layer and capture) and holds nothing (EKFAC still holds each input until the
+layer's backward, and on steps that refresh the eigenbasis until `step()`, whose scale
+update must follow the refresh).
+
+Padded sequences: before the forward of a step (of each micro-batch), pass the row
+mask of the batch, (N, T) bool with True for real tokens::
+
+    precond.set_row_mask(attention_mask.bool())
+    loss = masked_token_loss(model(x), y, attention_mask)
+    loss.backward()
+    precond.step()                               # clears the mask
+
+Every nn.Linear whose input has leading dims exactly (N, T) then takes its A and G
+from the real rows only; A's 1/R and loss_average="tokens"'s S count real rows
+(device tensors: no host sync). Other layers (different leading dims, Conv, Embedding)
+are unaffected. Methods "eigen" and "inverse", empirical Fisher.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .. import distributed as data_parallel
+from ..health import Health
+from ..layer_damping import LayerDamping
+from ..layers import KFACLayer, is_layer, make_layer, unsupported_reason
+from ..precision import check_precision
+from ..schedules import Hyperparameter, Schedule, at_least_one, decay_range, positive
+from .capture import CaptureMixin
+from .extension import Curvature
+from .factors import FactorUpdateMixin
+from .precondition import PreconditionMixin
+from .refresh import RefreshMixin
+from .state import StateMixin
+
+METHODS = ("eigen", "inverse", "ekfac")
+FISHERS = ("empirical", "mc")
+LOSS_AVERAGES = ("batch", "tokens", "sum")
+
+
+class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, PreconditionMixin, StateMixin):
+    """K-FAC preconditioner for the nn.Linear and nn.Conv2d layers of a model.
+
+    Args:
+        model: the nn.Module whose layers are preconditioned (registered at construction).
+        factor_update_steps: update the factors every this many steps (int or schedule).
+        inv_update_steps: recompute eigendecompositions / inverses every this many steps;
+            the first step always refreshes, and a layer seen for the first time is
+            refreshed on the step it first has factors.
+        damping: lambda of DESIGN.md (> 0). "eigen"/"ekfac" use it at every step;
+            "inverse" bakes it into the inverses at refresh steps. Per layer: a dict
+            {module name or regex (re.fullmatch): value or schedule}, with the key
+            "default" for the rest, or a callable f(name, step) (see
+            `kfac_fast.layer_damping`); single-process only.
+        factor_decay: decay of the zero-debiased running average of the factors, in [0, 1).
+        kl_clip: KL-clip constant c (> 0), or None for no clipping.
+        lr: the learning rate the KL clip assumes (> 0; used only by the clip).
+        method: "eigen" (exact Kronecker damping), "inverse" (factored Tikhonov with the
+            pi correction) or "ekfac" (eigenbasis rescaled by per-example statistics).
+        fisher: "empirical" (the user's own backward) or "mc" (see `sample_fisher`).
+        loss_average: what the user's loss averages over, the S of DESIGN.md's G:
+            "batch" (a mean over the N examples of dim 0), "tokens" (a mean over all
+            rows of each layer's output, e.g. N*T for a transformer), "sum" (S = 1), or
+            a number (S itself, taken literally). With `accumulation_steps=k` the loss
+            of each micro-batch is assumed divided by k for "batch" and "tokens".
+        skip_layers: regexes (re.search) on module names and class names; a match on a
+            module or any of its ancestors skips it.
+        factor_dtype: torch.float32 or torch.float64.
+        grad_scaler: a torch.amp.GradScaler whose scale the output gradients carry.
+        accumulation_steps: micro-batches per `step()` (each loss divided by k). Held
+            captures give exactly one k-times larger batch; with
+            `update_factors_in_hooks=True` micro-batches are weighted equally (exact for
+            equal sizes).
+        update_factors_in_hooks: update factors inside the hooks instead of holding the
+            captures until `step()` (saves memory, one launch per layer).
+
+        process_group: the torch.distributed group to run data-parallel over (None: the
+            world, when torch.distributed is initialised). See docs/distributed.md.
+        distributed: None (data-parallel when torch.distributed is initialised), False
+            (never), True or a `kfac_fast.distributed.DistributedOptions` (strategy,
+            factor_sync, bucket_cap_mb, profile). Construction is then a collective: every
+            rank must build the same model, and `state_dict()` is called on every rank.
+        max_factor_dim: memory guard: a layer with a factor dimension (a_dim or g_dim)
+            above it is skipped (left to the user's optimizer), warned once by name.
+        guard_nonfinite: a step with a non-finite capture or gradient (e.g. an AMP
+            overflow) updates no factor, keeps the decompositions and leaves `.grad`
+            unpreconditioned, all decided on the device (no host sync); counted in
+            `health()` and `state_dict()`. Costs one isfinite reduction and one copy of
+            the gradients per step; False turns it off. Data-parallel: the flag is
+            all-reduced (MIN, on the device) so every rank drops the same steps; one
+            tiny all-reduce per factor step (per capture with update_factors_in_hooks).
+        eigh_tol: None (default): every eigenbasis refresh is a full eigendecomposition.
+            A float >= 0: refreshes are warm (`ops.eigh(..., previous=Q, tol=eigh_tol)`,
+            see `kfac_fast.warm_eigh`): a factor whose previous basis Q still nearly
+            diagonalises it (off-diagonal ratio ||offdiag(Q^T F Q)||_F / ||F||_F <= tol) is
+            kept or refined by a few rotations instead of solved again; the rest are fully
+            solved. The trade-off: refreshes cost about two GEMMs per kept factor instead
+            of an eigh, while the preconditioned gradient moves by at most
+            (r_A + r_G + r_A r_G) ||A||_F ||G||_F / damping relatively (warm_eigh's bound;
+            in practice far less: tol=0.03 kept it within 0.75% of the full solve's in
+            bench/bench_warm_eigh.py). Eigen and EKFAC methods only. Data-parallel: each
+            factor's owner rank refreshes warm from the basis it holds; `refresh_stats`
+            (and the solver counters of `health()`) then count this rank's factors only.
+        precision: of the preconditioning products (`kfac_fast.precision`). "fp32"
+            (default, exact); "tf32": allow_tf32 for those products on CUDA (a no-op on
+            CPU); "bf16" (eigen/ekfac, single-process): eigenvectors and gradient
+            rounded to bf16 for the two GEMM sandwiches, fp32 accumulation (emulated by
+            casting on CPU). Measured on the demo autoencoder (3 steps, its own
+            gradient): relative error of the preconditioned gradient 3.1e-5 in fp32,
+            0.31 in bf16 (ill-conditioned decoder factors dominate; see
+            `kfac_fast.precision`).
+
+    Every numeric hyperparameter also accepts a callable of the step count (the number
+    of `step()` calls before the current one).
+
+    Attributes:
+        layers: dict from module name to its `KFACLayer` (a_factor, g_factor, counts,
+            decompositions).
+        steps: number of completed `step()` calls.
+        last_nu: the KL-clip factor of the last step (0-dim device tensor) or None.
+        refresh_stats: eigenbasis refreshes so far, counted per factor: {"kept",
+            "refined", "full"} (see `eigh_tol`; without it every factor is "full").
+    """
+
+    def __init__(self, model: nn.Module, *, factor_update_steps: Schedule = 1, inv_update_steps: Schedule = 10,
+                 damping: Union[Schedule, dict, Callable[[str, int], float]] = 1e-3,
+                 factor_decay: Schedule = 0.95, kl_clip: Optional[Schedule] = 1e-3, lr: Schedule = 0.1,
+                 method: str = "eigen", fisher: str = "empirical", loss_average: Union[str, float] = "batch",
+                 skip_layers: Union[str, Iterable[str]] = (), factor_dtype: torch.dtype = torch.float32,
+                 grad_scaler: Any = None, accumulation_steps: int = 1,
+                 update_factors_in_hooks: bool = False, process_group: Any = None,
+                 distributed: Union[None, bool, data_parallel.DistributedOptions] = None,
+                 max_factor_dim: Optional[int] = None, guard_nonfinite: bool = True,
+                 eigh_tol: Optional[float] = None, precision: str = "fp32") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        if isinstance(loss_average, str):
+            if loss_average not in LOSS_AVERAGES:
+                raise ValueError(f"loss_average must be one of {LOSS_AVERAGES} or a number > 0, "
+                                 f"got {loss_average!r}")
+        elif isinstance(loss_average, bool) or not isinstance(loss_average, (int, float)) \
+                or not loss_average > 0 or loss_average == float("inf"):
+            raise ValueError(f"loss_average must be one of {LOSS_AVERAGES} or a finite number > 0, "
+                             f"got {loss_average!r}")
+        if factor_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype}")
+        if grad_scaler is not None and not (hasattr(grad_scaler, "scale") and hasattr(grad_scaler, "unscale_")):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
+                or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if not isinstance(update_factors_in_hooks, bool):
+            raise TypeError(f"update_factors_in_hooks must be a bool, got {update_factors_in_hooks!r}")
+
+        self.factor_update_steps = Hyperparameter("factor_update_steps", factor_update_steps,
+                                                  at_least_one, integer=True)
+        self.inv_update_steps = Hyperparameter("inv_update_steps", inv_update_steps,
+                                               at_least_one, integer=True)
+        self.damping = LayerDamping(damping)
+        self.precision = check_precision(precision, method)
+        self._row_mask: Optional[torch.Tensor] = None
+        self.factor_decay = Hyperparameter("factor_decay", factor_decay, decay_range)
+        self.kl_clip = Hyperparameter("kl_clip", kl_clip, positive, optional=True)
+        self.lr = Hyperparameter("lr", lr, positive)
+        self.method = method
+        self.fisher = fisher
+        self.loss_average = loss_average
+        self.factor_dtype = factor_dtype
+        self.grad_scaler = grad_scaler
+        self.accumulation_steps = accumulation_steps
+        self.update_factors_in_hooks = update_factors_in_hooks
+        self.steps = 0
+        self.last_nu: Optional[torch.Tensor] = None
+        self._factor_step_cache: tuple[int, bool] = (-1, False)
+        self._warned: set = set()
+        if max_factor_dim is not None and (isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int)
+                                           or max_factor_dim < 1):
+            raise ValueError(f"max_factor_dim must be None or an int >= 1, got {max_factor_dim!r}")
+        if not isinstance(guard_nonfinite, bool):
+            raise TypeError(f"guard_nonfinite must be a bool, got {guard_nonfinite!r}")
+        self.max_factor_dim = max_factor_dim
+        self.guard_nonfinite = guard_nonfinite
+        if eigh_tol is not None:
+            if isinstance(eigh_tol, bool) or not isinstance(eigh_tol, (int, float)) \
+                    or not 0 <= eigh_tol < float("inf"):
+                raise ValueError(f"eigh_tol must be None or a finite number >= 0, got {eigh_tol!r}")
+            if method == "inverse":
+                raise ValueError("eigh_tol applies to method='eigen' or 'ekfac' (the inverse method "
+                                 "does not eigendecompose)")
+            eigh_tol = float(eigh_tol)
+        self.eigh_tol = eigh_tol
+        self.refresh_stats = {"kept": 0, "refined": 0, "full": 0}
+        self._health = Health()
+        # this step's capture flag (0-dim device bool, ANDed over every checked capture)
+        self._captures_ok: Optional[torch.Tensor] = None
+        self._curvatures: list[Curvature] = []
+
+        self._skip = _compile_skip(skip_layers)
+        self.layers: dict[str, KFACLayer] = {}
+        self._register(model)
+        if not self.layers:
+            raise ValueError("model has no nn.Linear or nn.Conv2d layer left to precondition "
+                             "(check skip_layers)")
+        self.damping.resolve(self.layers)
+        # None when single-process (or a group of one): then nothing below communicates
+        self.distributed = data_parallel.setup(model, self.layers, method, process_group, distributed,
+                                               health=self._health, eigh_tol=self.eigh_tol)
+        if self.distributed is not None and (self.damping.per_layer or self.precision == "bf16"):
+            raise ValueError("per-layer damping and precision='bf16' are single-process only "
+                             "(data-parallel K-FAC takes one damping and the fp32 ops)")
+        unsupported = [layer for layer in self.layers.values() if not layer.data_parallel]
+        if self.distributed is not None and unsupported:
+            what = type(unsupported[0].module).__name__
+            raise ValueError(f"data-parallel K-FAC does not support nn.{what} layers yet: "
+                             f"pass skip_layers='{what}'")
+        for layer in self.layers.values():
+            layer.install(self)
+
+    # ------------------------------------------------------------------------------------
+    # registration
+    # ------------------------------------------------------------------------------------
+    def _register(self, model: nn.Module) -> None:
+        def visit(module: nn.Module, name: str, skipped: bool) -> None:
+            skipped = skipped or any(p.search(name) or p.search(type(module).__name__)
+                                     for p in self._skip)
+            if is_layer(module) and not skipped:
+                why = unsupported_reason(module, self.method) or self._too_large(name, module)
+                if why is None:
+                    self.layers[name] = make_layer(name, module)
+                else:
+                    warnings.warn(f"KFACPreconditioner: skipping layer {name!r}: {why}", stacklevel=4)
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name, skipped)
+
+        visit(model, "", False)
+
+    def _too_large(self, name: str, module: nn.Module) -> Optional[str]:
+        """Why max_factor_dim skips the layer (None when it fits or there is no limit)."""
+        if self.max_factor_dim is None:
+            return None
+        layer = make_layer(name, module)
+        # a diagonal A is a vector: only G is quadratic in memory
+        a_dim = 0 if layer.diagonal_a else layer.a_dim
+        if max(a_dim, layer.g_dim) <= self.max_factor_dim:
+            return None
+        return (f"factor dims {layer.a_dim} (A) and {layer.g_dim} (G) exceed max_factor_dim="
+                f"{self.max_factor_dim} (its gradient is left to the optimizer)")
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this preconditioner installed (it stops capturing)."""
+        for layer in self.layers.values():
+            layer.remove()
+
+    def add_curvature(self, curvature: Curvature) -> None:
+        """Apply `curvature` (see `kfac_fast.preconditioner.extension`) from now on: the
+        factor-update, refresh, precondition and state jobs call it after their own
+        per-layer work."""
+        self._curvatures.append(curvature)
+
+    # ------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Update factors (on factor steps), refresh decompositions (on inverse steps),
+        and rewrite `.grad` of every layer whose hooks fired since the last step."""
+        step = self.steps
+        factor_step = self._is_factor_step()
+        fired = [layer for layer in self.layers.values() if layer.fired_forward and layer.fired_backward]
+        try:
+            if factor_step and not self.update_factors_in_hooks:
+                held = [layer for layer in fired if layer.inputs and layer.grads]
+                if self.fisher == "mc" and not held and any(layer.inputs for layer in fired):
+                    raise RuntimeError("fisher='mc': call precond.sample_fisher(output, loss) after "
+                                       "the forward and before loss.backward() on factor-update steps")
+                if held:
+                    self._update_factors(held)
+            if factor_step and self.distributed is not None:
+                self.distributed.factors_updated([layer for layer in fired if layer.a_count > 0 and layer.g_count > 0])
+            have_factors = [layer for layer in self.layers.values() if layer.a_count > 0 and layer.g_count > 0]
+            if step % self.inv_update_steps(step) == 0:
+                stale = have_factors
+            else:
+                stale = [layer for layer in have_factors if not self._has_inverse_state(layer, self.method)]
+            if stale:
+                self._refresh(stale)
+            if self.method == "ekfac" and factor_step:
+                # hooks mode holds pairs only on steps that refresh the basis
+                self._update_scales([layer for layer in fired if layer.inputs and layer.grads and layer.qa is not None])
+            self._guarded_precondition([layer for layer in fired if layer.a_count > 0 and layer.g_count > 0
+                                        and self._has_inverse_state(layer, self.method)])
+        finally:
+            for layer in self.layers.values():
+                layer.clear_captures()
+            self._captures_ok = None
+            self._row_mask = None  # a mask describes one batch
+            self.steps += 1
+
+    def health(self) -> dict:
+        """How often the safety nets fired, as Python ints (reads a device counter: one
+        host sync, so call it when logging, not every step):
+        nonfinite_steps (steps whose captures or gradients were not finite: no factor
+        update, `.grad` left unpreconditioned), and on refresh steps fp64_retries,
+        damped_retries (solved with added damping), kept_previous (the decomposition or
+        inverse in use was kept, or the identity when there was none)."""
+        return self._health.report()
+
+
+def _compile_skip(skip_layers: Union[str, Iterable[str]]) -> list:
+    if isinstance(skip_layers, str):
+        skip_layers = (skip_layers,)
+    try:
+        patterns = list(skip_layers)
+    except TypeError:
+        raise TypeError(f"skip_layers must be a regex or an iterable of regexes, "
+                        f"got {type(skip_layers).__name__}") from None
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"skip_layers entries must be strings, got {p!r}")
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"skip_layers: bad regex {p!r}: {exc}") from None
+    return out
+
