@@ -86,7 +86,7 @@ def run_table(sizes, tols, refreshes, damping, device):
         for a, gf in pairs[1:]:
             # r of the exact previous bases on the new factors: how far a refresh moves
             drift.append(offdiag_ratio(torch.stack([a, gf]), torch.stack(prev)).mean().item())
-            _, t = _timed(lambda: full_eigh([a, gf]), device)
+            _, t = _timed(lambda a=a, gf=gf: full_eigh([a, gf]), device)
             t_full.append(t)
             (ea, eg), (va, vg) = full_eigh([a.double(), gf.double()])
             grad = torch.randn(n, n, generator=g, dtype=torch.float64).to(device)
@@ -98,7 +98,8 @@ def run_table(sizes, tols, refreshes, damping, device):
             counts = [0, 0, 0]
             t_warm, errs = [], []
             for (a, gf), (grad, p_exact) in zip(pairs[1:], exact):
-                (out, t) = _timed(lambda: warm_eigh([a, gf], prev, tol, full_solve=full_eigh),
+                (out, t) = _timed(lambda a=a, gf=gf, prev=prev, tol=tol: warm_eigh([a, gf], prev, tol,
+                                                                                   full_solve=full_eigh),
                                   device)
                 (da, dg), (qa, qg), paths = out
                 t_warm.append(t)

@@ -2,9 +2,8 @@
 
 This module is only the mechanism. It knows no op and no backend by name: the backend
 modules under `kfac_fast.backends` declare themselves (`register_backend`) and add their
-rows (`register`), and `kfac_fast._ops` asks `select` on every call. The backends
-package is imported on first use, so its rows exist before the first call without the
-router importing any backend by name.
+rows (`register`) when `kfac_fast.ops` imports that package, and `kfac_fast._ops` asks
+`select` on every call.
 
 An implementation has exactly the signature of its torch reference and receives
 arguments already validated by `kfac_fast.ops`, with scalars as 0-dim tensors (a CPU
@@ -22,9 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-
-# Imported on first use: each of its modules registers one backend.
-BACKENDS_PACKAGE = "kfac_fast.backends"
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,6 @@ class _Impl:
 
 _BACKENDS: dict[str, _Backend] = {}
 _REGISTRY: dict[str, list[_Impl]] = {}
-_loaded = False
 
 
 def serves_all(call: Call) -> Optional[str]:
@@ -105,16 +100,8 @@ def register(op: str, backend: str, target: str, refuses: Refusal = on_cuda,
     impls.sort(key=lambda i: i.preference)
 
 
-def _load_backends() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        importlib.import_module(BACKENDS_PACKAGE)
-
-
 def backend_names() -> tuple[str, ...]:
     """The declared backends, in declaration order."""
-    _load_backends()
     return tuple(_BACKENDS)
 
 
@@ -151,7 +138,6 @@ def select(op: str, call: Call) -> tuple[str, Callable]:
 
 def describe(device: torch.device) -> dict[str, dict[str, str]]:
     """For each op: the backend chosen for `device` (auto rules) and why each is or is not used."""
-    _load_backends()
     call = Call(torch.device(device))
     info = {}
     for op, impls in _REGISTRY.items():

@@ -4,8 +4,9 @@ Every public function here validates its arguments (`kfac_fast._validate`: Value
 for values, shapes and lengths; TypeError for types and dtypes; each message names the
 argument), normalises them, and calls the `torch.library` custom op
 `torch.ops.kfac_fast.<name>` (`kfac_fast._ops`), whose body asks the router
-`kfac_fast._dispatch` which backend serves the call (torch reference, Triton or CUDA)
-and runs it. Exact semantics: docs/ops-api.md; math conventions: docs/design.md.
+`kfac_fast._dispatch` which backend serves the call (torch reference, Triton or CUDA:
+`kfac_fast.backends`, imported here so their rows exist before the first call) and
+runs it. Exact semantics: docs/ops-api.md; math conventions: docs/design.md.
 
 Normalisation (what every implementation receives):
 - a single scalar (`beta`, `alpha`, `damping`, `lr`, `kl_clip`) becomes a 0-dim tensor:
@@ -26,6 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _validate as check
+from . import backends  # noqa: F401  (importing it registers every implementation with the router)
 from ._ops import OP_NAMES
 
 Tensor = torch.Tensor
@@ -279,6 +281,6 @@ def unpack_triangles_(factors: Sequence[Tensor], flat: Tensor) -> list[Tensor]:
 
     flat: 1-D with exactly sum n_i(n_i+1)/2 entries, on the factors' device.
     """
-    factors, flat = check.check_unpack_triangles_(factors, flat)
-    _kfac.unpack_triangles_(factors, flat)
-    return factors
+    checked, flat = check.check_unpack_triangles_(factors, flat)
+    _kfac.unpack_triangles_(checked, flat)
+    return checked

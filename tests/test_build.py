@@ -39,8 +39,9 @@ def test_host_core_always_built():
 def test_backend_info_mentions_cuda():
     text = str(kfac_fast.backend_info())
     assert "cuda" in text
-    from kfac_fast._dispatch import describe
     import torch
+
+    from kfac_fast._dispatch import describe
 
     row = describe(torch.device("cpu"))["eigh"]
     assert "n <= 32" in row["cuda"] and "174674" in row["cuda"]

@@ -34,11 +34,14 @@ CASES = [
     (lambda: ops.update_factors_([F, F], [X, X], 0.5, 1.0, append_ones=[True]), ValueError, ["append_ones", "2"]),
     (lambda: ops.update_factors_([F, F], [X, X[:, :2]], 0.5, 1.0, append_ones=True), ValueError, ["xs[1]"]),
     (lambda: ops.update_factors_(F, [X], 0.5, 1.0), TypeError, ["factors", "list"]),
-    (lambda: ops.conv_input_factor_(F, torch.randn(1, 1, 3, 3), 0.5, 1.0, 3, 1, 0, 1), ValueError, ["factor", "9x9"]),
+    (lambda: ops.conv_input_factor_(F, torch.randn(1, 1, 3, 3), 0.5, 1.0, 3, 1, 0, 1), ValueError,
+     ["factor", "9x9"]),
     (lambda: ops.conv_input_factor_(F, torch.randn(1, 3, 3), 0.5, 1.0, 2, 1, 0, 1), ValueError, ["x", "4-D"]),
-    (lambda: ops.conv_input_factor_(F, torch.randn(1, 1, 3, 3), 0.5, 1.0, (2, 2, 2), 1, 0, 1), TypeError, ["kernel_size"]),
+    (lambda: ops.conv_input_factor_(F, torch.randn(1, 1, 3, 3), 0.5, 1.0, (2, 2, 2), 1, 0, 1), TypeError,
+     ["kernel_size"]),
     (lambda: ops.conv_input_factor_(F, torch.randn(1, 1, 3, 3), 0.5, 1.0, 2, 0, 0, 1), ValueError, ["stride"]),
-    (lambda: ops.conv_input_factor_(torch.ones(10, 10), torch.randn(1, 1, 2, 2), 0.5, 1.0, 3, 1, 0, 1), ValueError, ["kernel_size"]),
+    (lambda: ops.conv_input_factor_(torch.ones(10, 10), torch.randn(1, 1, 2, 2), 0.5, 1.0, 3, 1, 0, 1), ValueError,
+     ["kernel_size"]),
     (lambda: ops.eigh([F, torch.ones(2, 3)]), ValueError, ["matrices[1]", "square"]),
     (lambda: ops.eigh([F], previous=[torch.eye(3)], tol=0.1), ValueError, ["previous[0]"]),
     (lambda: ops.eigh([F], previous=[F, F]), ValueError, ["previous", "1 entries"]),
@@ -48,9 +51,11 @@ CASES = [
     (lambda: ops.damped_inverse([F, F], [0.1, -1.0]), ValueError, ["damping[1]"]),
     (lambda: ops.pi_damping(F, Q3, -1.0), ValueError, ["damping"]),
     (lambda: ops.pi_damping(F, torch.ones(3), 1.0), ValueError, ["g", "square"]),
-    (lambda: ops.precondition_eigen([torch.ones(2, 4)], [Q3], [D3], [Q2], [D2], 0.1), ValueError, ["grads[0]", "(2, 3)"]),
+    (lambda: ops.precondition_eigen([torch.ones(2, 4)], [Q3], [D3], [Q2], [D2], 0.1), ValueError,
+     ["grads[0]", "(2, 3)"]),
     (lambda: ops.precondition_eigen([torch.ones(2, 3)], [Q3], [D2], [Q2], [D2], 0.1), ValueError, ["da[0]"]),
-    (lambda: ops.precondition_eigen([torch.ones(2, 3)], [Q3, Q3], [D3], [Q2], [D2], 0.1), ValueError, ["qa", "1 entries"]),
+    (lambda: ops.precondition_eigen([torch.ones(2, 3)], [Q3, Q3], [D3], [Q2], [D2], 0.1), ValueError,
+     ["qa", "1 entries"]),
     (lambda: ops.precondition_eigen([torch.ones(2, 3)], [Q3], [D3], [Q2], [D2], -0.1), ValueError, ["damping"]),
     (lambda: ops.precondition_eigen_([torch.ones(2, 3)], [None], [Q3], [D3], [Q2], [D2], 0.1, kl_clip=0.1),
      ValueError, ["lr", "kl_clip"]),
@@ -65,7 +70,8 @@ CASES = [
     (lambda: ops.precondition_eigen_([], [], [], [], [], [], 0.1), ValueError, ["weight_grads", "empty"]),
     (lambda: ops.precondition_inverse_([torch.ones(2, 3)], [None], [Q3], [Q3], lr=0.1, kl_clip=1.0), ValueError,
      ["weight_grads[0]", "d_out=3"]),
-    (lambda: ops.precondition_ekfac([torch.ones(2, 3)], [Q3], [Q2], [torch.ones(3, 2)], 0.1), ValueError, ["scales[0]"]),
+    (lambda: ops.precondition_ekfac([torch.ones(2, 3)], [Q3], [Q2], [torch.ones(3, 2)], 0.1), ValueError,
+     ["scales[0]"]),
     (lambda: ops.ekfac_scales_([torch.ones(2, 3)], [torch.ones(4, 3)], [torch.ones(5, 2)], [Q3], [Q2], 0.5, 1.0),
      ValueError, ["gs[0]", "leading"]),
     (lambda: ops.ekfac_scales_([torch.ones(2, 3)], [torch.ones(4, 5)], [torch.ones(4, 2)], [Q3], [Q2], 0.5, 1.0),
@@ -103,13 +109,19 @@ def test_pack_unpack_round_trip_is_exact():
 def _op_samples():
     """One valid (op overload, args) per custom op, on fresh random inputs."""
     gen = generator(2)
-    f64t = lambda v: torch.tensor(v, dtype=torch.float64)
+    def f64t(v):
+        return torch.tensor(v, dtype=torch.float64)
+
     a, g = random_spd(4, dtype=torch.float32, gen=gen), random_spd(3, dtype=torch.float32, gen=gen)
     da, qa = torch.linalg.eigh(a)
     dg, qg = torch.linalg.eigh(g)
     k = torch.ops.kfac_fast
-    w = lambda: randn(3, 3, gen=gen)
-    b = lambda: randn(3, gen=gen)
+    def w():
+        return randn(3, 3, gen=gen)
+
+    def b():
+        return randn(3, gen=gen)
+
     return [
         (k.update_factor_.default, (a.clone(), randn(5, 3, gen=gen), f64t(0.5), f64t(0.2), True)),
         (k.update_factors_.default, ([a.clone(), g.clone()], [randn(5, 3, gen=gen), randn(2, 3, gen=gen)],

@@ -78,16 +78,19 @@ def test_inplace_equals_functional(method, kl):
     lr = 0.5
     if method == "eigen":
         ps = ops.precondition_eigen(dws, qa, da, qg, dg, 0.05)
-        run = lambda wg, bg: ops.precondition_eigen_(wg, bg, qa, da, qg, dg, 0.05, lr=lr, kl_clip=kl)
+        def run(wg, bg):
+            return ops.precondition_eigen_(wg, bg, qa, da, qg, dg, 0.05, lr=lr, kl_clip=kl)
     elif method == "inverse":
         a_inv = ops.damped_inverse(a, 0.1)
         g_inv = ops.damped_inverse(g, 0.2)
         ps = ops.precondition_inverse(dws, a_inv, g_inv)
-        run = lambda wg, bg: ops.precondition_inverse_(wg, bg, a_inv, g_inv, lr=lr, kl_clip=kl)
+        def run(wg, bg):
+            return ops.precondition_inverse_(wg, bg, a_inv, g_inv, lr=lr, kl_clip=kl)
     else:
         scales = [torch.rand(s, generator=gen) + 0.1 for s in shapes]
         ps = ops.precondition_ekfac(dws, qa, qg, scales, 0.05)
-        run = lambda wg, bg: ops.precondition_ekfac_(wg, bg, qa, qg, scales, 0.05, lr=lr, kl_clip=kl)
+        def run(wg, bg):
+            return ops.precondition_ekfac_(wg, bg, qa, qg, scales, 0.05, lr=lr, kl_clip=kl)
     wg = [t.clone() for t in w]
     bg = [None if t is None else t.clone() for t in b]
     nu = run(wg, bg)
@@ -130,10 +133,10 @@ def _ekfac_oracle(s64, x64, g64, qa64, qg64, beta, alpha):
     total = torch.zeros_like(s64)
     for n in range(x64.shape[0]):
         dw = torch.zeros_like(s64)
-        for l in range(x64.shape[1]):
-            a = x64[n, l]
+        for pos in range(x64.shape[1]):
+            a = x64[n, pos]
             a = torch.cat([a, torch.ones(1, dtype=a.dtype)]) if bias else a
-            dw += torch.outer(g64[n, l], a)
+            dw += torch.outer(g64[n, pos], a)
         total += (qg64.mT @ dw @ qa64) ** 2
     return beta * s64 + alpha * total
 
@@ -157,7 +160,8 @@ def test_ekfac_scales_match_per_example_definition(seq, bias):
 def test_ekfac_scales_chunked_per_example(monkeypatch):
     monkeypatch.setattr(reference_precondition, "EKFAC_CHUNK_ELEMENTS", 20)  # several chunks
     gen = generator(6)
-    xs, gs = [torch.randn(9, 3, 2, generator=gen, dtype=torch.float64)], [torch.randn(9, 3, 4, generator=gen, dtype=torch.float64)]
+    xs = [torch.randn(9, 3, 2, generator=gen, dtype=torch.float64)]
+    gs = [torch.randn(9, 3, 4, generator=gen, dtype=torch.float64)]
     _, _, qa, _, qg, _ = _layers(gen, [(4, 3)], dtype=torch.float64)
     s = [torch.rand(4, 3, generator=gen, dtype=torch.float64)]
     expected = _ekfac_oracle(s[0], xs[0], gs[0], qa[0], qg[0], 0.5, 0.2)

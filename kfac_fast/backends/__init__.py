@@ -1,6 +1,6 @@
 """The implementations behind `kfac_fast.ops`, one module per backend.
 
-Importing this package (the router does it on first use) registers every backend's rows
+Importing this package (`kfac_fast.ops` does) registers every backend's rows
 with `kfac_fast._dispatch`: `reference` ("torch": every op, every device; the test
 oracle), `triton` (the Triton kernels of `kfac_fast.kernels`) and `cuda` (the kernels
 of `kfac_fast._C`). Registering imports neither Triton nor `_C`. Adding a backend is one

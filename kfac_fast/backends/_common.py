@@ -7,8 +7,6 @@ kernel or `kfac_fast._C`.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections import defaultdict
 from typing import Callable, Optional, Sequence, Union
 
@@ -148,8 +146,6 @@ def solve_eigh(matrices: Sequence[torch.Tensor], previous, tol: Optional[float],
     if previous is not None and len(previous) > 0 and tol is not None:
         prev = [None if q is None else q.to(m.dtype) for m, q in zip(matrices, previous)]
         vals, vecs, paths = warm_eigh(matrices, prev, float(tol), full_solve=cold, clamp=clamp)
-        for sink in getattr(_warm_path_sinks, "stack", ()):
-            sink.append(paths)
     else:
         vals, vecs = cold(matrices) if matrices else ([], [])
         if clamp:
@@ -157,21 +153,3 @@ def solve_eigh(matrices: Sequence[torch.Tensor], previous, tol: Optional[float],
         paths = torch.full((len(matrices),), FULL, dtype=torch.int64)
     return (vals, vecs, paths) if return_paths else (vals, vecs)
 
-
-# TEMPORARY (house refactor): the thread-local the frontend read the paths from before
-# eigh returned them; deleted once `grep -rn record_warm_paths kfac_fast` finds no user.
-_warm_path_sinks = threading.local()
-
-
-@contextlib.contextmanager
-def record_warm_paths():
-    """Inside the block, every eigh call appends its per-matrix paths to the yielded list."""
-    stack = getattr(_warm_path_sinks, "stack", None)
-    if stack is None:
-        stack = _warm_path_sinks.stack = []
-    sink: list = []
-    stack.append(sink)
-    try:
-        yield sink
-    finally:
-        stack.pop()

@@ -85,8 +85,10 @@ def test_precondition_eigen_inplace(kl, dtype):
     check(nu.reshape(1), nu64.reshape(1), nu32.reshape(1))
     for w, b, r64, r32, rb64, rb32 in zip(ws, bs, w64, w32, b64, b32):
         out = w.reshape(w.shape[0], -1) if b is None else torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
-        ref = r64.reshape(r64.shape[0], -1) if rb64 is None else torch.cat([r64.reshape(r64.shape[0], -1), rb64[:, None]], 1)
-        r32_ = r32.reshape(r32.shape[0], -1) if rb32 is None else torch.cat([r32.reshape(r32.shape[0], -1), rb32[:, None]], 1)
+        ref = r64.reshape(r64.shape[0], -1)
+        ref = ref if rb64 is None else torch.cat([ref, rb64[:, None]], 1)
+        r32_ = r32.reshape(r32.shape[0], -1)
+        r32_ = r32_ if rb32 is None else torch.cat([r32_, rb32[:, None]], 1)
         if dtype == torch.float16:  # the output is rounded to fp16: compare against the rounded oracle
             r32_ = ref.half()
         check(out, ref, r32_)
