@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -30,7 +30,7 @@ def inv_schedule(step: int) -> int:
     return 1 if step < 20 else 10
 
 
-KFAC_SETTINGS = dict(factor_update_steps=1, inv_update_steps=inv_schedule, damping=1.0,
+KFAC_SETTINGS: dict[str, Any] = dict(factor_update_steps=1, inv_update_steps=inv_schedule, damping=1.0,
                      factor_decay=0.95, kl_clip=0.1, fisher="mc")
 MOMENTUM = 0.9
 
@@ -74,10 +74,10 @@ def _kfac(model, lr):
 # (T3 = 20; 300 steps, MC seed 1): with eigen it ended higher, 66.5 against 62.0; with
 # factored Tikhonov a little lower, 76.5 against ~80.5, but in 39 s instead of ~31 s.
 # Measured 2026-11-28 with throwaway scripts around `train`.
-KFAC_OPT_SETTINGS = dict(method="eigen", gamma_interval=None, inv_update_steps=20,
+KFAC_OPT_SETTINGS: dict[str, Any] = dict(method="eigen", gamma_interval=None, inv_update_steps=20,
                          factor_update_steps=2)
 # the block-tridiagonal inverse exists for factored Tikhonov damping only
-KFAC_TRI_SETTINGS = dict(KFAC_OPT_SETTINGS, method="inverse")
+KFAC_TRI_SETTINGS: dict[str, Any] = dict(KFAC_OPT_SETTINGS, method="inverse")
 
 
 def _kfac_opt(model, damping):

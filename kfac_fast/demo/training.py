@@ -100,4 +100,4 @@ def choose_lr(key: str, data, *, grid_steps: int, batch_size: int, seed: int, ev
         r = train(key, lr, data, steps=grid_steps, batch_size=batch_size, seed=seed,
                   eval_x=eval_x, eval_every=grid_steps, final=False, bar=bar)
         results[lr] = math.inf if r.diverged else r.errors[-1]
-    return min(results, key=results.get), results
+    return min(results, key=lambda lr: results[lr]), results

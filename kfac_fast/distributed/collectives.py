@@ -17,7 +17,7 @@ DEFAULT_BUCKET_CAP_MB = 25.0
 
 # pack(bucket) -> flat buffer; unpack(bucket, flat) writes the buffer back into the bucket
 Pack = Callable[[list], torch.Tensor]
-Unpack = Callable[[list, torch.Tensor], None]
+Unpack = Callable[[list, torch.Tensor], Any]
 
 
 def _dist() -> Any:

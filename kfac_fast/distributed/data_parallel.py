@@ -158,8 +158,8 @@ class DataParallelKFAC:
 
         Returns (solved, paths): how many factors this rank decomposed, and what the
         eigh refresh did for each of them (a CPU int64 tensor of `ops.EIGH_PATHS` codes,
-        in the order A then G of each owned layer), or None when nothing was solved, for
-        method "inverse", or when the solver reports no paths.
+        in the order A then G of each owned layer), or None when nothing was solved or
+        for method "inverse".
         """
         if not layers:
             return 0, None
@@ -209,10 +209,7 @@ class DataParallelKFAC:
             return None
         previous = [None if getattr(layer, f"q{s}") is None else (getattr(layer, f"d{s}"), getattr(layer, f"q{s}"))
                     for layer, s in items]
-        solved = self.health.solve_eigh(factors, previous, tol=self.eigh_tol)
-        # (vals, vecs, paths); a Health without path reporting returns (vals, vecs)
-        vals, vecs = solved[0], solved[1]
-        paths = solved[2] if len(solved) > 2 else None
+        vals, vecs, paths = self.health.solve_eigh(factors, previous, tol=self.eigh_tol)
         for (layer, side), d, q in zip(items, vals, vecs):
             setattr(layer, f"d{side}", d)
             setattr(layer, f"q{side}", q)
@@ -255,7 +252,7 @@ class DataParallelKFAC:
                 inner.update(self._precondition_owned(mine, damping, with_inner=kl_clip is not None))
         tensors, item_owners = [], []
         for layer in layers:
-            parts = _grad_tensors(layer) + ([inner[layer.name]] if kl_clip is not None else [])
+            parts = layer.param_grads() + ([inner[layer.name]] if kl_clip is not None else [])
             tensors += parts
             item_owners += [owners[(layer.name, "a")]] * len(parts)
         with self._timed("communication"):
@@ -269,14 +266,14 @@ class DataParallelKFAC:
             total = total.abs()
             nu = torch.where(total > 0, torch.clamp(torch.sqrt(kl_clip / total.clamp_min(1e-300)), max=1.0),
                              torch.ones_like(total))
-            grads = [g for layer in layers for g in _grad_tensors(layer)]
+            grads = [g for layer in layers for g in layer.param_grads()]
             torch._foreach_mul_(grads, nu.to(grads[0].dtype))
         return nu.to(nu_dtype)
 
     def _precondition_owned(self, mine: list, damping: float, *, with_inner: bool) -> dict:
         """Precondition the layers this rank owns in place in `.grad`; returns, when
         with_inner, each layer's <P, dW_bar> in float64 (the KL clip's terms)."""
-        grads = [_grad_bar(layer) for layer in mine]
+        grads = [layer.grad_bar() for layer in mine]
         if self.method == "eigen":
             ps = ops.precondition_eigen(grads, [layer.qa for layer in mine], [layer.da for layer in mine],
                                         [layer.qg for layer in mine], [layer.dg for layer in mine], damping)
@@ -289,7 +286,7 @@ class DataParallelKFAC:
                 # <P, dW_bar>: for the eigen method this equals the in-place op's
                 # sum((Q_G^T dW_bar Q_A)^2 / (d_G d_A^T + damping))
                 inner[layer.name] = (p.to(torch.float64) * g.to(torch.float64)).sum()
-            _write_grad(layer, p)
+            layer.write_grad(p)
         return inner
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -327,24 +324,3 @@ class DataParallelKFAC:
                 for attr in self._result_names():
                     setattr(layer, attr, None)
 
-
-def _grad_bar(layer: Any) -> torch.Tensor:
-    """dW_bar = [dW | db] as a (d_out, n_a) matrix (a copy when the layer has a bias)."""
-    w = layer.module.weight.grad
-    w2 = w.reshape(w.shape[0], -1)
-    if layer.has_bias:
-        return torch.cat([w2, layer.module.bias.grad.unsqueeze(1)], dim=1)
-    return w2
-
-
-def _grad_tensors(layer: Any) -> list:
-    """The layer's gradient tensors: weight.grad, then bias.grad when it has one."""
-    return [layer.module.weight.grad] + ([layer.module.bias.grad] if layer.has_bias else [])
-
-
-def _write_grad(layer: Any, p: torch.Tensor) -> None:
-    w = layer.module.weight.grad
-    d_in = w[0].numel()
-    w.copy_(p[:, :d_in].reshape_as(w))
-    if layer.has_bias:
-        layer.module.bias.grad.copy_(p[:, d_in])

@@ -61,7 +61,7 @@ def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[A
 
 def _sharded_module_types() -> tuple:
     """FSDP's wrapper classes this torch has (FSDP1 and FSDP2), maybe none."""
-    types = []
+    types: list[type] = []
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
         types.append(FullyShardedDataParallel)
@@ -82,19 +82,20 @@ def check_unsharded(model: nn.Module) -> None:
     would need factor and gradient gathers this package does not do.
     """
     fsdp_types = _sharded_module_types()
+    dtensor: Optional[type] = None
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor as dtensor
     except ImportError:
-        DTensor = None
+        pass
     for name, module in model.named_modules():
         if fsdp_types and isinstance(module, fsdp_types):
             raise NotImplementedError(
                 f"kfac_fast.distributed: module {name or '<root>'!r} is FSDP-wrapped "
                 f"({type(module).__name__}); FSDP-sharded parameters are not supported, "
                 "use DistributedDataParallel or plain data parallelism")
-    if DTensor is not None:
+    if dtensor is not None:
         for name, p in model.named_parameters():
-            if isinstance(p, DTensor):
+            if isinstance(p, dtensor):
                 raise NotImplementedError(
                     f"kfac_fast.distributed: parameter {name!r} is a DTensor (FSDP2 or tensor "
                     "parallel sharding); sharded parameters are not supported, use "
