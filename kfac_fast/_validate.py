@@ -156,15 +156,6 @@ def pair(op: str, name: str, value: Any) -> list:
     raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
 
 
-def tolerance(op: str, name: str, value: Any) -> Optional[float]:
-    """None, or a finite float >= 0."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a float or None, got {type(value).__name__}")
-    number(op, name, float(value), "nonneg")
-    return float(value)
-
 # ---- one op: check_<op> returns its custom op's arguments ----------------------------
 def _last_dim(op: str, name: str, x: Tensor, n: int, ones: bool, factor: str, *, full_shape: bool) -> None:
     """x's last dim must be n - ones (n: the size of `factor`)."""
@@ -241,7 +232,11 @@ def check_eigh(matrices: Any, previous: Any, tol: Any, clamp: Any, return_paths:
     matrices = tensor_list(op, "matrices", matrices)
     n = len(matrices)
     prev = [] if previous is None else tensor_list(op, "previous", previous, n, optional=True)
-    tol = tolerance(op, "tol", tol)
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+            raise TypeError(f"{op}: tol must be a float or None, got {type(tol).__name__}")
+        number(op, "tol", float(tol), "nonneg")
+        tol = float(tol)
     flag(op, "clamp", clamp)
     flag(op, "return_paths", return_paths)
     for i, m in enumerate(matrices):

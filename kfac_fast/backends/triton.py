@@ -17,12 +17,6 @@ from kfac_fast import _dispatch
 
 _KERNELS = "kfac_fast.kernels"
 
-# Preferred over the cuda backend's per-layer torch GEMMs + scale kernel: five launches
-# for all layers instead of four GEMMs per layer. Untuned: chosen by launch count, not by
-# a measurement (no GPU yet); bench/bench_triton.py decides on the next GPU run.
-_GROUPED_FIRST = 0.5
-
-
 def _missing() -> Optional[str]:
     try:
         importlib.import_module("triton")
@@ -82,7 +76,10 @@ _dispatch.register("update_factor_", "triton", f"{_KERNELS}.factor_update:update
 _dispatch.register("update_factors_", "triton", f"{_KERNELS}.factor_update:update_factors_",
                    refuses=_factors_fp32)
 _dispatch.register("conv_input_factor_", "triton", f"{_KERNELS}.conv_factor:conv_input_factor_", refuses=_fp32)
+# After the cuda backend's per-layer GEMMs + one scale launch (as tests/test_cuda_ops.py
+# pins); the grouped kernels take five launches for all layers. Untuned: the order is not
+# a measurement (no GPU yet); bench/bench_triton.py decides on the next GPU run.
 _dispatch.register("precondition_eigen", "triton", f"{_KERNELS}.precondition:precondition_eigen",
-                   refuses=_grouped_eigen, preference=_GROUPED_FIRST)
+                   refuses=_grouped_eigen)
 _dispatch.register("precondition_eigen_", "triton", f"{_KERNELS}.precondition:precondition_eigen_",
-                   refuses=_grouped_eigen_inplace, preference=_GROUPED_FIRST)
+                   refuses=_grouped_eigen_inplace)

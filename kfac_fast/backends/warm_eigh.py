@@ -189,6 +189,12 @@ def _pair_tangent(app, aqq, apq):
                        torch.zeros_like(diff))
 
 
+def _rows(keep: list, *batches: torch.Tensor) -> list:
+    """The batch entries `keep` of each tensor (the factors still being refined)."""
+    sel = torch.tensor(keep, device=batches[0].device)
+    return [m.index_select(0, sel) for m in batches]
+
+
 # ---- refinement for small n: parallel Jacobi -------------------------------------------
 
 _SCHEDULES: dict = {}
@@ -269,8 +275,7 @@ def _refine_jacobi(b, q, a_norm, defects, tol, otol, max_steps):
                 left.append(k)
         if not left:
             break
-        sel = torch.tensor(left, device=b.device)
-        b, v, q, a_norm = (m.index_select(0, sel) for m in (b, v, q, a_norm))
+        b, v, q, a_norm = _rows(left, b, v, q, a_norm)
         active = [active[k] for k in left]
     # plane rotations are orthogonal to rounding: the defect stays that of the previous Q,
     # already checked against ortho_tol (defects, otol: the rotation refiner's signature)
@@ -339,8 +344,7 @@ def _refine_rotation(b, q, a_norm, defects, tol, otol, max_steps):
                 left.append(k)
         if not left:
             break
-        sel = torch.tensor(left, device=b.device)
-        b, q, a_norm, floor = (m.index_select(0, sel) for m in (b, q, a_norm, floor))
+        b, q, a_norm, floor = _rows(left, b, q, a_norm, floor)
         active = [active[k] for k in left]
         r_prev = [r[k] for k in left]
         defects = [defects[k] for k in left]
