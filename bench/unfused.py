@@ -9,7 +9,7 @@ launch after another, with a host sync per layer while preconditioning.
 - preconditioning: per layer two eigenbasis GEMM pairs, a divide, and `.item()` of the
   layer's KL term (the host sync), then the KL-clip scale applied layer by layer.
 
-The math follows DESIGN.md's conventions exactly (bias as the last column, G from
+The math follows docs/design.md's conventions exactly (bias as the last column, G from
 S * grad_output, zero-debiased running average, eigen damping, KL clip), so its
 updates equal KFACPreconditioner's up to rounding and the benchmarks compare equal work.
 `UnfusedKFAC` is a drop-in for `kfac_fast.KFACPreconditioner` (subset of its options):

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .schedules import require_number
+
 LOSSES = ("cross_entropy", "bce_with_logits", "gaussian")
 _ALIASES = {"ce": "cross_entropy", "cross_entropy": "cross_entropy",
             "bce_with_logits": "bce_with_logits", "binary_cross_entropy_with_logits": "bce_with_logits",
@@ -74,9 +76,7 @@ def sampled_output_grad(output: torch.Tensor, loss: str = "cross_entropy", *,
         y = (_uniform(z.shape, z, generator).to(p.dtype) < p).to(p.dtype)
         grad = p - y
     else:
-        if isinstance(variance, bool) or not isinstance(variance, (int, float)) \
-                or not math.isfinite(variance) or variance <= 0:
-            raise ValueError(f"variance must be a finite number > 0, got {variance!r}")
+        require_number("variance", variance)
         eps = torch.randn(z.shape, dtype=work.dtype, device=z.device, generator=generator)
         grad = eps.mul_(-1.0 / math.sqrt(variance))
     return grad.to(output.dtype)

@@ -6,7 +6,7 @@ device bool, `guard_weights` folds it into the update's betas/alphas (beta 1, al
 on a bad step: the op then never reads the non-finite rows), and
 `Health.count_nonfinite` adds the bad step to a device-side counter.
 
-Refresh path (host syncs allowed, DESIGN.md): `solve_eigh` and `solve_inverse` run the
+Refresh path (host syncs allowed, docs/design.md): `solve_eigh` and `solve_inverse` run the
 batched op and, for each factor whose result failed or is not finite, walk the chain
 float64 retry -> added damping -> the previous result (or, with none, the identity
 basis / the plain damped identity, so the step stays defined), counting every rung.
@@ -162,9 +162,11 @@ class Health:
 
         dampings[i]: 0-dim tensor or float; previous[i]: the inverse in use, or None.
         """
+        invs: list[Optional[Tensor]]
         try:
-            invs = ops.damped_inverse(factors, dampings)
-            bad = [i for i in range(len(factors)) if not _finite(invs[i])]
+            solved = ops.damped_inverse(factors, dampings)
+            bad = [i for i, inv in enumerate(solved) if not _finite(inv)]
+            invs = list(solved)
         except (RuntimeError, ValueError):
             invs, bad = [None] * len(factors), list(range(len(factors)))
         for i in bad:

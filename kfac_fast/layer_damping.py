@@ -90,8 +90,8 @@ class LayerDamping:
                             "'default'): there is no single value; use for_layers")
         return self._uniform(step)
 
-    def for_layers(self, names: list[str], step: int):
+    def for_layers(self, names: list[str], step: int) -> Union[float, list]:
         """The damping of each named layer at `step`: a float when uniform, else a list."""
         if not self.per_layer:
-            return self._uniform(step)
+            return self(step)
         return [self._resolved[n](step) for n in names]

@@ -1,4 +1,9 @@
-"""Hyperparameters that may be constants or callables of the step count.
+"""Argument checks of the frontend, and hyperparameters that may be schedules.
+
+One style for every check: a check function gives the reason a value is not allowed
+(`positive`, `at_least_one`, `decay_range`, ...), and the error names the argument.
+`require_bool`, `require_int` and `require_number` check plain arguments;
+`Hyperparameter` checks a constant or a schedule.
 
 Every numeric hyperparameter of `KFACPreconditioner` is either a number or a callable
 `f(step) -> number`, where `step` counts the `step()` calls made before the current one
@@ -10,7 +15,7 @@ numbers: reading a schedule never touches a device.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 Number = Union[int, float]
 Schedule = Union[Number, Callable[[int], Number]]
@@ -65,24 +70,58 @@ class Hyperparameter:
         return self._validate(self.value, where="")
 
 
-def positive(v):
+def positive(v: Number) -> Optional[str]:
     return None if v > 0 else "must be > 0"
 
 
-def non_negative(v):
+def non_negative(v: Number) -> Optional[str]:
     return None if v >= 0 else "must be >= 0"
 
 
-def at_least_one(v):
+def at_least_one(v: Number) -> Optional[str]:
     return None if v >= 1 else "must be >= 1"
 
 
-def decay_range(v):
+def decay_range(v: Number) -> Optional[str]:
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _is_number(v: Any) -> bool:
+    # bool is an int subclass: True as a count or a tolerance is surely a mistake
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
+def require_bool(name: str, value: Any) -> bool:
+    """`value` itself when it is a bool, else a TypeError naming `name`."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def require_int(name: str, value: Any, *, optional: bool = False) -> Any:
+    """`value` when it is an int >= 1 (or None when optional), else a ValueError."""
+    if optional and value is None:
+        return None
+    if not _is_number(value) or not isinstance(value, int) or at_least_one(value) is not None:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}an int >= 1, got {value!r}")
+    return value
+
+
+def require_number(name: str, value: Any, check: Callable[[Number], Optional[str]] = positive, *,
+                   optional: bool = False, alternatives: str = "") -> Any:
+    """`value` as a float when it is a finite number that `check` allows (or None when
+    optional), else a ValueError; `alternatives` names other accepted values."""
+    if optional and value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value) or check(value) is not None:
+        bound = (check(-1.0) or check(math.inf) or "").removeprefix("must be ")
+        prefix = "None or " if optional else alternatives
+        raise ValueError(f"{name} must be {prefix}a finite number {bound}, got {value!r}")
+    return float(value)
+
+
 def running_average_weights(decay: float, k: int) -> tuple[float, float]:
-    """(beta_k, 1 - beta_k) of DESIGN.md's zero-debiased running average.
+    """(beta_k, 1 - beta_k) of docs/design.md's zero-debiased running average.
 
     beta_k = decay (1 - decay^(k-1)) / (1 - decay^k), k >= 1 counting updates from 1,
     so beta_1 = 0 and the first update has full weight.

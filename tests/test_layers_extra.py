@@ -1,7 +1,7 @@
 """Layer kinds beyond Linear/Conv2d: Embedding (diagonal A), Conv1d, fused QKV Linear,
 channels-last Conv2d grads, nn.MultiheadAttention (its functional projections are skipped).
 
-Oracle: DESIGN.md's dense Kronecker solve in float64 on tiny layers.
+Oracle: docs/design.md's dense Kronecker solve in float64 on tiny layers.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ DAMPING = 1e-2
 
 
 def kron_solve(a, g, dw_bar, damping=DAMPING):
-    """P = (A (x) G + damping I)^-1 vec(dW_bar), DESIGN.md's dense oracle."""
+    """P = (A (x) G + damping I)^-1 vec(dW_bar), docs/design.md's dense oracle."""
     k = torch.kron(a, g) + damping * torch.eye(a.shape[0] * g.shape[0], dtype=a.dtype)
     return torch.linalg.solve(k, dw_bar.mT.reshape(-1)).reshape(a.shape[0], g.shape[0]).mT
 

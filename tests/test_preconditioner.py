@@ -1,7 +1,7 @@
 """KFACPreconditioner against dense oracles (float64 tiny networks).
 
 The oracles are built independently of the preconditioner: our own hooks record every
-layer's input and output gradient, A and G follow DESIGN.md's definitions, and the
+layer's input and output gradient, A and G follow docs/design.md's definitions, and the
 eigen method is checked against the explicit Kronecker matrix
 `K = kron(A, G) + damping I; P = solve(K, vec(dW_bar))`.
 """
@@ -46,7 +46,7 @@ class Recorder:
 
 
 def a_rows(module, x):
-    """A rows of DESIGN.md (R, d_in[+1]) for one input."""
+    """A rows of docs/design.md (R, d_in[+1]) for one input."""
     if isinstance(module, nn.Conv2d):
         p = F.unfold(x, module.kernel_size, dilation=module.dilation,
                      padding=module.padding, stride=module.stride)
@@ -82,7 +82,7 @@ def dw_bar(module):
 
 
 def dense_eigen(a, g, dw, damping):
-    """DESIGN.md's dense oracle: solve(kron(A, G) + damping I, vec(dW_bar))."""
+    """docs/design.md's dense oracle: solve(kron(A, G) + damping I, vec(dW_bar))."""
     k = torch.kron(a, g) + damping * torch.eye(a.shape[0] * g.shape[0])
     return torch.linalg.solve(k, dw.mT.reshape(-1)).reshape(a.shape[0], g.shape[0]).mT
 

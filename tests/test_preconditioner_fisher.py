@@ -59,7 +59,7 @@ def test_ekfac_scales_are_the_dense_empirical_fisher_diagonal_in_the_kronecker_b
 # MC Fisher
 # ---------------------------------------------------------------------------------------
 def exact_output_fisher_g(model, x, loss, variance=1.0):
-    """Exact G of DESIGN.md for the true Fisher: (1/N) sum_n J_n^T H_n J_n, J_n the
+    """Exact G of docs/design.md for the true Fisher: (1/N) sum_n J_n^T H_n J_n, J_n the
     Jacobian of the model output w.r.t. the layer output, H_n the output Fisher."""
     lin1, lin2 = model[0], model[2]
     h = lin1(x)

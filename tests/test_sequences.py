@@ -1,7 +1,7 @@
 """Real training code: padded sequences (row masks), per-layer damping, precision policy.
 
 Oracles are independent of the preconditioner: our own hooks record each layer's input
-and output gradient, A and G follow DESIGN.md from the real rows only, and P is the
+and output gradient, A and G follow docs/design.md from the real rows only, and P is the
 dense Kronecker solve `solve(kron(A, G) + damping I, vec(dW_bar))` with each layer's own
 damping.
 """

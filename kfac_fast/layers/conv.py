@@ -11,20 +11,22 @@ Conv2d op serves it unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .._validate import pair
 from .base import KFACLayer
 from .registry import register_kind
 
 Pair = tuple[int, int]
 
 
-def _pair(v: Union[int, tuple, list]) -> Pair:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _pair(name: str, value: Any) -> Pair:
+    first, second = pair("Conv2d", name, value)
+    return (first, second)
 
 
 def _same_padding(kernel_size: Pair, dilation: Pair) -> Optional[Pair]:
@@ -38,7 +40,14 @@ def _same_padding(kernel_size: Pair, dilation: Pair) -> Optional[Pair]:
     return (pads[0], pads[1])
 
 
-def conv_geometry(module: Union[nn.Conv1d, nn.Conv2d]) -> dict[str, Optional[Pair]]:
+class Geometry(NamedTuple):
+    kernel_size: Pair
+    stride: Pair
+    dilation: Pair
+    padding: Optional[Pair]  # None: a string padding that pads asymmetrically
+
+
+def conv_geometry(module: Any) -> Geometry:
     """kernel_size/stride/dilation/padding pairs of the Conv2d the module runs as
     (padding None when a string padding pads asymmetrically, which unfold cannot)."""
     if isinstance(module, nn.Conv1d):
@@ -46,15 +55,16 @@ def conv_geometry(module: Union[nn.Conv1d, nn.Conv2d]) -> dict[str, Optional[Pai
         kernel_size, stride, dilation = (1, k), (1, s), (1, d)
         explicit = None if isinstance(module.padding, str) else (0, module.padding[0])
     else:
-        kernel_size, stride, dilation = _pair(module.kernel_size), _pair(module.stride), _pair(module.dilation)
-        explicit = None if isinstance(module.padding, str) else _pair(module.padding)
+        kernel_size = _pair("kernel_size", module.kernel_size)
+        stride, dilation = _pair("stride", module.stride), _pair("dilation", module.dilation)
+        explicit = None if isinstance(module.padding, str) else _pair("padding", module.padding)
     if explicit is not None:
         padding: Optional[Pair] = explicit
     elif module.padding == "valid":
         padding = (0, 0)
     else:
         padding = _same_padding(kernel_size, dilation)
-    return {"kernel_size": kernel_size, "stride": stride, "dilation": dilation, "padding": padding}
+    return Geometry(kernel_size, stride, dilation, padding)
 
 
 @register_kind(nn.Conv2d, nn.Conv1d)
@@ -67,9 +77,11 @@ class Conv(KFACLayer):
         super().__init__(name, module)
         # Conv1d runs as a Conv2d of unit height; conv1d remembers the reshape
         self.conv1d = isinstance(module, nn.Conv1d)
-        geometry = conv_geometry(module)  # type: ignore[arg-type]
-        self.kernel_size, self.stride = geometry["kernel_size"], geometry["stride"]
-        self.dilation, self.padding = geometry["dilation"], geometry["padding"]
+        geometry = conv_geometry(module)
+        if geometry.padding is None:
+            raise ValueError(f"{name!r}: {self.unsupported_reason(module, 'eigen')}")
+        self.kernel_size, self.stride, self.dilation = geometry.kernel_size, geometry.stride, geometry.dilation
+        self.padding: Pair = geometry.padding
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, method: str) -> Optional[str]:
@@ -78,7 +90,7 @@ class Conv(KFACLayer):
             return f"{what} with groups={module.groups} (only groups=1 is supported)"
         if module.padding_mode != "zeros":
             return f"{what} with padding_mode={module.padding_mode!r} (only 'zeros')"
-        if conv_geometry(module)["padding"] is None:  # type: ignore[arg-type]
+        if conv_geometry(module).padding is None:
             return (f"{what} with padding={module.padding!r} that pads asymmetrically "
                     "(unfold pads both sides equally)")
         return super().unsupported_reason(module, method)

@@ -15,6 +15,7 @@ import torch
 from .. import row_mask as row_masks
 from ..fisher import canonical_loss, sampled_output_grad
 from ..layers import KFACLayer
+from ..schedules import require_int
 from .base import PreconditionerBase
 
 
@@ -107,8 +108,7 @@ class CaptureMixin(PreconditionerBase):
             raise RuntimeError("sample_fisher needs KFACPreconditioner(..., fisher='mc'), "
                                f"this one has fisher={self.fisher!r}")
         loss = canonical_loss(loss)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        require_int("num_samples", num_samples)
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise ValueError("output must be a tensor that requires grad (the model's output)")
         pending = [(layer, edge) for layer in self.layers.values() for edge in layer.edges]

@@ -26,7 +26,7 @@ class FactorUpdateMixin(PreconditionerBase):
     """The factor-update job of KFACPreconditioner."""
 
     def _loss_scale(self, rows: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> Any:
-        """S of DESIGN.md for one capture of output-gradient rows (N, ..., d_out); with a
+        """S of docs/design.md for one capture of output-gradient rows (N, ..., d_out); with a
         row mask's real-row count `tokens`, "tokens" gives a 0-dim device tensor."""
         if self.fisher == "mc":
             return 1.0  # the MC loss is a sum over rows

@@ -68,7 +68,17 @@ from ..health import Health
 from ..layer_damping import LayerDamping
 from ..layers import KFACLayer, is_layer, make_layer, unsupported_reason
 from ..precision import check_precision
-from ..schedules import Hyperparameter, Schedule, at_least_one, decay_range, positive
+from ..schedules import (
+    Hyperparameter,
+    Schedule,
+    at_least_one,
+    decay_range,
+    non_negative,
+    positive,
+    require_bool,
+    require_int,
+    require_number,
+)
 from .capture import CaptureMixin
 from .extension import Curvature
 from .factors import FactorUpdateMixin
@@ -90,7 +100,7 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         inv_update_steps: recompute eigendecompositions / inverses every this many steps;
             the first step always refreshes, and a layer seen for the first time is
             refreshed on the step it first has factors.
-        damping: lambda of DESIGN.md (> 0). "eigen"/"ekfac" use it at every step;
+        damping: lambda of docs/design.md (> 0). "eigen"/"ekfac" use it at every step;
             "inverse" bakes it into the inverses at refresh steps. Per layer: a dict
             {module name or regex (re.fullmatch): value or schedule}, with the key
             "default" for the rest, or a callable f(name, step) (see
@@ -101,7 +111,7 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         method: "eigen" (exact Kronecker damping), "inverse" (factored Tikhonov with the
             pi correction) or "ekfac" (eigenbasis rescaled by per-example statistics).
         fisher: "empirical" (the user's own backward) or "mc" (see `sample_fisher`).
-        loss_average: what the user's loss averages over, the S of DESIGN.md's G:
+        loss_average: what the user's loss averages over, the S of docs/design.md's G:
             "batch" (a mean over the N examples of dim 0), "tokens" (a mean over all
             rows of each layer's output, e.g. N*T for a transformer), "sum" (S = 1), or
             a number (S itself, taken literally). With `accumulation_steps=k` the loss
@@ -181,23 +191,14 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if isinstance(loss_average, str):
-            if loss_average not in LOSS_AVERAGES:
-                raise ValueError(f"loss_average must be one of {LOSS_AVERAGES} or a number > 0, "
-                                 f"got {loss_average!r}")
-        elif isinstance(loss_average, bool) or not isinstance(loss_average, (int, float)) \
-                or not loss_average > 0 or loss_average == float("inf"):
-            raise ValueError(f"loss_average must be one of {LOSS_AVERAGES} or a finite number > 0, "
-                             f"got {loss_average!r}")
+        if not (isinstance(loss_average, str) and loss_average in LOSS_AVERAGES):
+            require_number("loss_average", loss_average, alternatives=f"one of {LOSS_AVERAGES} or ")
         if factor_dtype not in (torch.float32, torch.float64):
             raise TypeError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype}")
         if grad_scaler is not None and not (hasattr(grad_scaler, "scale") and hasattr(grad_scaler, "unscale_")):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
-                or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
-        if not isinstance(update_factors_in_hooks, bool):
-            raise TypeError(f"update_factors_in_hooks must be a bool, got {update_factors_in_hooks!r}")
+        require_int("accumulation_steps", accumulation_steps)
+        require_bool("update_factors_in_hooks", update_factors_in_hooks)
 
         self.factor_update_steps = Hyperparameter("factor_update_steps", factor_update_steps,
                                                   at_least_one, integer=True)
@@ -220,22 +221,12 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         self.last_nu: Optional[torch.Tensor] = None
         self._factor_step_cache: tuple[int, bool] = (-1, False)
         self._warned: set = set()
-        if max_factor_dim is not None and (isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int)
-                                           or max_factor_dim < 1):
-            raise ValueError(f"max_factor_dim must be None or an int >= 1, got {max_factor_dim!r}")
-        if not isinstance(guard_nonfinite, bool):
-            raise TypeError(f"guard_nonfinite must be a bool, got {guard_nonfinite!r}")
-        self.max_factor_dim = max_factor_dim
-        self.guard_nonfinite = guard_nonfinite
-        if eigh_tol is not None:
-            if isinstance(eigh_tol, bool) or not isinstance(eigh_tol, (int, float)) \
-                    or not 0 <= eigh_tol < float("inf"):
-                raise ValueError(f"eigh_tol must be None or a finite number >= 0, got {eigh_tol!r}")
-            if method == "inverse":
-                raise ValueError("eigh_tol applies to method='eigen' or 'ekfac' (the inverse method "
-                                 "does not eigendecompose)")
-            eigh_tol = float(eigh_tol)
-        self.eigh_tol = eigh_tol
+        self.max_factor_dim = require_int("max_factor_dim", max_factor_dim, optional=True)
+        self.guard_nonfinite = require_bool("guard_nonfinite", guard_nonfinite)
+        self.eigh_tol = require_number("eigh_tol", eigh_tol, non_negative, optional=True)
+        if self.eigh_tol is not None and method == "inverse":
+            raise ValueError("eigh_tol applies to method='eigen' or 'ekfac' (the inverse method "
+                             "does not eigendecompose)")
         self.refresh_stats = {"kept": 0, "refined": 0, "full": 0}
         self._health = Health()
         # this step's capture flag (0-dim device bool, ANDed over every checked capture)

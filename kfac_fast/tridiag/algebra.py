@@ -7,7 +7,7 @@ Indices. A chain is layers 0..m-1 (0-based) of consecutive nn.Linear modules whe
 layer k+1's input is an elementwise function of layer k's output, so both are rows of
 the same examples. Layer k (the paper's layer i = k+1) has input rows a_bar_k (ones
 last when it has a bias; the paper's a_bar_{i-1}) and output-gradient rows g_k (the
-paper's g_i; DESIGN.md's d, scaled by S). The factors, all running averages with the
+paper's g_i; docs/design.md's d, scaled by S). The factors, all running averages with the
 same zero-debiased beta_k rule:
     A_k = E[a_bar_k a_bar_k^T]            (a_k x a_k)   the layer's own a_factor
     G_k = E[g_k g_k^T]                    (g_k x g_k)   the layer's own g_factor

@@ -10,7 +10,7 @@ chain layers that have gradients, and keeps its state under the key "tridiag".
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -36,8 +36,9 @@ class ChainPair:
 
     upper: str
     lower: str
-    a_cross: Optional[torch.Tensor] = None  # C_k
-    g_cross: Optional[torch.Tensor] = None  # D_k
+    # C_k and D_k: Tensors, or None before the pair's first update (Any: read only after it)
+    a_cross: Any = None
+    g_cross: Any = None
     count: int = 0
     state: Optional[PairState] = None
 
@@ -104,7 +105,7 @@ class TridiagonalCurvature:
                    loss_scale: Optional[Callable] = None) -> torch.Tensor:
         """sum over this step's captures of X_upper^T X_lower (rows paired one to one),
         each term times S^2 when `loss_scale` gives S."""
-        total = None
+        total: Any = None
         for xu, xl in zip(upper, lower):
             if xu.shape[:-1] != xl.shape[:-1]:
                 raise ValueError(f"tridiagonal K-FAC: layers {pair.upper!r} and {pair.lower!r} are "

@@ -69,19 +69,19 @@ class TridiagPreconditioner(KFACPreconditioner):
         kwargs["distributed"] = False
         super().__init__(model, **kwargs)
         if chains is None:
-            chains = find_chains(model, self.layers)
+            found = find_chains(model, self.layers)
         else:
-            chains = [list(c) for c in chains]
-            for c in chains:
+            found = [list(c) for c in chains]
+            for c in found:
                 bad = [n for n in c if n not in self.layers or not isinstance(self.layers[n], Linear)]
                 if bad or len(c) < 2 or len(set(c)) != len(c):
                     raise ValueError(f"chains: each chain needs >= 2 distinct registered nn.Linear "
                                      f"layer names; {c!r} has bad entries {bad!r}")
-        seen = [n for c in chains for n in c]
+        seen = [n for c in found for n in c]
         if len(seen) != len(set(seen)):
-            raise ValueError(f"chains: a layer may belong to one chain only, got {chains!r}")
-        self.chains: list[list[str]] = chains
-        self.tridiagonal = TridiagonalCurvature(chains, self.layers, self.factor_dtype)
+            raise ValueError(f"chains: a layer may belong to one chain only, got {found!r}")
+        self.chains: list[list[str]] = found
+        self.tridiagonal = TridiagonalCurvature(found, self.layers, self.factor_dtype)
         self.add_curvature(self.tridiagonal)
 
     @property
