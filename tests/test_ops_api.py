@@ -237,3 +237,42 @@ def test_backend_env_triton_on_cpu_raises_and_auto_falls_back(monkeypatch):
     torch.testing.assert_close(out, 0.5 * torch.eye(3) + x.mT @ x)
     monkeypatch.setenv("KFAC_FAST_BACKEND", "torch")
     torch.testing.assert_close(ops.update_factor_(torch.eye(3), x, 0.5, 1.0), out)
+
+
+def test_backend_env_names_the_declared_backends(monkeypatch):
+    monkeypatch.setenv("KFAC_FAST_BACKEND", "rocm")
+    with pytest.raises(ValueError, match="KFAC_FAST_BACKEND must be auto, torch, triton, cuda; got 'rocm'"):
+        ops.update_factor_(torch.eye(3), randn(4, 3, gen=generator(5)), 0.5, 1.0)
+
+
+def _triton_refusal(op, *args, dtype=torch.float32, **kwargs):
+    """Why the triton row of `op` refuses this call, as if its tensors were on CUDA
+    (`dtype`: the leading tensor's, as kfac_fast._ops passes it)."""
+    from kfac_fast import _dispatch
+
+    (row,) = [impl for impl in _dispatch._REGISTRY[op] if impl.backend == "triton"]
+    return row.refuses(_dispatch.Call(torch.device("cuda"), dtype, 4, args, kwargs))
+
+
+def test_triton_rows_refuse_what_their_kernels_cannot_serve():
+    """Kernels never fall back: the router sends these calls to another backend."""
+    f32, f64 = torch.eye(3), torch.eye(3, dtype=torch.float64)
+    x = torch.ones(2, 3)
+    assert _triton_refusal("update_factor_", f32, x, 1.0, 1.0, append_ones=False) is None
+    assert "float32" in _triton_refusal("update_factor_", f64, x, 1.0, 1.0, dtype=f64.dtype, append_ones=False)
+    assert _triton_refusal("update_factors_", [f32, f32], [x, x], None, None) is None
+    assert "float32" in _triton_refusal("update_factors_", [f32, f64], [x, x], None, None)
+    q, d = [torch.eye(3)], [torch.ones(3)]
+    assert _triton_refusal("precondition_eigen", [torch.ones(3, 3)], q, d, q, d, None) is None
+    assert "float32" in _triton_refusal("precondition_eigen", [torch.ones(3, 3)], q, [d[0].double()], q, d, None)
+    assert "one gradient dtype" in _triton_refusal("precondition_eigen", [], [], [], [], [], None)
+    two = [torch.eye(3)] * 2, [torch.ones(3)] * 2
+    assert "one gradient dtype" in _triton_refusal(
+        "precondition_eigen", [torch.ones(3, 3), torch.ones(3, 3).half()], two[0], two[1], two[0], two[1], None)
+    w = torch.ones(3, 2)
+    assert _triton_refusal("precondition_eigen_", [w], [torch.ones(3)], q, d, q, d, None) is None
+    assert "one gradient dtype" in _triton_refusal("precondition_eigen_", [w], [torch.ones(3).half()], q, d, q, d,
+                                                    None)
+    strided = torch.ones(3, 4, 2).transpose(1, 2)  # (3, 2, 4) that no view flattens to (3, 8)
+    q8, d8 = [torch.eye(8)], [torch.ones(8)]
+    assert "weight_grads[0]" in _triton_refusal("precondition_eigen_", [strided], [None], q8, d8, q, d, None)
