@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac_fast import KFACPreconditioner
+from kfac_fast import KFACPreconditioner, layers
 from kfac_fast.layers.embedding import update_frequencies_
 
 DAMPING = 1e-2
@@ -184,3 +184,51 @@ def test_multihead_attention_projections_are_skipped():
     assert torch.equal(mha.in_proj_weight.grad, raw_in)
     assert not torch.equal(model["head"].weight.grad, raw_head)
     assert p.layers["mha.out_proj"].a_count == 0
+
+
+# ---------------------------------------------------------------------------------------
+# the layer classes themselves (kfac_fast.layers)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module, cls, kind", [
+    (nn.Linear(3, 2), layers.Linear, "linear"),
+    (nn.Conv2d(2, 3, 3), layers.Conv, "conv2d"),
+    (nn.Conv1d(2, 3, 3), layers.Conv, "conv2d"),
+    (nn.Embedding(7, 4), layers.Embedding, "embedding"),
+])
+def test_registry_maps_module_types_to_classes(module, cls, kind):
+    assert layers.is_layer(module) and layers.layer_class(module) is cls
+    layer = layers.make_layer("m", module)
+    assert type(layer) is cls and layer.kind == kind
+    assert not layers.is_layer(nn.LayerNorm(3)) and layers.layer_class(nn.ReLU()) is None
+    with pytest.raises(TypeError, match="nn.Linear"):
+        layers.make_layer("n", nn.LayerNorm(3))
+
+
+def test_unsupported_reasons_name_the_module_and_the_method():
+    assert layers.unsupported_reason(nn.Conv2d(4, 4, 3, groups=2), "eigen").startswith("Conv2d with groups=2")
+    assert "asymmetrically" in layers.unsupported_reason(nn.Conv1d(2, 2, 2, padding="same"), "eigen")
+    assert "sparse=True" in layers.unsupported_reason(nn.Embedding(5, 2, sparse=True), "eigen")
+    assert layers.unsupported_reason(nn.Embedding(5, 2), "ekfac") == \
+        "Embedding with method='ekfac' (embeddings support 'eigen' only)"
+    assert layers.unsupported_reason(nn.Linear(2, 2), "ekfac") is None
+
+
+@pytest.mark.parametrize("module", [nn.Linear(3, 2), nn.Linear(3, 2, bias=False), nn.Conv2d(2, 3, 2),
+                                    nn.Conv1d(2, 3, 2), nn.Embedding(6, 3)], ids=repr)
+def test_grad_bar_and_write_grad_round_trip(module):
+    """grad_bar() is dW_bar (g_dim, a_dim) (an embedding keeps W.grad's own (V, D) layout);
+    write_grad(p, scale) writes scale * p back into weight.grad and bias.grad."""
+    layer = layers.make_layer("m", module)
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+    raw = [p.grad.clone() for p in module.parameters()]
+    bar = layer.grad_bar().clone()
+    if layer.diagonal_a:
+        assert bar.shape == (layer.a_dim, layer.g_dim)
+    else:
+        assert bar.shape == (layer.g_dim, layer.a_dim)
+        torch.testing.assert_close(bar[:, :layer.in_dim].reshape(module.weight.shape), module.weight.grad)
+    layer.write_grad(bar)
+    assert all(torch.equal(p.grad, r) for p, r in zip(module.parameters(), raw))
+    layer.write_grad(bar, scale=torch.tensor(0.5))
+    assert all(torch.equal(p.grad, r * 0.5) for p, r in zip(module.parameters(), raw))

@@ -312,3 +312,56 @@ def test_bf16_autocast_activations_accumulate_into_fp32_factors():
         out.append(factors(precond))
     # bf16 keeps 8 bits of mantissa: the factors agree to bf16 accuracy, not better
     assert_same(out[0], out[1], rtol=5e-2, atol=5e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# the Curvature extension point (what the tridiagonal variant plugs into)
+# ---------------------------------------------------------------------------------------
+class TakeOver:
+    """A curvature that leaves `name`'s gradient unpreconditioned and records its calls."""
+
+    state_key = "take_over"
+
+    def __init__(self, name):
+        self.name, self.calls, self.loaded = name, [], None
+
+    def update(self, layers, context):
+        self.calls.append(("update", sorted(layer.name for layer in layers), context.dtype))
+
+    def refresh(self, layers, damping_of):
+        self.calls.append(("refresh", sorted(layer.name for layer in layers), damping_of(self.name)))
+
+    def precondition(self, grads):
+        self.calls.append(("precondition", sorted(grads)))
+        return {self.name: grads[self.name].clone()} if self.name in grads else {}
+
+    def state_dict(self):
+        return {"calls": len(self.calls)}
+
+    def load_state_dict(self, entry):
+        self.loaded = entry
+
+    def memory_usage(self):
+        return {"take_over": 7}
+
+
+def test_curvature_extension_is_called_by_every_job():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    model, twin = mlp(), mlp()
+    plain = KFACPreconditioner(twin, damping=0.1, kl_clip=None, factor_dtype=torch.float64)
+    precond = KFACPreconditioner(model, damping=0.1, kl_clip=None, factor_dtype=torch.float64)
+    ext = TakeOver("0")
+    precond.add_curvature(ext)
+    _, raw = run_step(model, precond, x, y, ce_batch)
+    run_step(twin, plain, x, y, ce_batch)
+    assert [c[0] for c in ext.calls] == ["update", "refresh", "precondition"]
+    assert ext.calls[0][1:] == (["0", "2"], torch.float64) and ext.calls[1][1:] == (["0", "2"], 0.1)
+    # the extension's layer keeps P = dW_bar (nu = 1 without a KL clip); the rest as usual
+    torch.testing.assert_close(dw_bar(model[0]), raw["0"], rtol=0, atol=0)
+    torch.testing.assert_close(dw_bar(model[2]), dw_bar(twin[2]))
+    state = precond.state_dict()
+    assert state["take_over"] == {"calls": 3}
+    precond.load_state_dict(state)
+    assert ext.loaded == {"calls": 3}
+    assert precond.memory_usage()["take_over"] == 7

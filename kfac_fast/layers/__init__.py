@@ -2,8 +2,17 @@
 
 `base.KFACLayer` holds what every kind shares (state, captures, hooks, the dense
 dW_bar and its write-back); `linear`, `conv` (Conv1d and Conv2d) and `embedding` each
-define one kind and register it with `registry.register_kind`. Adding a kind is one
-new module here (imported below) plus its tests; docs/design.md walks through it.
+define one kind and register it with `registry.register_kind`. The preconditioner, the
+tridiagonal variant and data-parallel K-FAC ask a layer, never its kind.
+
+Adding a kind (e.g. nn.LayerNorm) touches: a new module here, say `norm.py`, with a
+subclass decorated `@register_kind(nn.LayerNorm)` that sets `kind` and defines
+`in_dim`, `g_dim`, `input_row_count` and `update_a_` (or `a_group_entry` to join the
+grouped `ops.update_factors_` call), plus whichever of `a_shape`, `batched_input`,
+`grad_rows`, `example_inputs`, `grad_bar`, `write_grad`, `unsupported_reason` and the
+class attributes (`diagonal_a` with `diagonal_eigenvalues` / `precondition_eigen`,
+`row_maskable`, `methods`, `data_parallel`) differ from the base; one import line
+below; and its tests.
 """
 from . import conv, embedding, linear  # noqa: F401  (each registers its kind)
 from .base import CaptureSink, KFACLayer, is_checkpoint_recompute

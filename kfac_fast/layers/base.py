@@ -203,7 +203,7 @@ class KFACLayer:
     # ---- hooks ----------------------------------------------------------------------------
     def install(self, sink: CaptureSink) -> None:
         """Register the forward hook that reports to `sink`."""
-        def hook(module, inputs, output):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             # eval passes and no_grad passes never reach a backward: capturing them
             # would pair their inputs with another pass's gradients
             if not (module.training and torch.is_grad_enabled()):
