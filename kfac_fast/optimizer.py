@@ -55,6 +55,7 @@ from torch import nn
 
 from .fisher import canonical_loss
 from .fvp import FisherProducts, dot
+from .optimizer_args import check_single_process, positive_float, positive_int, unit_interval
 from .optimizer_damping import adapt_lambda, search_gamma
 from .preconditioner import KFACPreconditioner
 from .quadratic import step_coefficients
@@ -71,45 +72,6 @@ def exponential_batch_size(step: int, initial: int = 1000, total: int = 60000,
                          f"ramp_steps >= 1, got step={step}, initial={initial}, total={total}, "
                          f"ramp_steps={ramp_steps}")
     return int(round(initial * (total / initial) ** min(step / ramp_steps, 1.0)))
-
-
-def _positive_int(name: str, v: Any, optional: bool = False) -> int:
-    """v, an int >= 1 (`optional` only says in the error that None is allowed too)."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {v!r}")
-    return v
-
-
-def _positive_float(name: str, v: Any, *, allow_zero: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
-    return float(v)
-
-
-def _unit_interval(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {v!r}")
-    return float(v)
-
-
-def _check_single_process(process_group: Optional[Any], distributed: Optional[bool]) -> None:
-    """Refuse data parallelism (see KFAC's `distributed` argument for why)."""
-    if distributed not in (None, False, True):
-        raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
-    if distributed is False:
-        if process_group is not None:
-            raise ValueError("process_group was given but distributed=False")
-        return
-    from .distributed import resolve_group
-    group = resolve_group(process_group)
-    if distributed or group is not None:
-        raise NotImplementedError(
-            "kfac_fast.KFAC does not support data parallelism: its step size, momentum and "
-            "damping adaptation (alpha, mu, rho) come from a quadratic model on the local "
-            "batch, which would differ across ranks. Use KFACPreconditioner (data-parallel) "
-            "with a torch optimizer, or pass distributed=False to run an independent "
-            "single-process KFAC on each rank")
 
 
 class KFAC(torch.optim.Optimizer):
@@ -180,7 +142,7 @@ class KFAC(torch.optim.Optimizer):
                  process_group: Optional[Any] = None, distributed: Optional[bool] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _check_single_process(process_group, distributed)
+        check_single_process(process_group, distributed)
         if method not in KFAC_METHODS:
             raise ValueError(f"method must be one of {KFAC_METHODS}, got {method!r}")
         if approx not in KFAC_APPROXIMATIONS:
@@ -190,35 +152,38 @@ class KFAC(torch.optim.Optimizer):
                              f"of the diagonal factors), got method={method!r}")
         if not isinstance(momentum, bool):
             raise TypeError(f"momentum must be a bool, got {momentum!r}")
-        t1 = _positive_int("damping_interval", damping_interval)
-        t3 = None if gamma_interval is None else _positive_int("gamma_interval", gamma_interval, optional=True)
+        t1 = positive_int("damping_interval", damping_interval)
+        t3 = None if gamma_interval is None else positive_int("gamma_interval", gamma_interval, optional=True)
         params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(
-            damping=_positive_float("damping", damping),
-            l2_reg=_positive_float("l2_reg", l2_reg, allow_zero=True),
+            damping=positive_float("damping", damping),
+            l2_reg=positive_float("l2_reg", l2_reg, allow_zero=True),
             damping_interval=t1, gamma_interval=t3,
-            omega1=_unit_interval("omega1", (19 / 20) ** t1 if omega1 is None else omega1),
-            omega2=_unit_interval("omega2", math.sqrt(19 / 20) ** (t3 or 20) if omega2 is None else omega2),
+            omega1=unit_interval("omega1", (19 / 20) ** t1 if omega1 is None else omega1),
+            omega2=unit_interval("omega2", math.sqrt(19 / 20) ** (t3 or 20) if omega2 is None else omega2),
             momentum=momentum, damping_in_rho=bool(damping_in_rho),
-            average_decay=None if average_decay is None else _unit_interval("average_decay", average_decay),
+            average_decay=None if average_decay is None else unit_interval("average_decay", average_decay),
         )
         super().__init__(params, defaults)
         group = self.param_groups[0]
         group["gamma"] = math.sqrt(group["damping"] + group["l2_reg"])
         group["step"] = 0
         self.loss = canonical_loss(loss)
-        self.variance = _positive_float("variance", variance)
+        self.variance = positive_float("variance", variance)
         self.generator = generator
         self.last: dict = {}
         # the preconditioner reads its damping through this callable: gamma^2 is the
         # exact damping of "eigen" and, via ops.pi_damping's sqrt, the factored
         # Tikhonov gamma of "inverse"
+        def gamma_squared(_step: int) -> float:
+            return self.param_groups[0]["gamma"] ** 2
+
         precond_cls = KFACPreconditioner
         if approx == "tridiag":
             from .tridiag import TridiagPreconditioner as precond_cls
         self.preconditioner = precond_cls(
             model, factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
-            damping=lambda _step: self.param_groups[0]["gamma"] ** 2, factor_decay=factor_decay,
+            damping=gamma_squared, factor_decay=factor_decay,
             kl_clip=None, method=method, fisher="mc", skip_layers=skip_layers,
             factor_dtype=factor_dtype, distributed=False)
 

@@ -1,0 +1,46 @@
+"""KFAC's argument checks: each names the argument and the rule it broke."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+
+def positive_int(name: str, v: Any, optional: bool = False) -> int:
+    """v, an int >= 1 (`optional` only says in the error that None is allowed too)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {v!r}")
+    return v
+
+
+def positive_float(name: str, v: Any, *, allow_zero: bool = False) -> float:
+    """v as a float: finite and > 0 (>= 0 with allow_zero)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+    return float(v)
+
+
+def unit_interval(name: str, v: Any) -> float:
+    """v as a float strictly between 0 and 1 (a decay or an adaptation factor)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {v!r}")
+    return float(v)
+
+
+def check_single_process(process_group: Optional[Any], distributed: Optional[bool]) -> None:
+    """Refuse data parallelism (see KFAC's `distributed` argument for why)."""
+    if distributed not in (None, False, True):
+        raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
+    if distributed is False:
+        if process_group is not None:
+            raise ValueError("process_group was given but distributed=False")
+        return
+    from .distributed import resolve_group
+    group = resolve_group(process_group)
+    if distributed or group is not None:
+        raise NotImplementedError(
+            "kfac_fast.KFAC does not support data parallelism: its step size, momentum and "
+            "damping adaptation (alpha, mu, rho) come from a quadratic model on the local "
+            "batch, which would differ across ranks. Use KFACPreconditioner (data-parallel) "
+            "with a torch optimizer, or pass distributed=False to run an independent "
+            "single-process KFAC on each rank")
