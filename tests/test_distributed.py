@@ -533,36 +533,33 @@ def test_mismatched_model_errors_on_every_rank(world_results):
             f"rank {rank}: {out['mismatch']}"
 
 
+def _ranks_of_world(world_results, world: int, why: str = ""):
+    """(rank, results) of the spawn of `world` processes; skips in the other world."""
+    got_world, got = world_results
+    if got_world != world:
+        pytest.skip(f"checked in the world of {world}" + (f" ({why})" if why else ""))
+    return got.items()
+
+
 def test_process_group_is_a_parameter(world_results):
-    world, got = world_results
-    if world != 4:
-        pytest.skip("checked in the world of 4 (two groups of 2)")
-    for rank, out in got.items():
+    for rank, out in _ranks_of_world(world_results, 4, "two groups of 2"):
         assert out["subgroups"] == [], f"rank {rank}: {out['subgroups']}"
 
 
 def test_sharded_parameters_are_refused(world_results):
-    world, got = world_results
-    if world != 2:
-        pytest.skip("checked in the world of 2")
-    for rank, out in got.items():
+    for rank, out in _ranks_of_world(world_results, 2):
         assert "DTensor" in out["sharded"] and "not supported" in out["sharded"], f"rank {rank}: {out['sharded']}"
 
 
 def test_nonfinite_step_is_dropped_on_every_rank(world_results):
-    world, got = world_results
-    if world != 2:
-        pytest.skip("checked in the world of 2")
-    for rank, out in got.items():
+    for rank, out in _ranks_of_world(world_results, 2):
         assert out["nonfinite"] == [], f"rank {rank}: {out['nonfinite']}"
         assert out["nonfinite_hooks"] == [], f"rank {rank} (hooks): {out['nonfinite_hooks']}"
 
 
 def test_owner_refresh_uses_fallbacks_and_warm_eigh(world_results):
-    world, got = world_results
-    if world != 2:
-        pytest.skip("checked in the world of 2")
-    for rank, out in got.items():
+    ranks = list(_ranks_of_world(world_results, 2))
+    for rank, out in ranks:
         r = out["refresh"]
         assert r["fallback"] == [], f"rank {rank}: {r['fallback']}"
         assert r["warm"] == [], f"rank {rank}: {r['warm']}"
@@ -570,12 +567,9 @@ def test_owner_refresh_uses_fallbacks_and_warm_eigh(world_results):
         assert sum(r["warm_stats"].values()) == 2 * r["owned"], f"rank {rank}: {r}"
     # the second refresh reused some owner's previous basis
     assert sum(o["refresh"]["warm_stats"]["kept"] + o["refresh"]["warm_stats"]["refined"]
-               for o in got.values()) > 0
+               for _, o in ranks) > 0
 
 
 def test_kfac_optimizer_refuses_data_parallel(world_results):
-    world, got = world_results
-    if world != 2:
-        pytest.skip("checked in the world of 2")
-    for rank, out in got.items():
+    for rank, out in _ranks_of_world(world_results, 2):
         assert out["kfac"] == [], f"rank {rank}: {out['kfac']}"
