@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kfac_fast._validate import as_pair
+
 from .factor_update import CONFIG_CONV_16BIT, pick_config
-from .launch import input_precision, kernel_scalar, load_scalar, needs_index64, pair, symmetric_epilogue, upper_tile_of
+from .launch import input_precision, kernel_scalar, load_scalar, needs_index64, symmetric_epilogue, upper_tile_of
 
 
 @triton.jit
@@ -79,10 +81,10 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     """A <- beta*A + alpha*P_bar^T P_bar for Conv2d input x in one launch; returns factor.
 
     Preconditions: as the module docstring. `config` overrides the tile sizes."""
-    kh, kw = pair(kernel_size)
-    sh, sw = pair(stride)
-    ph, pw = pair(padding)
-    dh, dw = pair(dilation)
+    kh, kw = as_pair(kernel_size)
+    sh, sw = as_pair(stride)
+    ph, pw = as_pair(padding)
+    dh, dw = as_pair(dilation)
     N, C, H, W = x.shape
     OH = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     OW = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1

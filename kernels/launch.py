@@ -80,11 +80,6 @@ def needs_index64(x: torch.Tensor) -> bool:
     return span >= 2**31 - 1
 
 
-def pair(v) -> tuple:
-    """(a, b) from an int or a pair of ints (validated by kfac_fast.ops)."""
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def host_table(rows, dtype, device) -> torch.Tensor:
     """A host list as a device tensor in one asynchronous copy (pinned when on CUDA)."""
     t = torch.tensor(rows, dtype=dtype)

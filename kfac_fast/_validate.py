@@ -32,12 +32,14 @@ def dtype(op: str, name: str, t: Tensor, allowed: tuple) -> None:
         raise TypeError(f"{op}: {name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
 
 
-def square(op: str, name: str, t: Any, *, dtypes: tuple = FACTOR_DTYPES) -> int:
-    """Check a (n, n) float tensor and return n."""
+def square(op: str, name: str, t: Any, *, dtypes: tuple = FACTOR_DTYPES, contiguous: bool = False) -> int:
+    """Check a (n, n) float tensor (contiguous when asked) and return n."""
     tensor(op, name, t)
     if t.dim() != 2 or t.shape[0] != t.shape[1]:
         raise ValueError(f"{op}: {name} must be a square matrix (n, n), got shape {tuple(t.shape)}")
     dtype(op, name, t, dtypes)
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
     return t.shape[0]
 
 
@@ -50,11 +52,6 @@ def shape(op: str, name: str, t: Tensor, want: tuple, why: str = "") -> None:
 def device(op: str, name: str, t: Tensor, where: torch.device) -> None:
     if t.device != where:
         raise ValueError(f"{op}: {name} is on {t.device} but the other tensors are on {where}")
-
-
-def contiguous(op: str, name: str, t: Tensor) -> None:
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous")
 
 
 def flag(op: str, name: str, value: Any) -> bool:
@@ -127,8 +124,6 @@ def per_layer(op: str, name: str, value: Any, n: int, where: torch.device, kind:
         items = [scalar(op, f"{name}[{i}]", v, where, kind) for i, v in enumerate(value)]
         if not any(isinstance(v, torch.Tensor) for v in value):
             return torch.tensor([float(v) for v in value], dtype=torch.float64)
-        if not items:
-            return torch.empty(0, dtype=torch.float64)
         target = next((t.device for t in items if t.device.type != "cpu"), torch.device("cpu"))
         return torch.stack([t.to(device=target, dtype=torch.float64) for t in items])
     return scalar(op, name, value, where, kind).reshape(1).expand(n).contiguous()
@@ -142,6 +137,11 @@ def bools(op: str, name: str, value: Any, n: int) -> list:
     if len(value) != n:
         raise ValueError(f"{op}: {name} must have {n} entries (one per layer), got {len(value)}")
     return list(value)
+
+
+def as_pair(value: Any) -> tuple[int, int]:
+    """(a, b) from an int or a pair of ints already checked by `pair` (or by nn.Conv2d)."""
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def pair(op: str, name: str, value: Any) -> list:
@@ -167,8 +167,7 @@ def _last_dim(op: str, name: str, x: Tensor, n: int, ones: bool, factor: str, *,
 
 def check_update_factor_(factor: Any, x: Any, beta: Any, alpha: Any, append_ones: Any) -> tuple:
     op = "update_factor_"
-    n = square(op, "factor", factor)
-    contiguous(op, "factor", factor)
+    n = square(op, "factor", factor, contiguous=True)
     tensor(op, "x", x)
     dtype(op, "x", x, INPUT_DTYPES)
     device(op, "x", x, factor.device)
@@ -189,8 +188,7 @@ def check_update_factors_(factors: Any, xs: Any, betas: Any, alphas: Any, append
         return None
     where = factors[0].device
     for i, (f, x) in enumerate(zip(factors, xs)):
-        size = square(op, f"factors[{i}]", f)
-        contiguous(op, f"factors[{i}]", f)
+        size = square(op, f"factors[{i}]", f, contiguous=True)
         device(op, f"factors[{i}]", f, where)
         dtype(op, f"xs[{i}]", x, INPUT_DTYPES)
         device(op, f"xs[{i}]", x, where)
@@ -201,8 +199,7 @@ def check_update_factors_(factors: Any, xs: Any, betas: Any, alphas: Any, append
 def check_conv_input_factor_(factor: Any, x: Any, beta: Any, alpha: Any, kernel_size: Any, stride: Any,
                              padding: Any, dilation: Any, append_ones: Any) -> tuple:
     op = "conv_input_factor_"
-    n = square(op, "factor", factor)
-    contiguous(op, "factor", factor)
+    n = square(op, "factor", factor, contiguous=True)
     tensor(op, "x", x)
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")

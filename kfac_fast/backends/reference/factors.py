@@ -6,6 +6,8 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from kfac_fast._validate import as_pair
+
 from .._common import Scalar, is_host_zero, layer_scalar, scalar_tensor
 
 
@@ -95,11 +97,6 @@ def update_factors_(factors: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
     return factors
 
 
-def pair(v) -> tuple[int, int]:
-    """(a, b) from an int or a pair of ints (validated by kfac_fast.ops)."""
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def conv_input_factor_(factor: torch.Tensor, x: torch.Tensor, beta: Scalar, alpha: Scalar,
                        kernel_size, stride, padding, dilation, *, append_ones: bool = False) -> torch.Tensor:
     """Conv2d A update straight from its input: factor <- beta*factor + alpha * P_bar^T P_bar.
@@ -113,8 +110,8 @@ def conv_input_factor_(factor: torch.Tensor, x: torch.Tensor, beta: Scalar, alph
     if is_host_zero(alpha):
         decay_(factor, beta)
         return factor
-    cols = F.unfold(x.to(factor.dtype), pair(kernel_size), dilation=pair(dilation),
-                    padding=pair(padding), stride=pair(stride))  # (N, C*kh*kw, L)
+    cols = F.unfold(x.to(factor.dtype), as_pair(kernel_size), dilation=as_pair(dilation),
+                    padding=as_pair(padding), stride=as_pair(stride))  # (N, C*kh*kw, L)
     rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return update_factor_(factor, rows, beta, alpha, append_ones=append_ones)
 
