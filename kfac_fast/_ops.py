@@ -47,9 +47,15 @@ def _bias_join(bias_grads: list, has_bias: list) -> list:
     return [next(present) if has else None for has in has_bias]
 
 
+def nu_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of nu, the KL-clip scale the in-place preconditioners return: float32 for
+    16-/32-bit grads, float64 for float64 grads (every backend follows this rule)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _nu_like(t: Tensor) -> Tensor:
-    """Fake nu: 0-dim, float32 (float64 for float64 grads), on the grads' device."""
-    return t.new_empty((), dtype=torch.promote_types(t.dtype, torch.float32))
+    """Fake nu: 0-dim, `nu_dtype`, on the grads' device."""
+    return t.new_empty((), dtype=nu_dtype(t))
 
 
 def _like_each(tensors: Sequence[Tensor]) -> list:

@@ -1,6 +1,6 @@
-"""What the backends share: scalar arguments, the KL-clip nu and its dtype rule, the eigen
-denominator, finite checks, size buckets, the torch eigh with its float64 retry, and the
-warm-refresh driver.
+"""What the backends share: scalar arguments, the KL-clip nu (its dtype rule is the
+schema's, `kfac_fast._ops.nu_dtype`), the eigen denominator, finite checks, size buckets,
+the torch eigh with its float64 retry, and the warm-refresh driver.
 
 Every function here is math or bookkeeping on torch tensors; none imports a backend, a
 kernel or `kfac_fast._C`.
@@ -44,11 +44,6 @@ def is_host_zero(s: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------
 # preconditioning
 # ---------------------------------------------------------------------------------------
-def nu_dtype(t: torch.Tensor) -> torch.dtype:
-    """dtype of nu: float32 for 16-/32-bit grads, float64 for float64 grads."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def kl_nu(total: Optional[torch.Tensor], lr: Optional[Scalar], kl_clip: Optional[Scalar],
           device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """nu = min(1, sqrt(kl_clip / |lr^2 * total|)); 1 when the sum is 0 or kl_clip is None.

@@ -23,8 +23,9 @@ from typing import Optional
 import torch
 
 from kfac_fast import _dispatch
+from kfac_fast._ops import nu_dtype
 
-from ._common import buckets, eigh_stack, kl_nu, layer_scalar, nu_dtype, solve_eigh
+from ._common import buckets, eigh_stack, finite_per_matrix, kl_nu, layer_scalar, solve_eigh
 
 # Sizes n <= this go to torch.linalg.eigh, whose batched path (cuSOLVER's batched Jacobi)
 # serves them in one call. Not measured here (no GPU when this was written): chosen from
@@ -147,10 +148,9 @@ def jacobi_eigh_stack(stack: torch.Tensor, tol: Optional[float] = None, max_swee
 
 def _jacobi_bucket(stack: torch.Tensor, indices: list) -> tuple:
     """Jacobi on a bucket, then torch float64 for matrices that did not converge or came
-    out non-finite (one host read of the flags: allowed on refresh steps)."""
+    out non-finite (host reads of the flags: allowed on refresh steps)."""
     vals, vecs, info = jacobi_eigh_stack(stack)
-    ok = (info[:, 0] == 1) & torch.isfinite(vals).all(dim=1) & torch.isfinite(vecs).flatten(1).all(dim=1)
-    bad = ~ok.cpu()
+    bad = ~((info[:, 0] == 1).cpu() & finite_per_matrix(vals, vecs))
     if bool(bad.any()):
         mask = bad.to(stack.device)
         redo = [indices[int(j)] for j in torch.nonzero(bad).flatten()]

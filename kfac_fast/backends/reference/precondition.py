@@ -5,7 +5,9 @@ from typing import Optional
 
 import torch
 
-from .._common import eigen_denominator, is_host_zero, kl_nu, layer_scalar, nu_dtype
+from kfac_fast._ops import nu_dtype
+
+from .._common import eigen_denominator, is_host_zero, kl_nu, layer_scalar
 from .factors import decay_, scaled, with_ones
 
 # Per-example EKFAC sums (L > 1) are formed in chunks of at most this many elements of
