@@ -13,6 +13,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 from kfac_fast.backends import reference  # noqa: E402
 from kfac_fast.kernels import precondition  # noqa: E402
+from tests._oracle import assert_error_rule  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -22,14 +23,6 @@ SMALL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
 LAYERS = [(1, 1, False, "contig"), (5, 3, True, "transposed"), (40, 33, False, "contig"),
           (2, 70, True, "conv"), (33, 17, True, "contig"), (17, 64, False, "transposed")]
 
-
-def rel(out, ref):
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def check(out, ref64, ref32):
-    err, bound = rel(out, ref64), max(2 * rel(ref32, ref64), 1e-6)
-    assert err <= bound, f"relative error {err:.3g} > {bound:.3g}"
 
 
 def eig(n, gen):
@@ -82,7 +75,7 @@ def test_precondition_eigen_inplace(kl, dtype):
     nu = precondition.precondition_eigen_(ws, bs, qa, da, qg, dg, damping.to(DEV, torch.float32), lr=lr,
                                           kl_clip=kl_clip, config=SMALL)
     assert nu.shape == () and nu.device == ws[0].device
-    check(nu.reshape(1), nu64.reshape(1), nu32.reshape(1))
+    assert_error_rule(nu.reshape(1), nu64.reshape(1), nu32.reshape(1))
     for w, b, r64, r32, rb64, rb32 in zip(ws, bs, w64, w32, b64, b32):
         out = w.reshape(w.shape[0], -1) if b is None else torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
         ref = r64.reshape(r64.shape[0], -1)
@@ -91,7 +84,7 @@ def test_precondition_eigen_inplace(kl, dtype):
         r32_ = r32_ if rb32 is None else torch.cat([r32_, rb32[:, None]], 1)
         if dtype == torch.float16:  # the output is rounded to fp16: compare against the rounded oracle
             r32_ = ref.half()
-        check(out, ref, r32_)
+        assert_error_rule(out, ref, r32_)
 
 
 def test_precondition_eigen_functional_and_deterministic():
@@ -104,7 +97,7 @@ def test_precondition_eigen_functional_and_deterministic():
     again = precondition.precondition_eigen(ws, qa, da, qg, dg, torch.tensor(0.01, dtype=torch.float64), config=SMALL)
     for o, a, r64, r32 in zip(outs, again, ref64, ref32):
         assert torch.equal(o, a)
-        check(o, r64, r32)
+        assert_error_rule(o, r64, r32)
 
 
 def test_zero_gradient_gives_nu_one():
