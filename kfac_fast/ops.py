@@ -22,7 +22,7 @@ Normalisation (what every implementation receives):
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union, overload
 
 import torch
 
@@ -35,6 +35,8 @@ Scalar = Union[float, Tensor]
 # one scalar for every layer, one per layer, or a 1-D tensor of length L
 PerLayer = Union[float, Sequence[Scalar], Tensor]
 IntPair = Union[int, Sequence[int]]
+# (eigenvalues, eigenvectors), or with return_paths (eigenvalues, eigenvectors, paths)
+EighResult = Union[tuple[list[Tensor], list[Tensor]], tuple[list[Tensor], list[Tensor], Tensor]]
 
 # Names of the warm-refresh paths `eigh(..., return_paths=True)` reports, by code.
 EIGH_PATHS = ("kept", "refined", "full")
@@ -86,8 +88,25 @@ def conv_input_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, k
     return factor
 
 
+@overload
 def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Tensor]]] = None,
-         tol: Optional[float] = None, clamp: bool = True, return_paths: bool = False) -> tuple:
+         tol: Optional[float] = None, clamp: bool = True,
+         return_paths: Literal[False] = False) -> tuple[list[Tensor], list[Tensor]]: ...
+
+
+@overload
+def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Tensor]]] = None,
+         tol: Optional[float] = None, clamp: bool = True,
+         return_paths: Literal[True]) -> tuple[list[Tensor], list[Tensor], Tensor]: ...
+
+
+@overload
+def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Tensor]]] = None,
+         tol: Optional[float] = None, clamp: bool = True, return_paths: bool = False) -> EighResult: ...
+
+
+def eigh(matrices: Sequence[Tensor], *, previous: Optional[Sequence[Optional[Tensor]]] = None,
+         tol: Optional[float] = None, clamp: bool = True, return_paths: bool = False) -> EighResult:
     """Batched eigendecomposition of symmetric matrices of mixed sizes.
 
     matrices: list of symmetric (n_i, n_i) float32/64 tensors on one device. Returns
