@@ -5,11 +5,11 @@ with `kfac_fast._dispatch`: `reference` ("torch": every op, every device; the te
 oracle), `triton` (the Triton kernels of `kfac_fast.kernels`) and `cuda` (the kernels
 of `kfac_fast._C`). Registering imports neither Triton nor `_C`. Adding a backend is one
 module here that calls `_dispatch.register_backend` and `_dispatch.register`, plus its
-name below.
+import below.
 """
-import importlib
-
-# The reference first: its rows cover every op in kfac_fast._ops.OP_NAMES order, which is
-# the order backend_info() lists the ops in.
-for _module in ("reference", "triton", "cuda"):
-    importlib.import_module(f"{__name__}.{_module}")
+# Importing registers. The reference first: its rows cover every op in OP_NAMES order,
+# which is the order backend_info() lists the ops in.
+# isort: off
+from . import reference  # noqa: F401
+from . import triton, cuda  # noqa: F401
+# isort: on
