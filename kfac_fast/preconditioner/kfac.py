@@ -1,5 +1,9 @@
 """KFACPreconditioner: K-FAC for any nn.Module through the `kfac_fast.ops` API.
 
+This module holds the class's constructor (argument checks, layer registration, the
+data-parallel setup) and `step()`, which runs the jobs of this package in order:
+factor updates, refresh, EKFAC scales, precondition.
+
 Usage (the familiar three lines; K-FAC rewrites `.grad` between backward and step)::
 
     precond = KFACPreconditioner(model, lr=0.1, damping=1e-3)
@@ -67,6 +71,7 @@ from .. import distributed as data_parallel
 from ..health import Health
 from ..layer_damping import LayerDamping
 from ..layers import KFACLayer, is_layer, make_layer, unsupported_reason
+from ..layers.base import METHODS
 from ..precision import check_precision
 from ..schedules import (
     Hyperparameter,
@@ -86,7 +91,6 @@ from .precondition import PreconditionMixin
 from .refresh import RefreshMixin
 from .state import StateMixin
 
-METHODS = ("eigen", "inverse", "ekfac")
 FISHERS = ("empirical", "mc")
 LOSS_AVERAGES = ("batch", "tokens", "sum")
 
