@@ -1,4 +1,5 @@
-# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all set-up on a fresh machine: `make demo` and `make test` (`make lint`
+# too: ruff, mypy and the house rules; .ci/run is lint, test, then a wheel check).
 # They create .venv when missing, install torch pinned to the CPU wheel on disk
 # (torch==2.13.0) unless the venv already imports a torch, build kfac_fast._C, then run.
 PY ?= python3

@@ -8,7 +8,8 @@ the places that break its rule:
    no import circle among kfac_fast modules;
 3. a layer's kind is a class, never a string branch outside `kfac_fast/layers/`;
 4. every package of the source tree is in the wheel's package list;
-5. the public API (ops, the preconditioner, the optimizer) is fully annotated.
+5. the public API (ops, the preconditioner, the optimizer) is fully annotated;
+6. CI and pre-commit pin the same ruff.
 
 `kernels/` is shipped as `kfac_fast.kernels`, so its modules are named that way here.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 import runpy
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,3 +369,14 @@ def test_public_api_is_annotated():
     assert paths, "no module of the typed public API found"
     missing = [m for path in paths for m in _unannotated(path)]
     assert not missing, "public functions without full annotations:\n  " + "\n  ".join(missing)
+
+
+# --- 6. one ruff version ---------------------------------------------------------------------
+
+
+def test_ruff_pins_agree():
+    """The Makefile (CI) and pre-commit run the same ruff: a rule that passes one passes both."""
+    makefile = re.search(r"ruff==([0-9.]+)", (ROOT / "Makefile").read_text())
+    hook = re.search(r"ruff-pre-commit\s+rev:\s*v([0-9.]+)", (ROOT / ".pre-commit-config.yaml").read_text())
+    assert makefile and hook, "ruff must be pinned in the Makefile and in .pre-commit-config.yaml"
+    assert makefile.group(1) == hook.group(1), f"Makefile pins ruff {makefile.group(1)}, pre-commit {hook.group(1)}"
