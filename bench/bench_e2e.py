@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from unfused import UnfusedKFAC  # noqa: E402
+from unfused import UnfusedKFAC
 
 STEPS_PER_ROUND = 10
 SIZES = {"gpt_small": dict(blocks=12, d=768, heads=12, seq=1024, batch=8, vocab=50304, gpu_only=True),

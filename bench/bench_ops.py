@@ -27,7 +27,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import unfused  # noqa: E402
+import unfused
 
 BATCH = 512
 DAMPING, LR, KL_CLIP, BETA = 1e-2, 0.1, 1e-2, 0.95

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from unfused import UnfusedKFAC  # noqa: E402
+from unfused import UnfusedKFAC
 
 STEPS_PER_ROUND = 10
 # A small lr keeps the 40 benchmarked steps far from divergence (NaN factors would make

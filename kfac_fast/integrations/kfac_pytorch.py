@@ -62,7 +62,7 @@ _LAYER_METHODS = ("save_layer_input", "save_layer_grad_output", "update_a_factor
 
 def _kfac():
     try:
-        import kfac  # noqa: F401
+        import kfac
         import kfac.layers.eigen
         import kfac.layers.inverse
         import kfac.layers.modules

@@ -12,9 +12,9 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (CPU) or a CUDA device", allow_module_level=True)
 
-from kfac_fast.backends import reference  # noqa: E402
-from kfac_fast.kernels import conv_factor, factor_update  # noqa: E402
-from tests._oracle import assert_error_rule, rel_error  # noqa: E402
+from kfac_fast.backends import reference
+from kfac_fast.kernels import conv_factor, factor_update
+from tests._oracle import assert_error_rule, rel_error
 
 pytestmark = pytest.mark.interpret
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
