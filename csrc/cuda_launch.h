@@ -32,7 +32,7 @@ std::string eigen_scale_cuda(int elem_bytes, const std::vector<uint64_t>& x_ptrs
 // Batched Jacobi eigendecomposition of `batch` symmetric n x n matrices (row-major,
 // contiguous, elem_bytes 4 or 8) into ascending eigenvalues vals (batch, n) and
 // eigenvectors vecs (batch, n, n) (columns), same dtype; info (batch, 2) int32 receives
-// (converged, sweeps). work: fp64 workspace of workspace_doubles per matrix, required only
+// (status, sweeps), status 1 converged, 0 not, -1 non-finite input. work: fp64 workspace of workspace_doubles per matrix, required only
 // when jacobi_cuda_plan(n) says V^T does not fit in shared memory (else may be 0).
 std::string jacobi_eigh_cuda(int elem_bytes, uint64_t in, uint64_t vals, uint64_t vecs,
                              uint64_t work, uint64_t info, int64_t batch, int n, double tol,
@@ -50,5 +50,10 @@ struct JacobiDevicePlan {
   std::string error;
 };
 JacobiDevicePlan jacobi_cuda_plan(int n);
+
+// The CUDA version the installed driver supports (cudaDriverGetVersion: 1000*major +
+// 10*minor; 0 when no driver is installed, -1 when the query itself fails). The runtime
+// this module links statically needs a driver at least as new as its major version.
+int cuda_driver_version();
 
 }  // namespace kfac_fast

@@ -67,7 +67,11 @@ void register_cuda_ops(py::module_& m) {
       py::arg("info"), py::arg("batch"), py::arg("n"), py::arg("tol"), py::arg("max_sweeps"),
       py::arg("stream"),
       "Batched Jacobi eigh of (batch, n, n) contiguous matrices into ascending vals (batch, n), "
-      "vecs (batch, n, n), info (batch, 2) int32 = (converged, sweeps).");
+      "vecs (batch, n, n), info (batch, 2) int32 = (status, sweeps), status 1 converged, 0 not, "
+      "-1 a NaN or infinity in the input.");
+  m.def("cuda_driver_version", &cuda_driver_version,
+        "CUDA version the driver supports (1000*major + 10*minor), 0 without a driver, -1 "
+        "when the query fails; compare with build_info()['cuda_runtime_major'].");
   m.def(
       "jacobi_cuda_plan",
       [](int n) {

@@ -79,7 +79,17 @@ KF_HD void round_robin_pair(int m, int r, int k, int* p, int* q) {
 struct Result {
   int converged;  // 1 when off(A) <= tol * ||A||_F was reached
   int sweeps;     // sweeps performed
+  int nonfinite;  // 1 when the matrix holds a NaN or an infinity (never converged)
 };
+
+// Status the kernel writes in info[2b]: converged, not converged, or a non-finite input
+// (the caller then raises the documented ValueError through its float64 retry).
+constexpr int kStatusConverged = 1;
+constexpr int kStatusUnconverged = 0;
+constexpr int kStatusNonFinite = -1;
+KF_HD int status_of(const Result& r) {
+  return r.nonfinite ? kStatusNonFinite : (r.converged ? kStatusConverged : kStatusUnconverged);
+}
 
 // Workspace the solver reads and writes (all owned by the caller; on the GPU the first
 // four live in shared memory, vt may be shared or global).
@@ -165,13 +175,18 @@ KF_HD Result solve(Team& team, const Work& w, int n, double tol, int max_sweeps)
   double off2, all2;
   norms(team, w, m, &off2, &all2);
   const double limit2 = tol * tol * all2;
-  Result res{0, 0};
+  Result res{0, 0, 0};
   while (true) {
+    // A NaN or an infinity makes all2 non-finite (inf - inf and NaN - NaN are NaN).
+    if (!(all2 - all2 == 0.0) || !(off2 == off2)) {
+      res.nonfinite = 1;
+      break;
+    }
     if (off2 <= limit2) {  // also true for the zero matrix
       res.converged = 1;
       break;
     }
-    if (!(off2 == off2) || !(all2 - all2 == 0.0) || res.sweeps >= max_sweeps) break;
+    if (res.sweeps >= max_sweeps) break;
     for (int r = 0; r < m - 1; ++r) step(team, w, m, r);
     ++res.sweeps;
     norms(team, w, m, &off2, &all2);
@@ -179,15 +194,33 @@ KF_HD Result solve(Team& team, const Work& w, int n, double tol, int max_sweeps)
   return res;
 }
 
-// Position of eigenvalue i in ascending order (ties broken by index: a permutation).
+// Strict total order on (value, index) with every NaN after every number: NaN compares
+// false with everything, so a plain `<` would give several indices the same rank.
+KF_HD bool before(double dj, int j, double di, int i) {
+  const bool nj = !(dj == dj), ni = !(di == di);
+  if (nj && ni) return j < i;
+  if (nj) return false;  // a NaN comes after every number
+  if (ni) return true;
+  return (dj < di) || (dj == di && j < i);
+}
+
+// Position of eigenvalue i in ascending order, NaN last, ties broken by index: over
+// i = 0..n-1 the ranks are a permutation of 0..n-1 whatever the diagonal holds.
 KF_HD int ascending_rank(const double* a, int lda, int n, int i) {
   const double di = a[i * lda + i];
   int rank = 0;
-  for (int j = 0; j < n; ++j) {
-    const double dj = a[j * lda + j];
-    rank += (dj < di) || (dj == di && j < i);
-  }
+  for (int j = 0; j < n; ++j) rank += before(a[j * lda + j], j, di, i);
   return rank;
+}
+
+// perm[r] = index of the r-th smallest diagonal entry (NaN last). Every slot is first set
+// to the identity, so even a broken order can never leave an index outside [0, n).
+template <class Team>
+KF_HD void ascending_order(Team& team, const double* a, int lda, int n, int* perm) {
+  for (int i = team.rank; i < n; i += team.size) perm[i] = i;
+  team.sync();
+  for (int i = team.rank; i < n; i += team.size) perm[ascending_rank(a, lda, n, i)] = i;
+  team.sync();
 }
 
 // Shared-memory bytes of one team: A, optionally V^T, c, s, pair, reduction scratch.

@@ -43,7 +43,8 @@ struct BlockTeam {
 };
 
 // Computes the ascending eigenvalues and orthonormal eigenvectors (columns) of the
-// symmetrised matrix (in + in^T)/2 for matrix blockIdx.x; info = (converged, sweeps).
+// symmetrised matrix (in + in^T)/2 for matrix blockIdx.x; info = (status, sweeps), status
+// 1 converged, 0 not converged, -1 a NaN or infinity in the input (jacobi::status_of).
 // blockDim.x must be a multiple of 32 (jacobi::threads_for); the dynamic shared memory is
 // jacobi::smem_bytes(n, vt_in_smem, blockDim.x). 512 threads at most so the compiler may
 // use up to 128 registers per thread without spilling.
@@ -76,9 +77,8 @@ __global__ void __launch_bounds__(512)
   jacobi::Work w{a, vt, c, s, pair, ld, ldv};
   const jacobi::Result res = jacobi::solve(team, w, n, tol, max_sweeps);
 
-  int* perm = pair;  // perm[r] = index of the r-th smallest eigenvalue
-  for (int i = threadIdx.x; i < n; i += blockDim.x) perm[jacobi::ascending_rank(a, ld, n, i)] = i;
-  __syncthreads();
+  int* perm = pair;  // perm[r] = index of the r-th smallest eigenvalue (NaN last)
+  jacobi::ascending_order(team, a, ld, n, perm);
   for (int r = threadIdx.x; r < n; r += blockDim.x)
     vals[b * n + r] = static_cast<T>(a[perm[r] * ld + perm[r]]);
   T* dst = vecs + b * n * n;
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(512)
     dst[e] = static_cast<T>(vt[perm[r] * ldv + i]);
   }
   if (threadIdx.x == 0) {
-    info[2 * b] = res.converged;
+    info[2 * b] = jacobi::status_of(res);  // 1 converged, 0 not, -1 non-finite input
     info[2 * b + 1] = res.sweeps;
   }
 }
@@ -108,6 +108,15 @@ std::string launch(uint64_t in, uint64_t vals, uint64_t vecs, uint64_t work, uin
 }
 
 }  // namespace
+
+int cuda_driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return v;
+}
 
 JacobiDevicePlan jacobi_cuda_plan(int n) {
   JacobiDevicePlan out;

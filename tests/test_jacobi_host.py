@@ -104,3 +104,49 @@ def test_plan_fits_sm80_and_sm90_for_every_size():
             assert plan["threads"] % 32 == 0 and 64 <= plan["threads"] <= 512
             assert (plan["workspace_doubles"] == 0) == plan["vt_in_smem"]
     assert not _C.jacobi_plan(128, 100 * 1024)["fits"]
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite inputs (issue 17, defect 2). The host build fills its scratch with garbage
+# (a NaN for doubles, an index far outside [0, n) for ints), as shared memory is on the
+# GPU: a perm slot the eigenvalue order never writes makes jacobi_eigh_host raise.
+# ---------------------------------------------------------------------------------------
+def _nan_cases(rng, n):
+    spd = _case("spd", n, rng)
+    diag_nan = spd.copy()
+    diag_nan[n // 2, n // 2] = np.nan
+    all_nan = np.full((n, n), np.nan)
+    inf = spd.copy()
+    inf[0, -1] = inf[-1, 0] = np.inf
+    return {"nan_diagonal": diag_nan, "all_nan": all_nan, "inf_offdiagonal": inf}
+
+
+@pytest.mark.parametrize("n", [1, 3, 17, 65, 128])
+@pytest.mark.parametrize("kind", ["nan_diagonal", "all_nan", "inf_offdiagonal"])
+def test_non_finite_input_is_reported_and_order_stays_a_permutation(kind, n):
+    rng = np.random.default_rng(n)
+    bad = _nan_cases(rng, n)[kind]
+    good = _case("spd", n, rng)
+    d, q, converged, sweeps, status = _C.jacobi_eigh_host(np.stack([good, bad, good]), with_status=True)
+    assert list(status) == [1, -1, 1] and list(converged) == [True, False, True]
+    assert sweeps[1] == 0  # stops before any rotation
+    # The finite neighbours in the same batch are untouched by the bad matrix.
+    np.testing.assert_allclose(d[0], np.linalg.eigvalsh(good), rtol=0, atol=1e-10 * n)
+    np.testing.assert_array_equal(d[0], d[2])
+
+
+def test_nan_diagonal_orders_nan_last_and_keeps_every_column():
+    a = np.diag([3.0, np.nan, 1.0, np.nan, 2.0])
+    d, q, _, _, status = _C.jacobi_eigh_host(a[None], with_status=True)
+    assert status[0] == -1
+    np.testing.assert_array_equal(d[0, :3], [1.0, 2.0, 3.0])
+    assert np.isnan(d[0, 3:]).all()
+    # No rotation ran: the eigenvectors are the identity's columns in the order above,
+    # NaN indices by position (1 before 3): each column exactly once.
+    np.testing.assert_array_equal(q[0], np.eye(5)[:, [2, 4, 0, 1, 3]])
+
+
+def test_status_of_finite_unconverged_is_zero():
+    a = _case("spd", 40, np.random.default_rng(5))
+    _, _, converged, _, status = _C.jacobi_eigh_host(a[None], max_sweeps=1, with_status=True)
+    assert not converged[0] and status[0] == 0

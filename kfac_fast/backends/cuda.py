@@ -109,7 +109,8 @@ def _plan(device: torch.device, n: int) -> dict:
 
 
 def jacobi_eigh_stack(stack: torch.Tensor, tol: Optional[float] = None, max_sweeps: Optional[int] = None):
-    """The raw kernel: (vals (B, n), vecs (B, n, n), info (B, 2) int32 = (converged, sweeps)).
+    """The raw kernel: (vals (B, n), vecs (B, n, n), info (B, 2) int32 = (status, sweeps)),
+    status 1 converged, 0 not converged, -1 a NaN or infinity in the input.
 
     stack: (B, n, n) contiguous float32/64 CUDA, 1 <= n <= 128, symmetrised by the kernel.
     No retry here: `eigh` adds that. Exposed for tests and benchmarks.
