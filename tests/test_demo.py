@@ -1,5 +1,6 @@
 """Smoke tests of the demo's pieces at tiny size: data, model, one step of each method."""
 import math
+import sys
 
 import pytest
 import torch
@@ -77,8 +78,44 @@ def test_quick_cli(tmp_path, capsys):
     runs = demo.main(["--quick", "--methods", methods, "--out", str(tmp_path)])
     assert [r.method for r in runs] == methods.split(",")
     assert (tmp_path / "curves_error.png").stat().st_size > 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "entropy floor" in text and "x SGD step" in text
+    # Not a terminal (captured): no progress bar's carriage returns, a line per method.
+    assert "\r" not in captured.err + text
+    for key in methods.split(","):
+        assert sum(line.startswith(f"{demo.METHODS[key].name} done: ") for line in text.splitlines()) == 1
+
+
+_EXTRAS = ("tqdm", "matplotlib", "heavyball")
+
+
+def test_help_needs_no_demo_extra(monkeypatch, capsys):
+    # Issue 21: tqdm was imported before the arguments were parsed.
+    for name in _EXTRAS:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, find_spec is None
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--help"])
+    assert exc.value.code == 0 and "--methods" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("absent, methods", [("matplotlib", "sgd"), ("heavyball", "sgd,soap")])
+def test_missing_extra_is_named(monkeypatch, tmp_path, absent, methods):
+    monkeypatch.setitem(sys.modules, absent, None)
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--quick", "--methods", methods, "--out", str(tmp_path)])
+    assert absent in str(exc.value) and "pip install 'kfac_fast[demo]'" in str(exc.value)
+    assert not (tmp_path / "curves_error.png").exists()  # refused before any training
+
+
+def test_kfac_grid_changes_the_result():
+    # Issue 21: K-FAC's lr grid printed one error at every point (kl_clip binds, so lr*nu
+    # does not depend on lr); its grid is over the damping now.
+    assert demo.METHODS["kfac"].knob == "damping" and len(set(demo.METHODS["kfac"].lrs)) > 1
+    data = curves.make_curves(64, seed=0)
+    _, grid = demo.choose_lr("kfac", data, grid_steps=3, batch_size=32, seed=0, eval_x=data, bar=None)
+    errors = list(grid.values())
+    assert all(math.isfinite(e) for e in errors) and len(set(errors)) == len(errors)
 
 
 def _run(method, steps, seconds, errors, diverged=False):

@@ -56,11 +56,18 @@ def _soap(model, lr):
     return soap(model.parameters(), lr=lr, weight_decay=0.0, precondition_frequency=10), None
 
 
-def _kfac(model, lr):
+# The K-FAC row's learning rate. Its grid is over the damping instead: with kl_clip=0.1
+# binding, the update lr * nu * P has nu = sqrt(kl_clip / (lr^2 v^T F v)), so lr * nu does
+# not depend on lr: the former lr grid (0.3, 1.0) printed the same error, 127.85, at both
+# points (issue 21). 0.3 is the lr that grid chose; 1.0 the damping it ran with.
+KFAC_LR = 0.3
+
+
+def _kfac(model, damping):
     from .. import KFACPreconditioner
 
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
-    return opt, KFACPreconditioner(model, lr=lr, **KFAC_SETTINGS)
+    opt = torch.optim.SGD(model.parameters(), lr=KFAC_LR, momentum=MOMENTUM)
+    return opt, KFACPreconditioner(model, lr=KFAC_LR, **dict(KFAC_SETTINGS, damping=damping))
 
 
 # The paper's optimizer (kfac_fast.KFAC): MC Fisher, the quadratic-model step with
@@ -99,8 +106,10 @@ METHODS = {
     "adam": Method("Adam", (1e-3, 3e-3, 1e-2), _adam, "torch.optim.Adam, betas (0.9, 0.999)"),
     "soap": Method("SOAP", (1e-2, 3e-2), _soap,
                    "heavyball SOAP, betas (0.9, 0.95), preconditioner every 10 steps, eager"),
-    "kfac": Method("K-FAC", (0.3, 1.0), _kfac,
-                   f"KFACPreconditioner on SGD momentum {MOMENTUM}, {_settings_note(KFAC_SETTINGS)}"),
+    "kfac": Method("K-FAC", (1.0, 0.3), _kfac,
+                   f"KFACPreconditioner on SGD momentum {MOMENTUM}, lr {KFAC_LR}, grid over the damping "
+                   "(kl_clip binds, so lr * nu does not depend on lr); "
+                   + _settings_note({k: v for k, v in KFAC_SETTINGS.items() if k != "damping"}), knob="damping"),
     "kfac-opt": Method("KFAC (paper)", (0.1, 0.01), _kfac_opt,
                        "the paper's optimizer, grid over the initial damping lambda; "
                        + ", ".join(f"{k}={v}" for k, v in KFAC_OPT_SETTINGS.items()), knob="lambda0"),
