@@ -13,6 +13,7 @@ basis / the plain damped identity, so the step stays defined), counting every ru
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -22,6 +23,22 @@ from . import ops
 Tensor = torch.Tensor
 
 SOLVER_COUNTERS = ("fp64_retries", "damped_retries", "kept_previous")
+
+# why a step (or part of one) was dropped or repaired; `Health.count` accepts other names
+# too (snake_case), these are always reported, 0 until they fire
+CAUSES = (
+    "nonfinite_capture",      # a captured input / output gradient had NaN/Inf: no factor update
+    "capture_overflow",       # finite captures so large that x^T x would overflow the factor
+    "nonfinite_grad",         # a .grad was not finite: left unpreconditioned
+    "nonfinite_output",       # the preconditioned .grad was not finite: the plain gradient kept
+    "kfac_nonfinite_update",  # KFAC (the optimizer): a non-finite update was not applied
+)
+
+# headroom of the overflow bound: entries of x^T x are at most rows * max|x|^2; a batch is
+# dropped when that bound exceeds the accumulation dtype's max / 2^24 (fp32: 2e31), far
+# above anything normal training produces and far enough below the max that the running
+# average (beta F + alpha x^T x, alpha up to S^2/N for G) cannot overflow either
+OVERFLOW_HEADROOM = 2.0 ** -24
 
 
 def all_finite(tensors: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
@@ -38,6 +55,30 @@ def all_finite(tensors: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
         return None
     norms = torch._foreach_norm(ts, float("inf"))
     return torch.isfinite(torch.cat([n.reshape(1).float() for n in norms])).all()
+
+
+def capture_flags(tensors: Sequence[Optional[Tensor]]) -> Optional[tuple[Tensor, Tensor]]:
+    """(finite, in_range): 0-dim device bools for a factor update from these captures.
+
+    finite: every entry is finite (as `all_finite`). in_range: for every tensor,
+    numel * max|x|^2 is below the accumulation dtype's max times OVERFLOW_HEADROOM, a
+    bound on every entry of x^T x (numel >= its row count; a conv patch matrix repeats
+    an entry at most kh*kw times, which the headroom covers), so a finite but huge batch
+    cannot turn a factor into Inf. Same one max-abs reduction as `all_finite`; None when
+    there is nothing to check.
+    """
+    ts = [t for t in tensors if t is not None and t.is_floating_point() and t.numel() > 0]
+    if not ts:
+        return None
+    norms = torch._foreach_norm(ts, float("inf"))
+    finite = torch.isfinite(torch.cat([n.reshape(1).float() for n in norms])).all()
+    # max|x| * sqrt(numel / limit) <= 1, scaled by host scalars (no host-to-device copy)
+    scales = [math.sqrt(t.numel() / (OVERFLOW_HEADROOM * torch.finfo(
+        torch.float64 if t.dtype == torch.float64 else torch.float32).max)) for t in ts]
+    scaled = torch._foreach_mul([n.double() for n in norms], scales)
+    # NaN compares False: a non-finite batch is also out of range (counted as non-finite)
+    in_range = (torch.cat([n.reshape(1) for n in scaled]) <= 1.0).all() | ~finite
+    return finite, in_range
 
 
 def guard_weights(ok: Optional[Tensor], betas, alphas, device: torch.device) -> tuple:
@@ -82,6 +123,17 @@ class Health:
     def __init__(self) -> None:
         self.nonfinite_steps: Optional[Tensor] = None
         self.solver = {k: 0 for k in SOLVER_COUNTERS}
+        self.causes: dict[str, Tensor] = {}
+
+    def count(self, cause: str, ok: Tensor) -> None:
+        """Add 1 to the device counter `cause` when the 0-dim bool `ok` is False (no host
+        sync). One source of every dropped/repaired-step count (see CAUSES)."""
+        counter = self.causes.get(cause)
+        if counter is None:
+            counter = self.causes[cause] = torch.zeros((), dtype=torch.int64, device=ok.device)
+        elif counter.device != ok.device:  # the model moved: follow it once
+            counter = self.causes[cause] = counter.to(ok.device)
+        counter.add_((~ok).to(torch.int64))
 
     def count_nonfinite(self, ok: Tensor) -> None:
         """Add 1 to the device counter when ok is False (no host sync)."""
@@ -94,17 +146,22 @@ class Health:
     def report(self) -> dict:
         """All counters as Python ints (reads the device counter: a host sync)."""
         steps = 0 if self.nonfinite_steps is None else int(self.nonfinite_steps)
-        return {"nonfinite_steps": steps, **self.solver}
+        causes = {k: 0 for k in CAUSES}
+        causes.update((k, int(v)) for k, v in self.causes.items())
+        return {"nonfinite_steps": steps, **self.solver, **causes}
 
     def state_dict(self) -> dict:
         steps = (torch.zeros((), dtype=torch.int64) if self.nonfinite_steps is None
                  else self.nonfinite_steps.clone())
-        return {"nonfinite_steps": steps, **self.solver}
+        return {"nonfinite_steps": steps, **self.solver,
+                "causes": {k: v.clone() for k, v in self.causes.items()}}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         steps = state.get("nonfinite_steps")
         self.nonfinite_steps = None if steps is None else torch.as_tensor(steps, dtype=torch.int64).to(device)
         self.solver = {k: int(state.get(k, 0)) for k in SOLVER_COUNTERS}
+        causes = state.get("causes") or {}
+        self.causes = {str(k): torch.as_tensor(v, dtype=torch.int64).to(device) for k, v in causes.items()}
 
     # ---- refresh-time solvers (host syncs allowed) ----------------------------------
     def solve_eigh(self, factors: list, previous: list, tol: Optional[float] = None) -> tuple:

@@ -16,7 +16,7 @@ import inspect
 import re
 from typing import Callable, Iterable, Optional, Union
 
-from .schedules import Hyperparameter, positive
+from .schedules import Hyperparameter, damping_range
 
 DEFAULT_KEY = "default"
 
@@ -50,17 +50,17 @@ class LayerDamping:
                 if not isinstance(key, str):
                     raise TypeError(f"damping: dict keys must be module names or regexes, got {key!r}")
                 if key == DEFAULT_KEY:
-                    self._uniform = Hyperparameter("damping['default']", value, positive)
+                    self._uniform = Hyperparameter("damping['default']", value, damping_range)
                     continue
                 try:
                     pattern = re.compile(key)
                 except re.error as exc:
                     raise ValueError(f"damping: bad regex key {key!r}: {exc}") from None
-                self._rules.append((key, pattern, Hyperparameter(f"damping[{key!r}]", value, positive)))
+                self._rules.append((key, pattern, Hyperparameter(f"damping[{key!r}]", value, damping_range)))
         elif callable(damping) and _takes_name_and_step(damping):
             self._by_name = damping
         else:
-            self._uniform = Hyperparameter("damping", damping, positive)
+            self._uniform = Hyperparameter("damping", damping, damping_range)
         self.per_layer = bool(self._rules) or self._by_name is not None
 
     def resolve(self, names: Iterable[str]) -> None:
@@ -71,7 +71,7 @@ class LayerDamping:
         for name in names:
             if self._by_name is not None:
                 self._resolved[name] = Hyperparameter(
-                    f"damping({name!r}, step)", lambda step, n=name, fn=self._by_name: fn(n, step), positive)
+                    f"damping({name!r}, step)", lambda step, n=name, fn=self._by_name: fn(n, step), damping_range)
                 continue
             exact = [h for key, _, h in self._rules if key == name]
             matched = exact or [h for _, p, h in self._rules if p.fullmatch(name)]

@@ -55,6 +55,7 @@ from torch import nn
 
 from .fisher import canonical_loss
 from .fvp import FisherProducts, dot
+from .health import all_finite
 from .optimizer_args import check_single_process, positive_float, positive_int, unit_interval
 from .optimizer_damping import adapt_lambda, search_gamma
 from .preconditioner import KFACPreconditioner
@@ -244,7 +245,7 @@ class KFAC(torch.optim.Optimizer):
         solved = self._solve(fisher, grads, directions, prev, group["damping"] + eta)
         if search:
             solved = search_gamma(self, closure, fisher, live, grads, prev, theta, solved)
-        x, update = solved["x"], solved["update"]
+        x, update = self._guard_update(solved)
         torch._foreach_add_(live, update)
         self.last = {"alpha": x[0], "mu": x[1] if x.shape[0] > 1 else torch.zeros_like(x[0])}
 
@@ -348,6 +349,21 @@ class KFAC(torch.optim.Optimizer):
             torch._foreach_add_(update, [d * x[1].to(d.dtype) for d in prev])
         return {"x": x, "b": b, "gram_f": gram_f, "gram_i": gram_i, "update": update,
                 "directions": directions}
+
+    def _guard_update(self, solved: dict) -> tuple:
+        """(x, update) of `solved`, zeroed on the device when any entry is not finite (a
+        NaN/Inf batch on a step that does not adapt damping would otherwise poison every
+        parameter); counted as health()["kfac_nonfinite_update"]. No host sync; a finite
+        step is returned unchanged (torch.where picks the same values)."""
+        x, update = solved["x"], solved["update"]
+        ok = all_finite([x, *update])
+        if ok is None:
+            return x, update
+        x = torch.where(ok.to(x.device), x, torch.zeros_like(x))
+        update = [torch.where(ok.to(u.device), u, torch.zeros_like(u)) for u in update]
+        solved["x"], solved["update"] = x, update
+        self.preconditioner._health.count("kfac_nonfinite_update", ok)
+        return x, update
 
     def _average(self, live: list) -> None:
         decay = self.param_groups[0]["average_decay"]

@@ -74,6 +74,20 @@ def positive(v: Number) -> Optional[str]:
     return None if v > 0 else "must be > 0"
 
 
+# the smallest damping the float32 preconditioning ops can hold as a normal number: below
+# it a positive Python damping rounds to 0 (or a subnormal) on the device, and a zero
+# eigenvalue pair then divides by 0
+MIN_DAMPING = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
+
+def damping_range(v: Number) -> Optional[str]:
+    if v <= 0:
+        return "must be > 0"
+    if v < MIN_DAMPING:
+        return f"must be >= {MIN_DAMPING:.3g} (smaller values are 0 or subnormal in float32)"
+    return None
+
+
 def non_negative(v: Number) -> Optional[str]:
     return None if v >= 0 else "must be >= 0"
 

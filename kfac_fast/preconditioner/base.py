@@ -51,6 +51,7 @@ class PreconditionerBase:
     _health: Health
     _row_mask: Optional[torch.Tensor]
     _captures_ok: Optional[torch.Tensor]
+    _step_causes: dict[str, torch.Tensor]
     _factor_step_cache: tuple[int, bool]
     _warned: set
     _curvatures: list[Curvature]

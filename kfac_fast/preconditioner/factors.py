@@ -15,7 +15,7 @@ import torch
 
 from .. import ops
 from .. import row_mask as row_masks
-from ..health import all_finite, as_device_tensor, guard_weights
+from ..health import all_finite, as_device_tensor, capture_flags, guard_weights
 from ..layers import KFACLayer
 from ..schedules import running_average_weights
 from .base import PreconditionerBase
@@ -67,13 +67,24 @@ class FactorUpdateMixin(PreconditionerBase):
         """
         if not self.guard_nonfinite:
             return None
-        ok = all_finite(tensors)
+        flags = capture_flags(tensors)
+        ok = None
+        if flags is not None:
+            finite, in_range = flags
+            self._note_cause("nonfinite_capture", finite)
+            self._note_cause("capture_overflow", in_range)
+            ok = finite & in_range
         if self.distributed is not None and tensors:
             # one rank's bad capture drops the step on every rank, else factors diverge
             ok = self.distributed.agree_finite(ok, tensors[0].device)
         if ok is not None:
             self._captures_ok = ok if self._captures_ok is None else self._captures_ok & ok
         return self._captures_ok
+
+    def _note_cause(self, cause: str, ok: torch.Tensor) -> None:
+        """AND `ok` into this step's flag for `cause`; step() counts each cause once."""
+        prev = self._step_causes.get(cause)
+        self._step_causes[cause] = ok if prev is None else prev & ok
 
     @staticmethod
     def _guarded(ok: Optional[torch.Tensor], beta: Any, alpha: Any, device: torch.device) -> tuple:
@@ -82,7 +93,6 @@ class FactorUpdateMixin(PreconditionerBase):
             return beta, alpha
         b, a = guard_weights(ok, [beta], [alpha], device)
         return b[0], a[0]
-
 
     def _ensure_factors(self, layer: KFACLayer, device: torch.device) -> None:
         # zeros, not empty: beta_1 = 0 multiplies the old value, and 0 * NaN is NaN

@@ -140,9 +140,11 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         max_factor_dim: memory guard: a layer with a factor dimension (a_dim or g_dim)
             above it is skipped (left to the user's optimizer), warned once by name.
         guard_nonfinite: a step with a non-finite capture or gradient (e.g. an AMP
-            overflow) updates no factor, keeps the decompositions and leaves `.grad`
-            unpreconditioned, all decided on the device (no host sync); counted in
-            `health()` and `state_dict()`. Costs one isfinite reduction and one copy of
+            overflow), or with finite captures so large that x^T x would overflow the
+            factor, updates no factor, keeps the decompositions and leaves `.grad`
+            unpreconditioned; a preconditioned `.grad` that is not finite is replaced by
+            the plain gradient. All decided on the device (no host sync); counted, by
+            cause, in `health()` and `state_dict()`. Costs one isfinite reduction and one copy of
             the gradients per step; False turns it off. Data-parallel: the flag is
             all-reduced (MIN, on the device) so every rank drops the same steps; one
             tiny all-reduce per factor step (per capture with update_factors_in_hooks).
@@ -235,6 +237,8 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         self._health = Health()
         # this step's capture flag (0-dim device bool, ANDed over every checked capture)
         self._captures_ok: Optional[torch.Tensor] = None
+        # this step's flag per cause of a dropped step (health.CAUSES), counted by step()
+        self._step_causes: dict[str, torch.Tensor] = {}
         self._curvatures: list[Curvature] = []
 
         self._skip = _compile_skip(skip_layers)
@@ -334,16 +338,23 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
             for layer in self.layers.values():
                 layer.clear_captures()
             self._captures_ok = None
+            for cause, ok in self._step_causes.items():
+                self._health.count(cause, ok)
+            self._step_causes = {}
             self._row_mask = None  # a mask describes one batch
             self.steps += 1
 
     def health(self) -> dict:
         """How often the safety nets fired, as Python ints (reads a device counter: one
         host sync, so call it when logging, not every step):
-        nonfinite_steps (steps whose captures or gradients were not finite: no factor
-        update, `.grad` left unpreconditioned), and on refresh steps fp64_retries,
-        damped_retries (solved with added damping), kept_previous (the decomposition or
-        inverse in use was kept, or the identity when there was none)."""
+        nonfinite_steps (steps dropped: no factor update, `.grad` left as the plain
+        gradient), on refresh steps fp64_retries, damped_retries (solved with added
+        damping), kept_previous (the decomposition or inverse in use was kept, or the
+        identity when there was none), and one count per cause of a drop
+        (`kfac_fast.health.CAUSES`): nonfinite_capture, capture_overflow (finite inputs
+        so large that x^T x would overflow the factor), nonfinite_grad, nonfinite_output
+        (the preconditioned gradient was not finite: the plain gradient is kept),
+        kfac_nonfinite_update (`KFAC` only)."""
         return self._health.report()
 
 

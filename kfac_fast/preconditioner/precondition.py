@@ -37,13 +37,18 @@ class PreconditionMixin(PreconditionerBase):
         self._precondition([layer for layer in have if self._has_inverse_state(layer, self.method)])
 
     def _guarded_precondition(self, layers: list[KFACLayer]) -> None:
-        """`_precondition`, except that a step with a non-finite capture or gradient
-        leaves `.grad` as it was and is counted; decided on the device (no host sync)."""
+        """`_precondition`, except that a step with a non-finite capture or gradient, or
+        whose preconditioned gradient is not finite (a damping that vanishes on a zero
+        eigenvalue, a corrupted decomposition), leaves `.grad` as the plain gradient and is
+        counted (health: nonfinite_steps, and nonfinite_grad / nonfinite_output);
+        decided on the device (no host sync)."""
         if not self.guard_nonfinite:
             self._precondition(layers)
             return
         grads = [g for layer in layers for g in layer.param_grads() if g is not None]
         ok = all_finite(grads)
+        if ok is not None:
+            self._step_causes["nonfinite_grad"] = ok
         if self._captures_ok is not None:
             ok = self._captures_ok if ok is None else ok & self._captures_ok.to(ok.device)
         if ok is None:
@@ -51,6 +56,11 @@ class PreconditionMixin(PreconditionerBase):
             return
         originals = [g.clone() for g in grads]
         self._precondition(layers)
+        out_ok = all_finite(grads)
+        if out_ok is not None:
+            # counted only when the inputs were fine: the output of a bad input is moot
+            self._step_causes["nonfinite_output"] = out_ok | ~ok
+            ok = ok & out_ok
         for g, original in zip(grads, originals):
             g.copy_(torch.where(ok, g, original))
         if self.last_nu is not None:

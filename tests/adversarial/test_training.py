@@ -73,3 +73,143 @@ def test_safe_factor_after_k_updates_is_the_hand_built_weighted_sum(float64_defa
         expected += decay ** (k - j) * (1 - decay) * (a.mT @ a / 7)
     expected /= 1 - decay ** k
     torch.testing.assert_close(precond.layers[""].a_factor, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# items 1 and 7: never a non-finite factor, decomposition or .grad; every drop counted
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_hooks", [False, True])
+@pytest.mark.parametrize("method", ["eigen", "inverse", "ekfac"])
+def test_safe_huge_finite_batch_does_not_freeze_a_layer(method, in_hooks):
+    """inputs x 1e20 are finite, but x^T x overflows fp32: the step is dropped (not the
+    layer frozen for the rest of the run) and counted as capture_overflow."""
+    model = mlp()
+    precond = KFACPreconditioner(model, method=method, inv_update_steps=1, update_factors_in_hooks=in_hooks)
+    for seed in range(2):
+        backward(model, *batch(seed))
+        precond.step()
+    before = {n: layer.a_factor.clone() for n, layer in precond.layers.items()}
+    x, y = batch(7)
+    raw = backward(model, x * 1e20, y)
+    assert all(torch.isfinite(g).all() for g in raw)
+    precond.step()
+    assert all_state_finite(precond)
+    for n, layer in precond.layers.items():
+        assert torch.equal(layer.a_factor, before[n])
+    report = precond.health()
+    assert report["capture_overflow"] == 1 and report["nonfinite_steps"] == 1
+    assert report["nonfinite_capture"] == 0
+    for g, p in zip(raw, model.parameters()):
+        assert torch.equal(g, p.grad)  # left unpreconditioned
+    # the next good step updates every factor again (nothing frozen)
+    backward(model, *batch(8))
+    precond.step()
+    assert all(not torch.equal(layer.a_factor, before[n]) for n, layer in precond.layers.items())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert precond.health()["capture_overflow"] == 1
+
+
+def test_safe_huge_finite_conv_batch_is_dropped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
+    precond = KFACPreconditioner(model, inv_update_steps=1)
+    x = torch.randn(4, 2, 5, 5)
+    y = torch.randint(0, 2, (4,))
+    backward(model, x, y)
+    precond.step()
+    backward(model, x * 1e19, y)
+    precond.step()
+    assert all_state_finite(precond)
+    assert precond.health()["capture_overflow"] == 1
+
+
+def test_safe_large_but_normal_batch_is_not_dropped():
+    """The overflow bound must not fire on big but representable statistics."""
+    model = mlp()
+    precond = KFACPreconditioner(model, inv_update_steps=1)
+    x, y = batch(1, n=64)
+    backward(model, x * 1e6, y)
+    precond.step()
+    report = precond.health()
+    assert report["capture_overflow"] == 0 and report["nonfinite_steps"] == 0
+
+
+@pytest.mark.parametrize("damping", [1e-300, 1e-45, 1e-39])
+def test_error_damping_that_is_zero_in_float32(damping):
+    with pytest.raises(ValueError, match="damping"):
+        KFACPreconditioner(mlp(), damping=damping)
+
+
+def test_error_damping_schedule_that_underflows_names_the_step():
+    m = mlp()
+    precond = KFACPreconditioner(m, damping=lambda step: 1e-3 if step == 0 else 1e-300)
+    backward(m, *batch(0))
+    precond.step()
+    backward(m, *batch(1))
+    with pytest.raises(ValueError, match=r"damping\(1\)"):
+        precond.step()
+
+
+def test_error_per_layer_damping_that_is_zero_in_float32():
+    with pytest.raises(ValueError, match="damping"):
+        KFACPreconditioner(mlp(), damping={"0": 1e-3, "default": 1e-300})
+
+
+@pytest.mark.parametrize("method", ["eigen", "ekfac"])
+def test_safe_nan_eigenvectors_in_a_loaded_state_never_reach_grad(method):
+    model = mlp()
+    precond = KFACPreconditioner(model, method=method, inv_update_steps=100)
+    backward(model, *batch(0))
+    precond.step()
+    state = precond.state_dict()
+    model2 = mlp()
+    precond2 = KFACPreconditioner(model2, method=method, inv_update_steps=100)
+    precond2.load_state_dict(state)
+    precond2.layers["0"].qa[0, 0] = float("nan")  # a corrupted decomposition
+    raw = backward(model2, *batch(1))
+    precond2.step()
+    for g, p in zip(raw, model2.parameters()):
+        assert torch.isfinite(p.grad).all()
+        assert torch.equal(g, p.grad)  # the plain gradient, not NaN
+    report = precond2.health()
+    assert report["nonfinite_output"] == 1 and report["nonfinite_steps"] == 1
+    assert report["nonfinite_grad"] == 0
+
+
+def test_safe_output_guard_keeps_plain_gradient_for_inverse_with_inf_inverse():
+    model = mlp()
+    precond = KFACPreconditioner(model, method="inverse", inv_update_steps=100)
+    backward(model, *batch(0))
+    precond.step()
+    precond.layers["2"].a_inv[0, 0] = float("inf")
+    raw = backward(model, *batch(1))
+    precond.step()
+    for g, p in zip(raw, model.parameters()):
+        assert torch.equal(g, p.grad)
+    assert precond.health()["nonfinite_output"] == 1
+
+
+def test_safe_nan_batch_counts_its_cause():
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    backward(model, *batch(0))
+    precond.step()
+    x, y = batch(1)
+    x[0, 0] = float("nan")
+    backward(model, x, y)
+    precond.step()
+    report = precond.health()
+    assert report["nonfinite_capture"] == 1 and report["nonfinite_grad"] == 1
+    assert report["nonfinite_steps"] == 1 and report["capture_overflow"] == 0
+    assert all_state_finite(precond)
+
+
+def test_safe_health_counts_survive_state_dict_round_trip():
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    x, y = batch(1)
+    backward(model, x * 1e20, y)
+    precond.step()
+    precond2 = KFACPreconditioner(mlp())
+    precond2.load_state_dict(precond.state_dict())
+    assert precond2.health()["capture_overflow"] == 1
