@@ -20,7 +20,8 @@ import triton.language as tl
 from kfac_fast._validate import as_pair
 
 from .factor_update import CONFIG_CONV_16BIT, pick_config
-from .launch import input_precision, kernel_scalar, load_scalar, needs_index64, symmetric_epilogue, upper_tile_of
+from .guard import allow_tf32_of, check_int32, launch_on, needs_index64, square_needs_index64
+from .launch import input_precision, kernel_scalar, load_scalar, symmetric_epilogue, upper_tile_of
 
 
 @triton.jit
@@ -49,7 +50,8 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One upper tile of A <- beta*A + alpha*P_bar^T P_bar, patches gathered in-kernel.
 
-    INDEX64=False (x spans < 2^31 elements) keeps offsets in int32 to save registers."""
+    INDEX64=False (x spans < 2^31 elements, the factor's i*stride+j below 2^31) keeps
+    offsets in int32 to save registers."""
     if INDEX64:
         IDX: tl.constexpr = tl.int64
     else:
@@ -73,14 +75,15 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
         a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
         b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha)
+    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
 
 
 def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dilation, *,
-                       append_ones=False, allow_tf32=False, config=None):
+                       append_ones=False, allow_tf32=False, config=None, precision=None):
     """A <- beta*A + alpha*P_bar^T P_bar for Conv2d input x in one launch; returns factor.
 
     Preconditions: as the module docstring. `config` overrides the tile sizes."""
+    allow_tf32 = allow_tf32_of(precision, allow_tf32)
     kh, kw = as_pair(kernel_size)
     sh, sw = as_pair(stride)
     ph, pw = as_pair(padding)
@@ -96,11 +99,15 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     cfg.update(config or {})
     nt = triton.cdiv(n, cfg["BLOCK"])
     L = OH * OW
-    _conv_factor_kernel[(nt * (nt + 1) // 2,)](
-        factor, x, b_t if b_dev else factor, a_t if a_dev else factor, b_val, a_val,
-        N * L, max(L, 1), max(OW, 1), C * kh * kw, n, H, W, *x.stride(), sh, sw, ph, pw, dh, dw,
-        factor.stride(0), KH=kh, KW=kw, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev,
-        INDEX64=needs_index64(x), BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    fn = "conv_input_factor_"
+    check_int32(fn, "x", N * L + cfg["BLOCK_K"], "patch rows")
+    idx64 = needs_index64(x) or square_needs_index64(n, factor.stride(0), cfg["BLOCK"])
+    with launch_on(fn, {"factor": factor, "x": x, "beta": b_t, "alpha": a_t}):
+        _conv_factor_kernel[(nt * (nt + 1) // 2,)](
+            factor, x, b_t if b_dev else factor, a_t if a_dev else factor, b_val, a_val,
+            N * L, max(L, 1), max(OW, 1), C * kh * kw, n, H, W, *x.stride(), sh, sw, ph, pw, dh, dw,
+            factor.stride(0), KH=kh, KW=kw, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev,
+            INDEX64=idx64, BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
+            INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factor

@@ -19,13 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .guard import allow_tf32_of, check_int32, common_device, launch_on, needs_index64, square_needs_index64
 from .launch import (
     TL_DTYPES,
     host_table,
     input_precision,
     kernel_scalar,
     load_scalar,
-    needs_index64,
     per_layer_scalars,
     symmetric_epilogue,
     upper_tile_of,
@@ -67,8 +67,9 @@ def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj
                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Tile (ti, tj) of beta*F + alpha*x_bar^T x_bar, x row r at X + off(r) + col*s_col.
 
-    INDEX64=False (x spans < 2^31 elements) keeps offsets in int32: 64-bit offset tiles
-    double the registers of the address arithmetic."""
+    INDEX64=False (x spans < 2^31 elements and the factor's i*stride+j stays below 2^31:
+    `index64`) keeps offsets in int32: 64-bit offset tiles double the registers of the
+    address arithmetic."""
     if INDEX64:
         IDX: tl.constexpr = tl.int64
     else:
@@ -97,7 +98,7 @@ def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj
         a = tl.where(rmask[:, None] & ones_i[None, :], one, a)
         b = tl.where(rmask[:, None] & ones_j[None, :], one, b)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha)
+    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
 
 
 @triton.jit
@@ -138,7 +139,10 @@ def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constex
     s_outer = tl.load(row + 6)
     s_inner = tl.load(row + 7)
     s_col = tl.load(row + 8)
-    stride_f = tl.load(row + 9).to(tl.int32)
+    if INDEX64:
+        stride_f = tl.load(row + 9)
+    else:
+        stride_f = tl.load(row + 9).to(tl.int32)
     beta = tl.load(betas + layer)
     alpha = tl.load(alphas + layer)
     _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
@@ -168,11 +172,20 @@ def rows_view(x: torch.Tensor):
     return v, R, d, max(v.shape[1], 1), v.stride(0), v.stride(1), v.stride(2), True
 
 
-def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=False, config=None):
+def index64(fn: str, factor, v, R: int, block: int, block_k: int) -> bool:
+    """Whether the launch needs 64-bit offsets (x's span or the factor's i*stride+j can
+    pass int32); ValueError when the row count, kept in int32, could overflow."""
+    check_int32(fn, "x", R + block_k, "rows")
+    return needs_index64(v) or square_needs_index64(factor.shape[0], factor.stride(0), block)
+
+
+def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=False, config=None,
+                   precision=None):
     """factor <- beta*factor + alpha*x_bar^T x_bar in one launch; returns factor.
 
     Preconditions: as the module docstring. `config` overrides the shipped tile sizes
     (tests use small tiles under the interpreter)."""
+    allow_tf32 = allow_tf32_of(precision, allow_tf32)
     n = factor.shape[0]
     b_dev, b_t, b_val = kernel_scalar(beta, factor.device)
     a_dev, a_t, a_val = kernel_scalar(alpha, factor.device)
@@ -181,13 +194,15 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
     cfg.update(config or {})
     nt = triton.cdiv(n, cfg["BLOCK"])
     grid = (nt * (nt + 1) // 2,)
-    _factor_update_kernel[grid](
-        factor, v, b_t if b_dev else factor, a_t if a_dev else factor, b_val, a_val,
-        R, d, n, L_inner, s_outer, s_inner, s_col, factor.stride(0),
-        BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, TWO_LEVEL=two_level, INDEX64=needs_index64(v),
-        BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    idx64 = index64("update_factor_", factor, v, R, cfg["BLOCK"], cfg["BLOCK_K"])
+    with launch_on("update_factor_", {"factor": factor, "x": x, "beta": b_t, "alpha": a_t}):
+        _factor_update_kernel[grid](
+            factor, v, b_t if b_dev else factor, a_t if a_dev else factor, b_val, a_val,
+            R, d, n, L_inner, s_outer, s_inner, s_col, factor.stride(0),
+            BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, TWO_LEVEL=two_level, INDEX64=idx64,
+            BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
+            INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factor
 
 
@@ -211,14 +226,22 @@ def upper_work_list(sizes, block: int, device) -> torch.Tensor:
     return work
 
 
-def update_factors_(factors, xs, betas, alphas, *, append_ones=False, allow_tf32=False, config=None):
+def update_factors_(factors, xs, betas, alphas, *, append_ones=False, allow_tf32=False, config=None,
+                    precision=None):
     """L factor updates in one launch per input dtype; returns factors.
 
     Preconditions: as `update_factor_` for every layer; betas/alphas one scalar, a
     sequence of L scalars or a (L,) tensor."""
+    allow_tf32 = allow_tf32_of(precision, allow_tf32)
     L = len(factors)
     if L == 0:
         return factors
+    common_device("update_factors_", {"factors": factors, "xs": xs})  # before any allocation
+    return _update_factors(factors, xs, betas, alphas, allow_tf32, config)
+
+
+def _update_factors(factors, xs, betas, alphas, allow_tf32, config):
+    L = len(factors)
     device = factors[0].device
     beta_t = per_layer_scalars(betas, L, device)
     alpha_t = per_layer_scalars(alphas, L, device)
@@ -228,23 +251,26 @@ def update_factors_(factors, xs, betas, alphas, *, append_ones=False, allow_tf32
     for x_dtype, layers in groups.items():
         cfg = pick_config(x_dtype, allow_tf32, grouped=True)
         cfg.update(config or {})
-        meta, keep = [], []
+        meta, keep, idx64 = [], [], False
         for i in layers:
             v, R, d, L_inner, s_outer, s_inner, s_col, _ = rows_view(xs[i])
-            keep.append(v)
+            keep.append(v)  # a reshape copy must outlive the launch that reads its pointer
             f = factors[i]
+            idx64 = idx64 or index64("update_factors_", f, v, R, cfg["BLOCK"], cfg["BLOCK_K"])
             meta.append([f.data_ptr(), v.data_ptr(), R, d, f.shape[0], L_inner, s_outer, s_inner,
                          s_col, f.stride(0)])
         meta_t = host_table(meta, torch.int64, device)
         work = upper_work_list([factors[i].shape[0] for i in layers], cfg["BLOCK"], device)
-        idx = None if len(layers) == L else torch.tensor(layers, device=device)
+        # Pinned non_blocking copy: a pageable torch.tensor(..., device=) syncs the host.
+        idx = None if len(layers) == L else host_table(layers, torch.int64, device)
         b = beta_t if idx is None else beta_t[idx]
         a = alpha_t if idx is None else alpha_t[idx]
         if work.shape[0] == 0:
             continue
-        _factor_update_grouped_kernel[(work.shape[0],)](
-            work, meta_t, b, a, X_DTYPE=TL_DTYPES[x_dtype], INDEX64=any(needs_index64(v) for v in keep),
-            BLOCK=cfg["BLOCK"],
-            BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=input_precision(x_dtype, allow_tf32),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        with launch_on("update_factors_", {"factors": [factors[i] for i in layers], "xs": keep, "betas": b}):
+            _factor_update_grouped_kernel[(work.shape[0],)](
+                work, meta_t, b, a, X_DTYPE=TL_DTYPES[x_dtype], INDEX64=idx64,
+                BLOCK=cfg["BLOCK"],
+                BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=input_precision(x_dtype, allow_tf32),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factors

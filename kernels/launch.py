@@ -1,14 +1,20 @@
 """What the kernel files share: scalar arguments, offsets, host tables, the symmetric
 epilogue and tile order of the factor kernels.
 
-Host-side helpers prepare launch arguments without a device sync where they can; the
-`@triton.jit` helpers are inlined into the kernels that call them.
+Host-side helpers prepare launch arguments without a device sync: host values reach the
+device in one pinned, non_blocking copy, device values stay there. The device guard,
+device checks and offset rules of every launch are `guard.py`'s (no Triton there, so the
+CUDA backend shares them). The `@triton.jit` helpers are inlined into the kernels.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .guard import launch_on, needs_index64, square_needs_index64
+
+__all__ = ["launch_on", "needs_index64", "square_needs_index64"]
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -37,21 +43,30 @@ def upper_tile_of(pid):
 
 
 @triton.jit
-def symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha):
+def symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64: tl.constexpr):
     """F[i, j] <- beta*F[i, j] + alpha*acc on and above the diagonal, mirrored below.
 
-    int32 offsets (factors have n <= 46340): 64-bit offset tiles cost registers."""
-    r = offs_i[:, None]
-    c = offs_j[None, :]
+    i*stride + j in int64 when INDEX64 (guard.square_needs_index64: from n = 46341 with a
+    unit-padded stride), else int32: 64-bit offset tiles cost registers."""
+    if INDEX64:
+        oi = offs_i.to(tl.int64)
+        oj = offs_j.to(tl.int64)
+        sf = tl.cast(stride_f, tl.int64)
+    else:
+        oi = offs_i
+        oj = offs_j
+        sf = stride_f
+    r = oi[:, None]
+    c = oj[None, :]
     # Only the upper triangle is read: the lower one may hold anything (even NaN).
     upper = (r <= c) & (c < n)
-    f_rc = F + (r * stride_f + c)
+    f_rc = F + (r * sf + c)
     old = tl.load(f_rc, mask=upper, other=0.0)
     # beta == 0 overwrites without reading (the op contract): 0 * NaN would leak
     out = tl.where(beta == 0, 0.0, beta * old) + alpha * acc
     tl.store(f_rc, out, mask=upper)
     # Transposed in registers so the mirrored store stays coalesced.
-    f_cr = F + (offs_j[:, None] * stride_f + offs_i[None, :])
+    f_cr = F + (oj[:, None] * sf + oi[None, :])
     tl.store(f_cr, tl.trans(out), mask=tl.trans(upper))
 
 
@@ -74,12 +89,6 @@ def input_precision(x_dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (x_dtype == torch.float32 and allow_tf32) else "ieee"
 
 
-def needs_index64(x: torch.Tensor) -> bool:
-    """Whether some element offset of x may exceed int32."""
-    span = sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride()) if s > 0)
-    return span >= 2**31 - 1
-
-
 def host_table(rows, dtype, device) -> torch.Tensor:
     """A host list as a device tensor in one asynchronous copy (pinned when on CUDA)."""
     t = torch.tensor(rows, dtype=dtype)
@@ -88,15 +97,29 @@ def host_table(rows, dtype, device) -> torch.Tensor:
     return t.to(device)
 
 
+def _on_host(v) -> bool:
+    return not isinstance(v, torch.Tensor) or v.device.type == "cpu"
+
+
 def per_layer_scalars(values, L: int, device) -> torch.Tensor:
-    """A (L,) float32 tensor on `device` from one scalar, a sequence or a 1-D tensor;
-    host values travel in one copy, device values stay on the device (no sync)."""
+    """A (L,) float32 tensor on `device` from one scalar, a sequence or a 0-dim / 1-D
+    tensor (`kfac_fast.ops` passes Python floats as CPU float64 tensors). Host values are
+    read on the host (no device sync) and travel in one pinned non_blocking copy; device
+    values stay on the device. Never a pageable `.to(device)`: that syncs the host."""
+    device = torch.device(device)
     if isinstance(values, torch.Tensor):
-        t = values.to(device=device, dtype=torch.float32)
+        t = values.detach()
+        if t.device.type == "cpu" and device.type != "cpu":
+            t = t.to(torch.float32)
+            t = t.expand(L) if t.dim() == 0 else t.reshape(L)
+            return host_table(t.tolist(), torch.float32, device)
+        t = t.to(device=device, dtype=torch.float32)
         return t.expand(L).contiguous() if t.dim() == 0 else t.reshape(L)
     if isinstance(values, (int, float)):
         return torch.full((L,), float(values), dtype=torch.float32, device=device)
     values = list(values)
-    if all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values):
-        return host_table([float(v) for v in values], torch.float32, device)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
+    out = host_table([float(v) if _on_host(v) else 0.0 for v in values], torch.float32, device)
+    for i, v in enumerate(values):
+        if not _on_host(v):  # a device scalar: a device-to-device copy, no sync
+            out[i].copy_(v.reshape(()))
+    return out

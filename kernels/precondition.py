@@ -10,7 +10,9 @@ For every layer P = Q_G[(Q_G^T dW_bar Q_A) * Rcp]Q_A^T, Rcp = 1/(max(d_G,0) max(
   5. grad <- nu * U Q_A^T (epilogue splits the last column into the bias grad)
 Every launch runs a cached work list of (layer, tile_i, tile_j); per-layer pointers and
 strides come from one int64 device table, so no host sync and no per-layer loop.
-Preconditions also: every operand spans < 2^31 elements (int32 offsets).
+Offsets are int32: `offsets_fit` says whether a call's operands all stay below 2^31
+elements (kfac_fast.backends.triton refuses the calls where they do not, and the
+launchers raise a ValueError naming the layer).
 Deterministic: each output tile and each partial has one owner; the sum is in order.
 
 Preconditions of the launch functions (`kfac_fast.ops` checks them): eigenvectors and
@@ -20,10 +22,13 @@ with the eigenvectors; scalars 0-dim tensors or per-layer sequences.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
+from .guard import allow_tf32_of, common_device, launch_on, tensor_max_offset
 from .launch import TL_DTYPES, host_table, load_scalar, per_layer_scalars
 
 # untuned: chosen because IEEE fp32 GEMMs run on FMA units, where 64x64 tiles over 4
@@ -172,8 +177,32 @@ def _gemm_row(M, N, K, a, a_sm, a_sk, b, b_sk, b_sn, c, c_sm, c_sn, a_extra=None
             N if c_nmain is None else c_nmain, dg, da]
 
 
+def offsets_fit(grads, qa, qg) -> Optional[str]:
+    """None when every per-layer operand's offsets (grads, eigenbases, the m x n
+    workspaces, plus a tile of padding) stay in int32, else the reason naming the layer."""
+    pad = 256 * 256
+    for i, (g, q_a, q_g) in enumerate(zip(grads, qa, qg)):
+        m, n = q_g.shape[0], q_a.shape[0]
+        sizes = {"grads": 0 if g is None else tensor_max_offset(g), "qa": tensor_max_offset(q_a),
+                 "qg": tensor_max_offset(q_g), "Q_G^T dW_bar Q_A": m * n}
+        for name, span in sizes.items():
+            if span + pad >= 2**31 - 1:
+                return f"layer {i}: {name} spans {span} elements, past the int32 offsets of the grouped kernels"
+    return None
+
+
 def _precondition(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip, allow_tf32, config):
     """Core of both entry points: reads (w_in, b_in), writes nu*P into (w_out, b_out)."""
+    why = offsets_fit(w_in, qa, qg)
+    if why is not None:
+        raise ValueError(f"precondition_eigen: {why}; use KFAC_FAST_BACKEND=cuda or torch")
+    tensors = {"grads": w_in, "bias_grads": b_in, "out": w_out, "bias_out": b_out, "qa": qa, "da": da,
+               "qg": qg, "dg": dg}
+    common_device("precondition_eigen", tensors)  # before any allocation
+    return _launch(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip, allow_tf32, config, tensors)
+
+
+def _launch(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip, allow_tf32, config, tensors):
     L = len(w_in)
     device = w_in[0].device
     cfg = dict(CONFIG_TF32 if allow_tf32 else CONFIG_FP32)
@@ -221,39 +250,42 @@ def _precondition(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip
     kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=prec, num_warps=cfg["num_warps"],
               num_stages=cfg["num_stages"])
     f32 = tl.float32
-    _grouped_gemm_kernel[(T,)](work, meta[0], lam, partials, nu, A_DTYPE=g_dtype, B_DTYPE=f32,
-                               C_DTYPE=f32, A_EXTRA=True, C_EXTRA=False, EPILOGUE=_EPI_STORE, **kw)
-    _grouped_gemm_kernel[(T,)](work, meta[1], lam, partials, nu, A_DTYPE=f32, B_DTYPE=f32,
-                               C_DTYPE=f32, A_EXTRA=False, C_EXTRA=False, EPILOGUE=_EPI_DAMP_KL, **kw)
-    if kl_clip is not None:
-        lr_dev = isinstance(lr, torch.Tensor) and lr.device == device
-        kl_dev = isinstance(kl_clip, torch.Tensor) and kl_clip.device == device
-        _kl_nu_kernel[(1,)](partials, T, lr if lr_dev else nu, 0.0 if lr_dev else float(lr),
-                            kl_clip if kl_dev else nu, 0.0 if kl_dev else float(kl_clip), nu,
-                            LR_ON_DEVICE=lr_dev, KL_ON_DEVICE=kl_dev, BLOCK=NU_BLOCK)
-    _grouped_gemm_kernel[(T,)](work, meta[2], lam, partials, nu, A_DTYPE=f32, B_DTYPE=f32,
-                               C_DTYPE=f32, A_EXTRA=False, C_EXTRA=False, EPILOGUE=_EPI_STORE, **kw)
-    _grouped_gemm_kernel[(T,)](work, meta[3], lam, partials, nu, A_DTYPE=f32, B_DTYPE=f32,
-                               C_DTYPE=g_dtype, A_EXTRA=False, C_EXTRA=True, EPILOGUE=_EPI_SCALE_NU, **kw)
+    with launch_on("precondition_eigen", tensors):
+        _grouped_gemm_kernel[(T,)](work, meta[0], lam, partials, nu, A_DTYPE=g_dtype, B_DTYPE=f32,
+                                   C_DTYPE=f32, A_EXTRA=True, C_EXTRA=False, EPILOGUE=_EPI_STORE, **kw)
+        _grouped_gemm_kernel[(T,)](work, meta[1], lam, partials, nu, A_DTYPE=f32, B_DTYPE=f32,
+                                   C_DTYPE=f32, A_EXTRA=False, C_EXTRA=False, EPILOGUE=_EPI_DAMP_KL, **kw)
+        if kl_clip is not None:
+            lr_dev = isinstance(lr, torch.Tensor) and lr.device == device
+            kl_dev = isinstance(kl_clip, torch.Tensor) and kl_clip.device == device
+            _kl_nu_kernel[(1,)](partials, T, lr if lr_dev else nu, 0.0 if lr_dev else float(lr),
+                                kl_clip if kl_dev else nu, 0.0 if kl_dev else float(kl_clip), nu,
+                                LR_ON_DEVICE=lr_dev, KL_ON_DEVICE=kl_dev, BLOCK=NU_BLOCK)
+        _grouped_gemm_kernel[(T,)](work, meta[2], lam, partials, nu, A_DTYPE=f32, B_DTYPE=f32,
+                                   C_DTYPE=f32, A_EXTRA=False, C_EXTRA=False, EPILOGUE=_EPI_STORE, **kw)
+        _grouped_gemm_kernel[(T,)](work, meta[3], lam, partials, nu, A_DTYPE=f32, B_DTYPE=f32,
+                                   C_DTYPE=g_dtype, A_EXTRA=False, C_EXTRA=True, EPILOGUE=_EPI_SCALE_NU, **kw)
     return nu
 
 
 def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr=None, kl_clip=None,
-                        allow_tf32=False, config=None):
+                        allow_tf32=False, config=None, precision=None):
     """Writes nu*P into every weight and bias grad in five launches; returns nu (0-dim).
 
     Preconditions: as the module docstring, and at least one layer, each weight grad a
     view of (d_out, -1) (kfac_fast.backends.triton routes other calls elsewhere).
     `config` overrides the tile sizes."""
+    allow_tf32 = allow_tf32_of(precision, allow_tf32)
     views = [w.view(w.shape[0], -1) for w in weight_grads]
     return _precondition(views, list(bias_grads), views, list(bias_grads), qa, da, qg, dg, damping, lr,
                          kl_clip, allow_tf32, config)
 
 
-def precondition_eigen(grads, qa, da, qg, dg, damping, *, allow_tf32=False, config=None):
+def precondition_eigen(grads, qa, da, qg, dg, damping, *, allow_tf32=False, config=None, precision=None):
     """P_i = Q_G[(Q_G^T dW_bar Q_A) * Rcp]Q_A^T for a list of dW_bar matrices (four launches).
 
     Preconditions: as the module docstring, and at least one layer."""
+    allow_tf32 = allow_tf32_of(precision, allow_tf32)
     L = len(grads)
     outs = [torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in grads]
     _precondition(list(grads), [None] * L, outs, [None] * L, qa, da, qg, dg, damping, None, None,

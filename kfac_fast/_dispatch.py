@@ -59,6 +59,7 @@ class _Impl:
     target: str  # "module:function", imported on first use
     refuses: Refusal
     preference: float
+    note: str = ""  # how the rule chooses (e.g. a cost model), shown by describe()
     _fn: Optional[Callable] = field(default=None, repr=False)
 
     def load(self) -> Callable:
@@ -89,20 +90,28 @@ def register_backend(name: str, *, preference: float, missing: Callable[[], Opti
 
 
 def register(op: str, backend: str, target: str, refuses: Refusal = on_cuda,
-             preference: Optional[float] = None) -> None:
+             preference: Optional[float] = None, note: str = "") -> None:
     """Add an implementation of `op` ("module:function"); `preference` overrides the
-    backend's own for this op."""
+    backend's own for this op; `note` says how its rule chooses per call (describe()
+    shows it, since describe() has no call to apply the rule to)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend {backend!r} is not declared (register_backend first)")
     rank = _BACKENDS[backend].preference if preference is None else preference
     impls = _REGISTRY.setdefault(op, [])
-    impls.append(_Impl(backend, target, refuses, rank))
+    impls.append(_Impl(backend, target, refuses, rank, note))
     impls.sort(key=lambda i: i.preference)
 
 
 def backend_names() -> tuple[str, ...]:
     """The declared backends, in declaration order."""
     return tuple(_BACKENDS)
+
+
+def backend_unavailable(name: str) -> Optional[str]:
+    """Why backend `name` cannot run on this machine (None when it can); for rules that
+    compare against another backend."""
+    backend = _BACKENDS.get(name)
+    return f"backend {name!r} is not declared" if backend is None else backend.unavailable()
 
 
 def requested_backend() -> str:
@@ -145,12 +154,13 @@ def describe(device: torch.device) -> dict[str, dict[str, str]]:
         chosen = None
         for impl in impls:
             why = _explain(impl, call)
+            note = f" ({impl.note})" if impl.note else ""
             if why is None and chosen is None:
                 chosen = impl.backend
-                reasons[impl.backend] = "used: first available in preference order"
+                reasons[impl.backend] = f"used: first available in preference order{note}"
             elif why is None:
-                reasons[impl.backend] = f"available, but {chosen} is preferred"
+                reasons[impl.backend] = f"available, but {chosen} is preferred{note}"
             else:
-                reasons[impl.backend] = f"not used: {why}"
+                reasons[impl.backend] = f"not used: {why}{note}"
         info[op] = {"backend": chosen or "none", **reasons}
     return info

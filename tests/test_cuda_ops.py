@@ -86,6 +86,10 @@ def test_jacobi_kernel_large_batch_global_workspace_and_side_stream(cuda):
     gen = torch.Generator().manual_seed(5)
     mats = torch.stack([_case("spd", 128, gen) for _ in range(4)]).repeat(128, 1, 1).float().cuda()
     stream = torch.cuda.Stream()
+    # mats was written on the current stream: the side stream must wait for it (issue 17,
+    # defect 10), and the allocator must not reuse it while the side stream reads.
+    stream.wait_stream(torch.cuda.current_stream())
+    mats.record_stream(stream)
     with torch.cuda.stream(stream):
         vals, vecs, info = cuda.jacobi_eigh_stack(mats)
     stream.synchronize()

@@ -17,14 +17,17 @@ rows (bottom of the file) say which ops it serves; eigh's rule explains the size
 """
 from __future__ import annotations
 
-import importlib
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
 
 from kfac_fast import _dispatch
 from kfac_fast._ops import nu_dtype
+from kfac_fast.kernels.guard import allow_tf32_of, launch_on
 
+from . import cuda_driver
 from ._common import buckets, eigh_stack, finite_per_matrix, kl_nu, layer_scalar, solve_eigh
 
 # Sizes n <= this go to torch.linalg.eigh, whose batched path (cuSOLVER's batched Jacobi)
@@ -64,10 +67,6 @@ def _lib():
     if not _C.build_info()["cuda"]:
         raise RuntimeError("kfac_fast._C was built without CUDA; the cuda backend is unavailable")
     return _C
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _check(fn: str, name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -140,10 +139,10 @@ def jacobi_eigh_stack(stack: torch.Tensor, tol: Optional[float] = None, max_swee
     work = None
     if plan["workspace_doubles"]:
         work = torch.empty(b * plan["workspace_doubles"], dtype=torch.float64, device=device)
-    with torch.cuda.device(device):
+    with launch_on(fn, {"stack": stack, "vals": vals, "vecs": vecs, "work": work, "info": info}) as stream:
         lib.jacobi_eigh_cuda(stack.element_size(), stack.data_ptr(), vals.data_ptr(), vecs.data_ptr(),
                              0 if work is None else work.data_ptr(), info.data_ptr(), b, n, tol,
-                             max_sweeps, _stream(device))
+                             max_sweeps, stream.cuda_stream)
     return vals, vecs, info
 
 
@@ -263,11 +262,11 @@ def _scale_(fn: str, xs: list, dgs: list, das: list, damping: _Damping, kl: bool
         max_size = max(r * c for r, c in zip(cols["rows"], cols["cols"]))
         tiles = -(-max_size // lib.EIGEN_SCALE_TILE)
         partial = torch.empty((len(idx), tiles), dtype=torch.float64, device=device) if kl and tiles else None
-        with torch.cuda.device(device):
+        with launch_on(fn, {"xs": [xs[i] for i in idx], "keep": keep, "partial": partial}) as stream:
             lib.eigen_scale_cuda(torch.empty((), dtype=dtype).element_size(), cols["x"], cols["x"],
                                  cols["dg"], cols["da"], cols["dp"], cols["dv"], cols["rows"],
                                  cols["cols"], cols["ld"], cols["ld"],
-                                 0 if partial is None else partial.data_ptr(), tiles, _stream(device))
+                                 0 if partial is None else partial.data_ptr(), tiles, stream.cuda_stream)
         if partial is not None:
             s = partial.sum()
             total = s if total is None else total + s
@@ -284,9 +283,27 @@ def _check_layers(fn: str, qa, da, qg, dg, count: int, device: torch.device) -> 
             _check_float(fn, f"{name}[{i}]", t, device)
 
 
-def precondition_eigen(grads, qa, da, qg, dg, damping) -> list:
+@contextlib.contextmanager
+def _matmul_precision(precision: Optional[str]) -> Iterator[None]:
+    """The GEMMs' precision: "tf32" allows TF32 for float32 matmuls, "ieee"/"fp32" forbids
+    it, None keeps torch's global setting (torch.backends.cuda.matmul.allow_tf32)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32_of(precision, before)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def precondition_eigen(grads, qa, da, qg, dg, damping, *, precision=None) -> list:
     """P_i = Q_G[(Q_G^T dW_bar_i Q_A) / (d_G d_A^T + damping_i)]Q_A^T (reference contract):
-    computed in qa's dtype, P in grads[i]'s dtype; the scale by one kernel launch."""
+    computed in qa's dtype, P in grads[i]'s dtype; the scale by one kernel launch.
+    `precision` ("tf32" / "ieee") sets the GEMMs' TF32 use for this call."""
+    with _matmul_precision(precision):
+        return _precondition_eigen(grads, qa, da, qg, dg, damping)
+
+
+def _precondition_eigen(grads, qa, da, qg, dg, damping) -> list:
     fn = "precondition_eigen"
     if len(grads) == 0:
         return []
@@ -301,7 +318,16 @@ def precondition_eigen(grads, qa, da, qg, dg, damping) -> list:
     return [(qg[i] @ x @ qa[i].mT).to(g.dtype) for i, (g, x) in enumerate(zip(grads, xs))]
 
 
-def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr=None, kl_clip=None) -> torch.Tensor:
+def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr=None, kl_clip=None,
+                        precision=None) -> torch.Tensor:
+    """In place: .grad <- nu * P, bias grad <- nu * P's last column (reference contract);
+    `precision` as `precondition_eigen`. The work is `_precondition_eigen_`'s."""
+    with _matmul_precision(precision):
+        return _precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, lr=lr, kl_clip=kl_clip)
+
+
+def _precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr=None,
+                         kl_clip=None) -> torch.Tensor:
     """In place: .grad <- nu * P, bias grad <- nu * P's last column (reference contract).
 
     Q_G^T dW_bar Q_A is formed without concatenating [dW | db]: Q_G^T dW Q_A[:d_in] plus
@@ -343,17 +369,6 @@ def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr
 # ---------------------------------------------------------------------------------------
 # rows
 # ---------------------------------------------------------------------------------------
-def _missing() -> Optional[str]:
-    """Why this machine has no cuda backend (None when `_C` was built with CUDA)."""
-    try:
-        lib = importlib.import_module("kfac_fast._C")
-        if not lib.build_info()["cuda"]:
-            return "kfac_fast._C was built without CUDA (no nvcc at build time, or KFAC_FAST_CUDA=0)"
-    except Exception as exc:  # ImportError, or a module built for another Python/ABI
-        return f"kfac_fast._C is not importable ({type(exc).__name__}: {exc})"
-    return None
-
-
 def _eigh_refuses(call: _dispatch.Call) -> Optional[str]:
     """CUDA tensors only. It never refuses a size: it buckets by size itself (small and
     large n to torch.linalg.eigh, mid sizes to the Jacobi kernel), so the reason states
@@ -363,7 +378,7 @@ def _eigh_refuses(call: _dispatch.Call) -> Optional[str]:
     return None
 
 
-_dispatch.register_backend("cuda", preference=0, missing=_missing)
+_dispatch.register_backend("cuda", preference=0, missing=cuda_driver.missing)
 _dispatch.register("eigh", "cuda", f"{__name__}:eigh", refuses=_eigh_refuses)
 _dispatch.register("precondition_eigen", "cuda", f"{__name__}:precondition_eigen")
 _dispatch.register("precondition_eigen_", "cuda", f"{__name__}:precondition_eigen_")

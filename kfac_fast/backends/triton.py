@@ -15,6 +15,8 @@ import torch
 
 from kfac_fast import _dispatch
 
+from .cost import MODEL, triton_slower
+
 _KERNELS = "kfac_fast.kernels"
 
 def _missing() -> Optional[str]:
@@ -76,10 +78,26 @@ _dispatch.register("update_factor_", "triton", f"{_KERNELS}.factor_update:update
 _dispatch.register("update_factors_", "triton", f"{_KERNELS}.factor_update:update_factors_",
                    refuses=_factors_fp32)
 _dispatch.register("conv_input_factor_", "triton", f"{_KERNELS}.conv_factor:conv_input_factor_", refuses=_fp32)
-# After the cuda backend's per-layer GEMMs + one scale launch (as tests/test_cuda_ops.py
-# pins); the grouped kernels take five launches for all layers. Untuned: the order is not
-# a measurement (no GPU yet); bench/bench_triton.py decides on the next GPU run.
+
+
+def _cheaper(op: str, rule: _dispatch.Refusal) -> _dispatch.Refusal:
+    """`rule`, then the cost model (`backends/cost.py`) against the cuda backend when that
+    one can run here: Triton serves the call only where it is modelled no slower."""
+    def refuses(call: _dispatch.Call) -> Optional[str]:
+        why = rule(call)
+        if why is None and _dispatch.backend_unavailable("cuda") is None:
+            why = triton_slower(op, call.args, call.kwargs)
+        return why
+    refuses.__doc__ = rule.__doc__
+    return refuses
+
+
+# Ahead of the cuda backend (preference -0.5) but only where the cost model says so: the
+# grouped kernels take five launches for all layers, cuda's per-layer GEMMs 6 per layer.
+# Modelled, not measured (no GPU yet); bench/bench_triton.py checks it on the next GPU run.
+_EIGEN_NOTE = f"per call, triton vs cuda by the {MODEL}"
 _dispatch.register("precondition_eigen", "triton", f"{_KERNELS}.precondition:precondition_eigen",
-                   refuses=_grouped_eigen)
+                   refuses=_cheaper("precondition_eigen", _grouped_eigen), preference=-0.5, note=_EIGEN_NOTE)
 _dispatch.register("precondition_eigen_", "triton", f"{_KERNELS}.precondition:precondition_eigen_",
-                   refuses=_grouped_eigen_inplace)
+                   refuses=_cheaper("precondition_eigen_", _grouped_eigen_inplace), preference=-0.5,
+                   note=_EIGEN_NOTE)
