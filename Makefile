@@ -7,6 +7,9 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 STAMP := $(VENV)/.kfac_fast_installed
+# kfac-pytorch (for its adapter's tests) is not on the package index: CI has its wheel in
+# ../shared/wheels beside the clone. Where that folder is absent its tests skip, saying why.
+KFAC_PYTORCH_WHEEL ?= ../shared/wheels/kfac_pytorch-0.4.2-py3-none-any.whl
 TORCH_PIN ?= torch==2.13.0
 # Benchmarks and tests pin CPU threads so timings are comparable (2-core machines).
 THREADS ?= 2
@@ -24,13 +27,15 @@ all: test
 $(PYTHON):
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(PYTHON) pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+$(STAMP): $(PYTHON) pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*) $(wildcard $(KFAC_PYTORCH_WHEEL))
 	$(PIP) install -q --upgrade pip
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q $(DEPS)
 	# ASDL's own requirements (torch, numpy) are already here; --no-deps keeps pip from
 	# ever resolving another torch for it.
 	$(PIP) install -q --no-deps asdfghjkl==0.1a5
+	if [ -f "$(KFAC_PYTORCH_WHEEL)" ]; then $(PIP) install -q --no-deps "$(KFAC_PYTORCH_WHEEL)"; \
+	else echo "no $(KFAC_PYTORCH_WHEEL): the kfac-pytorch adapter tests will skip"; fi
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PYTHON) -c "import kfac_fast, kfac_fast._C as C; print('kfac_fast._C:', C.build_info())"
 	touch $(STAMP)
@@ -56,8 +61,11 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m kfac_fast.demo
 
+# Extra pytest arguments: make bench BENCH_ARGS="--benchmark-autosave" (or "-k eigh",
+# "--benchmark-compare", ...).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m pytest -q bench --benchmark-columns=min,median,max
+	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m pytest -q bench --benchmark-columns=min,median,max $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info kfac_fast/_C*.so .mypy_cache .ruff_cache $(VENV)
+	rm -rf build dist *.egg-info kfac_fast/_C*.so .mypy_cache .ruff_cache $(VENV)

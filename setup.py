@@ -41,6 +41,33 @@ def _find_nvcc() -> str | None:
     return None
 
 
+# Cache entries that name a program or directory: pip's isolated builds provide cmake,
+# ninja and pybind11 from a temporary environment that is deleted afterwards, so the next
+# build in the same tree would find build/temp.*/CMakeCache.txt pointing at a ninja that
+# no longer exists ("Running '.../pip-build-env-.../bin/ninja' '--version' failed").
+_CACHED_PATHS = ("CMAKE_MAKE_PROGRAM", "CMAKE_COMMAND", "pybind11_DIR", "CMAKE_CUDA_COMPILER")
+
+
+def drop_stale_cmake_cache(build_temp: Path, generator: str) -> bool:
+    """Remove build_temp's CMakeCache.txt (and CMakeFiles/) when it was made with another
+    generator or names a program or directory that no longer exists; True if it did.
+    The object files stay: ninja or make rebuilds only what changed after the reconfigure."""
+    cache = build_temp / "CMakeCache.txt"
+    if not cache.is_file():
+        return False
+    entries = {}
+    for line in cache.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", "//")):
+            entries[key.split(":", 1)[0]] = value
+    stale = entries.get("CMAKE_GENERATOR", generator) != generator or any(
+        entries.get(key) and not Path(entries[key]).exists() for key in _CACHED_PATHS)
+    if stale:
+        cache.unlink()
+        shutil.rmtree(build_temp / "CMakeFiles", ignore_errors=True)
+    return stale
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
@@ -66,8 +93,10 @@ class CMakeBuild(build_ext):
         ]
         if use_cuda:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-        if shutil.which("ninja"):
-            args += ["-G", "Ninja"]
+        generator = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
+        args += ["-G", generator]
+        if drop_stale_cmake_cache(build_temp, generator):
+            print(f"kfac_fast: dropped {build_temp / 'CMakeCache.txt'}: made by another build environment")
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)],
                        cwd=build_temp, check=True)

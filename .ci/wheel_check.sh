@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# CI step: the wheel ships every module. Build a wheel from the files git sees (tracked
-# plus untracked-not-ignored, as a fresh clone would have them), install it into a new
-# venv holding only torch, numpy and triton (no --system-site-packages: that could hide a
-# file left out of the wheel), then, from a directory outside the source tree, import
-# every module of kfac_fast and check that the compiled `_C` and `py.typed` are there.
+# CI step: the sdist builds and the wheel ships every module. From the files git sees
+# (tracked plus untracked-not-ignored, as a fresh clone would have them) build an sdist,
+# check that it holds every one of those files, unpack it in a clean directory and build a
+# wheel from it there (isolated build environment), install that into a new venv holding
+# only torch, numpy and triton (no --system-site-packages: that could hide a file left out
+# of the wheel), then, from a directory outside the source tree, import every module of
+# kfac_fast and check that the compiled `_C` and `py.typed` are there.
 #
-# The build runs in a temporary copy of the tree: a second non-editable build in the same
-# tree fails because build/temp.*/CMakeCache.txt keeps the path of the ninja that the
-# previous (deleted) isolated build environment provided.
+# The sdist is made in a temporary copy of the tree, so nothing (egg-info, build/) is
+# written into the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,8 +29,28 @@ echo "wheel_check: clean venv with $TORCH_PIN, numpy, triton"
 VPY="$TMP/venv/bin/python"
 "$VPY" -m pip install -q "$TORCH_PIN" numpy "triton>=3.6"
 
-echo "wheel_check: building the wheel (isolated build environment)"
-"$VPY" -m pip wheel -q --no-deps -w "$TMP/dist" "$TMP/src"
+echo "wheel_check: building the sdist"
+# The sdist hook of the setuptools the project builds with, run from the copy; only that
+# venv gets setuptools, and the wheel below is still built in pip's isolated environment.
+"$PY" -m venv "$TMP/sdist-venv"
+"$TMP/sdist-venv/bin/python" -m pip install -q "setuptools>=77"
+(cd "$TMP/src" && "$TMP/sdist-venv/bin/python" -c \
+    "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))" \
+    "$TMP/sdist" >"$TMP/sdist.log" 2>&1) || { cat "$TMP/sdist.log"; exit 1; }
+sdist=$(ls "$TMP"/sdist/kfac_fast-*.tar.gz)
+echo "wheel_check: $(basename "$sdist")"
+# Every file of the tree (.gitignore aside) must be in the sdist: a build or a test that
+# needs a file the sdist lacks would fail only for users of the sdist.
+missing=$(comm -13 <(tar -tzf "$sdist" | sed 's|^[^/]*/||' | sort) \
+                   <(cd "$TMP/src" && find . -type f | sed 's|^\./||' | grep -vx '.gitignore' | sort))
+if [ -n "$missing" ]; then
+    echo "wheel_check: FAILED: the sdist lacks"; echo "$missing" | sed 's/^/  /'; exit 1
+fi
+mkdir -p "$TMP/unpacked"
+tar -xzf "$sdist" -C "$TMP/unpacked"
+
+echo "wheel_check: building the wheel from the sdist (isolated build environment)"
+"$VPY" -m pip wheel -q --no-deps -w "$TMP/dist" "$TMP"/unpacked/kfac_fast-*/
 wheel=$(ls "$TMP"/dist/kfac_fast-*.whl)
 echo "wheel_check: $(basename "$wheel")"
 "$VPY" -m pip install -q --no-deps "$wheel"
