@@ -4,7 +4,7 @@
 # check of the Jacobi kernel and the benchmarks; writes JSON, logs and a short table under
 # $OUT (or ./gpu_out). Aim: under 8 minutes in all.
 #
-#   bash bench/gpu_check.sh [all|build|tests|sanitize|eigh|triton|refresh|step|e2e|integrations|optimizer]
+#   bash bench/gpu_check.sh [all|build|tests|issue17|sanitize|compile|eigh|triton|refresh|step|e2e|integrations|optimizer]
 #   (default: all)
 #
 # Run as one `device.run` call with a timeout that leaves room for a rerun of one part.
@@ -43,6 +43,20 @@ $PY -c "import kfac_fast; print(kfac_fast.backend_info())" > "$OUT/backend_info.
 
 if want tests; then
   run_part tests 240 $PY -m pytest -q -m gpu tests -x --timeout=120 -p no:cacheprovider
+fi
+
+# Issue 17's GPU-only checks, first on their own so their result is easy to find: the
+# Jacobi kernel on NaN batches, whole non-refresh steps under
+# torch.cuda.set_sync_debug_mode("error"), a launch on cuda:1 (skips on one GPU), and the
+# factor epilogue at n = 46341 (int64 offsets; ~9 GB).
+if want issue17; then
+  run_part issue17 240 $PY -m pytest -q tests/test_gpu_checks.py -rs -p no:cacheprovider
+fi
+
+# The compile table (registers, spills, HGMMA per K-step) of every shipped config for
+# sm_90 under the image's Triton, at n = d and d + 1 with strides not multiples of 16.
+if want compile; then
+  run_part compile 240 $PY bench/kernel_report.py --compile --json "$OUT/compile.json"
 fi
 
 if want sanitize && [ -f bench/sanitize_jacobi.py ]; then

@@ -1,6 +1,7 @@
 """Small CUDA-kernel workload for compute-sanitizer (racecheck, memcheck): the Jacobi
 kernel with V^T in shared and in global memory, fp32 and fp64, odd and even n, and the
-eigen-scale kernel with KL tile sums over more than one launch. Exits non-zero when a
+eigen-scale kernel with KL tile sums over more than one launch, and batches holding an
+all-NaN and a NaN-diagonal matrix (status -1, no out-of-bounds read). Exits non-zero when a
 result is wrong, so a silent race that corrupts results also fails.
 
     compute-sanitizer --tool racecheck python bench/sanitize_jacobi.py
@@ -33,6 +34,21 @@ def main() -> int:
                   f"sweeps={info[:, 1].tolist()} residual={res:.1e} {'ok' if ok else 'FAIL'}")
             if not ok:
                 failures.append(f"jacobi n={n} {dtype}")
+    # Non-finite batches (issue 17, defect 2): an all-NaN and a NaN-diagonal matrix between
+    # finite ones. Before the fix the eigenvalue order left perm slots unwritten and the
+    # kernel read a[perm*ld+perm] / vt at garbage indices: memcheck reports that.
+    for n in (65, 128):
+        x = torch.randn(4, n, n + 2, device="cuda", generator=gen)
+        a = (x @ x.mT / n).contiguous()
+        a[1] = float("nan")
+        a[2].diagonal()[::3] = float("nan")
+        vals, vecs, info = _cuda.jacobi_eigh_stack(a)
+        torch.cuda.synchronize()
+        status = info[:, 0].tolist()
+        ok = status == [1, -1, -1, 1] and bool(torch.isfinite(vals[[0, 3]]).all())
+        print(f"jacobi NaN batch n={n} status={status} {'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append(f"jacobi NaN n={n}")
     # 40 layers: two launches of the scale kernel; KL tile sums against torch.
     shapes = [(2 + i, 3 + 3 * i) for i in range(40)]
     xs = [torch.randn(r, c, device="cuda", generator=gen) for r, c in shapes]

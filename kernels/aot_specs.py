@@ -32,6 +32,7 @@ class Spec:
     # to 1 become constants, pointers and ints divisible by 16 are marked so.
     ones: tuple = ()
     div16: tuple = ()
+    n_case: str = ""  # realistic-size variant: "n=d" (all multiples of 16), "n=d+1", "odd d"
 
 
 def _sig(fn, types: dict, constexprs: dict) -> dict:
@@ -44,6 +45,36 @@ _TY = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 def _launch(cfg):
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# The factor kernels at realistic sizes (issue 17, defect 8): Triton marks an int argument
+# divisible by 16 only when it is, so n = d + 1 (append_ones) and odd layer widths compile
+# to different code (unaligned epilogue and loads) from the n = d case.
+_REALISTIC = {"n=d": None, "n=d+1": ("d", "s_inner", "sH", "sC", "sN"), "odd d": ()}
+
+
+def _variants(spec: "Spec", sized: tuple) -> list:
+    """spec at each realistic size: `sized` names the ints that follow n and d."""
+    out = []
+    for case, keep in _REALISTIC.items():
+        div16 = spec.div16 if keep is None else tuple(a for a in spec.div16 if a not in sized or a in keep)
+        out.append(Spec(f"{spec.name}@{case}", spec.fn, spec.signature, spec.constexprs, spec.options,
+                        spec.tensor_cores, spec.ones, div16, case))
+    return out
+
+
+def realistic_specs() -> list:
+    """The factor-update and conv configs at n = d, n = d + 1 and odd d (strides not
+    multiples of 16), plus every other shipped spec once."""
+    out = []
+    for spec in specs():
+        if spec.name.startswith("factor_update["):
+            out += _variants(spec, ("d", "n", "stride_f", "s_inner"))
+        elif spec.name.startswith("conv_factor["):
+            out += _variants(spec, ("stride_f", "sH", "sC", "sN"))
+        else:
+            out.append(spec)
+    return out
 
 
 def specs() -> list:
@@ -153,10 +184,52 @@ def ptxas_report(ptx: str, cap: int) -> dict:
     return dict(registers=regs, spill_stores=spill_st, spill_loads=spill_ld, text=text)
 
 
-def report(spec: Spec, cap: int) -> dict:
-    """Compile one spec for sm_<cap>; registers, spills, shared memory, tensor-core use."""
+def sass(cubin: bytes, cap: int) -> str:
+    """nvdisasm of a cubin (the nvdisasm Triton ships next to its ptxas)."""
+    tool = os.path.join(os.path.dirname(ptxas_path(cap)), "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+
+
+_INSN = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def main_loop(text: str) -> dict:
+    """The instruction mix of the K loop: the backward branch whose body holds the most
+    MMA instructions (HGMMA / HMMA / FFMA). Counts per K-step of one warp."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    best: dict = {}
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if not m or labels.get(m.group(1), i) >= i:
+            continue
+        ops = [mm.group(1) for mm in map(_INSN.match, lines[labels[m.group(1)]:i + 1]) if mm]
+        ops = [o for o in ops if o != "NOP"]
+        mix = dict(instructions=len(ops), hgmma=sum(o.startswith("HGMMA") for o in ops),
+                   hmma=sum(o.startswith("HMMA") for o in ops), ffma=sum(o.startswith("FFMA") for o in ops),
+                   sel=sum(o.startswith("SEL") for o in ops), sts=sum(o.startswith("STS") for o in ops),
+                   lds=sum(o.startswith(("LDS", "LDSM")) for o in ops),
+                   ldgsts=sum(o.startswith("LDGSTS") for o in ops),
+                   ldg=sum(o.startswith("LDG.") or o == "LDG" for o in ops),
+                   wait0=any("WARPGROUP.DEPBAR.LE gsb0, 0x0" in x for x in lines[labels[m.group(1)]:i + 1]))
+        key = mix["hgmma"] + mix["hmma"] + mix["ffma"]
+        if key > best.get("_key", -1):
+            best = dict(mix, _key=key)
+    best.pop("_key", None)
+    return best
+
+
+def report(spec: Spec, cap: int, loop: bool = False) -> dict:
+    """Compile one spec for sm_<cap>; registers, spills, shared memory, tensor-core use;
+    with `loop`, the K loop's instruction mix from the SASS (`main_loop`)."""
     k = compile_spec(spec, cap)
     ptx = k.asm["ptx"]
     info = ptxas_report(ptx, cap)
     info.update(shared=k.metadata.shared, wgmma="wgmma" in ptx, mma=bool(re.search(r"\bmma\.sync", ptx)))
+    if loop:
+        info["loop"] = main_loop(sass(k.asm["cubin"], cap))
     return info

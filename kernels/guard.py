@@ -52,6 +52,20 @@ def square_needs_index64(n: int, stride: int, block: int) -> bool:
     return (padded - 1) * max(stride, 1) + (padded - 1) >= INT32_MAX
 
 
+def offsets_fit(grads, qa, qg) -> Optional[str]:
+    """None when every per-layer operand's offsets (grads, eigenbases, the m x n
+    workspaces, plus a tile of padding) stay in int32, else the reason naming the layer."""
+    pad = 256 * 256
+    for i, (g, q_a, q_g) in enumerate(zip(grads, qa, qg)):
+        m, n = q_g.shape[0], q_a.shape[0]
+        sizes = {"grads": 0 if g is None else tensor_max_offset(g), "qa": tensor_max_offset(q_a),
+                 "qg": tensor_max_offset(q_g), "Q_G^T dW_bar Q_A": m * n}
+        for name, span in sizes.items():
+            if span + pad >= INT32_MAX:
+                return f"layer {i}: {name} spans {span} elements, past the int32 offsets of the grouped kernels"
+    return None
+
+
 def check_int32(fn: str, name: str, value: int, what: str = "elements") -> None:
     """ValueError naming `name` when a count a kernel keeps in int32 can pass it."""
     if value >= INT32_MAX:

@@ -22,13 +22,11 @@ with the eigenvectors; scalars 0-dim tensors or per-layer sequences.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from .guard import allow_tf32_of, common_device, launch_on, tensor_max_offset
+from .guard import allow_tf32_of, common_device, launch_on, offsets_fit
 from .launch import TL_DTYPES, host_table, load_scalar, per_layer_scalars
 
 # untuned: chosen because IEEE fp32 GEMMs run on FMA units, where 64x64 tiles over 4
@@ -175,20 +173,6 @@ def _gemm_row(M, N, K, a, a_sm, a_sk, b, b_sk, b_sn, c, c_sm, c_sn, a_extra=None
     return [M, N, K, a, a_sm, a_sk, a if a_extra is None else a_extra, a_extra_s, int(a_extra is not None),
             b, b_sk, b_sn, c, c_sm, c_sn, c if c_extra is None else c_extra, c_extra_s,
             N if c_nmain is None else c_nmain, dg, da]
-
-
-def offsets_fit(grads, qa, qg) -> Optional[str]:
-    """None when every per-layer operand's offsets (grads, eigenbases, the m x n
-    workspaces, plus a tile of padding) stay in int32, else the reason naming the layer."""
-    pad = 256 * 256
-    for i, (g, q_a, q_g) in enumerate(zip(grads, qa, qg)):
-        m, n = q_g.shape[0], q_a.shape[0]
-        sizes = {"grads": 0 if g is None else tensor_max_offset(g), "qa": tensor_max_offset(q_a),
-                 "qg": tensor_max_offset(q_g), "Q_G^T dW_bar Q_A": m * n}
-        for name, span in sizes.items():
-            if span + pad >= 2**31 - 1:
-                return f"layer {i}: {name} spans {span} elements, past the int32 offsets of the grouped kernels"
-    return None
 
 
 def _precondition(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip, allow_tf32, config):

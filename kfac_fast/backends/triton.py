@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from kfac_fast import _dispatch
+from kfac_fast.kernels.guard import offsets_fit
 
 from .cost import MODEL, triton_slower
 
@@ -56,7 +57,7 @@ def _grouped_eigen(call: _dispatch.Call) -> Optional[str]:
     if why is not None or call.args is None:
         return why
     grads, qa, da, qg, dg = call.args[:5]
-    return _one_grad_dtype(grads) or _not_fp32([*qa, *da, *qg, *dg])
+    return _one_grad_dtype(grads) or _not_fp32([*qa, *da, *qg, *dg]) or offsets_fit(grads, qa, qg)
 
 
 def _grouped_eigen_inplace(call: _dispatch.Call) -> Optional[str]:
@@ -70,7 +71,8 @@ def _grouped_eigen_inplace(call: _dispatch.Call) -> Optional[str]:
             w.view(w.shape[0], -1)
         except RuntimeError:
             return f"weight_grads[{i}] cannot be viewed as (d_out, -1) without a copy"
-    return _one_grad_dtype([*weight_grads, *bias_grads]) or _not_fp32([*qa, *da, *qg, *dg])
+    return (_one_grad_dtype([*weight_grads, *bias_grads]) or _not_fp32([*qa, *da, *qg, *dg])
+            or offsets_fit(weight_grads, qa, qg))
 
 
 _dispatch.register_backend("triton", preference=1, missing=_missing)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kfac_fast.kernels import factor_update, launch, precondition
+from kfac_fast.kernels import factor_update, guard, launch
 
 
 def _fake(shape, stride):
@@ -32,9 +32,9 @@ def test_row_counts_past_int32_are_refused():
 def test_precondition_refuses_operands_past_int32():
     small = [_fake((300, 257), (257, 1))]
     qa, qg = [_fake((257, 257), (257, 1))], [_fake((300, 300), (300, 1))]
-    assert precondition.offsets_fit(small, qa, qg) is None
+    assert guard.offsets_fit(small, qa, qg) is None
     big_qg = [_fake((46341, 46341), (46341, 1))]
-    why = precondition.offsets_fit([_fake((46341, 257), (257, 1))], qa, big_qg)
+    why = guard.offsets_fit([_fake((46341, 257), (257, 1))], qa, big_qg)
     assert why.startswith("layer 0: qg spans")
 
 
