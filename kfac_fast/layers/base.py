@@ -14,6 +14,7 @@ rows the output gradients, both with the batch first.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Optional, Protocol
 
 import torch
@@ -106,9 +107,16 @@ class KFACLayer:
         # for unmasked captures; parallel to inputs / grads
         self.input_rows: list = []
         self.grad_tokens: list = []
+        # held inputs whose output gradient arrived (parallel to inputs); bumped by
+        # clear_captures so a late backward cannot pair with the next step's inputs
+        self.input_paired: list[bool] = []
+        self.generation = 0
         self.fired_forward = False
         self.fired_backward = False
+        # a grad-enabled forward in eval mode since the last step (not captured)
+        self.eval_forward = False
         self._handles: list = []
+        self._warned: set = set()
 
     # ---- what a kind defines ------------------------------------------------------------
     @classmethod
@@ -203,19 +211,37 @@ class KFACLayer:
     # ---- hooks ----------------------------------------------------------------------------
     def install(self, sink: CaptureSink) -> None:
         """Register the forward hook that reports to `sink`."""
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            # eval passes and no_grad passes never reach a backward: capturing them
-            # would pair their inputs with another pass's gradients
-            if not (module.training and torch.is_grad_enabled()):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if module is not self.module:
+                # copy.deepcopy(model) after registration copies this hook: the copy's
+                # forwards must not feed this layer's factors
+                self.warn_once("copy", f"K-FAC: module {self.name!r} is a copy of a registered layer "
+                               "(copy.deepcopy after KFACPreconditioner?); its forwards are not captured")
+                return
+            if not torch.is_grad_enabled():
+                return
+            if not module.training:
+                # an eval pass never reaches a backward, or trains without K-FAC: step() warns
+                # when such a layer then has gradients (`eval_forward`)
+                self.eval_forward = True
                 return
             if is_checkpoint_recompute():
                 return
-            if not inputs or not isinstance(inputs[0], torch.Tensor):
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                self.warn_once("input", f"K-FAC: layer {self.name!r} was called without a tensor input "
+                               f"(positional or input=), got {type(x).__name__}: not captured")
                 return
             self.fired_forward = True
-            sink.on_forward(self, inputs[0].detach(), output)
+            sink.on_forward(self, x.detach(), output)
 
-        self._handles.append(self.module.register_forward_hook(hook))
+        self._handles.append(self.module.register_forward_hook(hook, with_kwargs=True))
+
+    def warn_once(self, key: str, message: str) -> None:
+        """warnings.warn `message` the first time `key` is seen for this layer."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
 
     def remove(self) -> None:
         """Remove the hooks (the layer stops capturing)."""
@@ -223,7 +249,30 @@ class KFACLayer:
             h.remove()
         self._handles.clear()
 
+    def hold_input(self, x: Tensor, rows: Any, *, paired: bool) -> int:
+        """Hold a captured input (and its real-row count) until step(); its slot."""
+        self.inputs.append(x)
+        self.input_rows.append(rows)
+        self.input_paired.append(paired)
+        return len(self.inputs) - 1
+
+    def pair_input(self, slot: int) -> None:
+        """The output gradient of the input held in `slot` arrived."""
+        if 0 <= slot < len(self.input_paired):
+            self.input_paired[slot] = True
+
+    def drop_unpaired_inputs(self) -> None:
+        """Forget held inputs whose forward never reached a backward (forward order kept)."""
+        if all(self.input_paired):
+            return
+        keep = [i for i, paired in enumerate(self.input_paired) if paired]
+        self.inputs[:] = [self.inputs[i] for i in keep]
+        self.input_rows[:] = [self.input_rows[i] for i in keep]
+        self.input_paired[:] = [True] * len(keep)
+
     def clear_captures(self) -> None:
+        self.generation += 1
+        self.input_paired.clear()
         self.inputs.clear()
         self.grads.clear()
         self.edges.clear()
@@ -231,6 +280,7 @@ class KFACLayer:
         self.grad_tokens.clear()
         self.fired_forward = False
         self.fired_backward = False
+        self.eval_forward = False
 
     # ---- row helpers shared by every kind (host metadata only) --------------------------
     @staticmethod

@@ -30,38 +30,57 @@ class CaptureMixin(PreconditionerBase):
         return cached
 
     def on_forward(self, layer: KFACLayer, x: torch.Tensor, output: torch.Tensor) -> None:
-        """Forward hook body: hold or consume the input, arrange for the output gradient."""
+        """Forward hook body: hold or consume the input, arrange for the output gradient.
+
+        Empirical Fisher: an input counts only once its own output gradient arrives (a
+        train-mode forward that never reaches a backward, e.g. an accuracy check, adds
+        nothing to A). Held captures are kept in forward order and the unpaired ones are
+        dropped at `step()`; in hooks mode A is updated in the gradient hook, guarded by
+        the same finite check as G, so a NaN loss with finite inputs leaves A untouched.
+        """
         capture = self._is_factor_step()
-        mask = None
+        empirical = capture and self.fisher == "empirical"
+        wants_grad = isinstance(output, torch.Tensor) and output.requires_grad
+        mask = rows = None
+        slot = -1
         if capture:
             x = layer.batched_input(x)
             mask = row_masks.mask_for(self._row_mask, x) if layer.row_maskable else None
-            rows = None
             if mask is not None:  # x_bar with padding rows zeroed: its own ones-column
                 x, rows = row_masks.masked_input(x, mask, layer.has_bias), row_masks.real_rows(mask)
             if self.update_factors_in_hooks:
-                self._hook_update_a(layer, x, rows)
-                if self.method == "ekfac":
-                    layer.inputs.append(x)
-            else:
-                layer.inputs.append(x)
-                layer.input_rows.append(rows)
-        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                if not empirical:  # MC: its sampled backward is explicit (sample_fisher)
+                    self._hook_update_a(layer, x, rows)
+                    if self.method == "ekfac":
+                        layer.inputs.append(x)
+                else:  # checked now, as every capture of the step: a bad one drops the rest
+                    self._check_captures([x])
+            elif not empirical or wants_grad:
+                slot = layer.hold_input(x, rows, paired=not empirical)
+        if not wants_grad:
             return
         if capture and self.fisher == "mc":
             layer.edges.append(torch.autograd.graph.get_gradient_edge(output))
-        empirical = capture and self.fisher == "empirical"
+        generation = layer.generation
 
         def grad_hook(g: torch.Tensor) -> None:
             # registered before any in-place op on `output`, so g is the gradient of the
             # layer's own output even when e.g. ReLU(inplace=True) follows
             layer.fired_backward = True
-            if empirical:
-                rows = layer.grad_rows(g.detach())
-                if mask is None:
-                    self._on_grad(layer, rows)
-                else:
-                    self._on_grad(layer, row_masks.masked_rows(rows, mask), row_masks.real_rows(mask))
+            if not empirical or layer.generation != generation:
+                return  # a backward after step() belongs to no step's factors
+            g_rows = layer.grad_rows(g.detach())
+            tokens = None
+            if mask is not None:
+                g_rows, tokens = row_masks.masked_rows(g_rows, mask), row_masks.real_rows(mask)
+            if self.update_factors_in_hooks:
+                ok = self._hook_update_a(layer, x, rows, grad_rows=g_rows)
+                if self.method == "ekfac":
+                    layer.inputs.append(x)
+                self._hook_update_g(layer, g_rows, tokens, ok=ok)
+            else:
+                layer.pair_input(slot)
+                self._on_grad(layer, g_rows, tokens)
 
         output.register_hook(grad_hook)
 

@@ -194,10 +194,13 @@ class FactorUpdateMixin(PreconditionerBase):
         betas, alphas = guard_weights(ok, betas, alphas, factors[0].device)
         ops.update_factors_(factors, xs, betas, alphas, append_ones=ones)
 
-    def _hook_update_a(self, layer: KFACLayer, x: torch.Tensor,
-                       rows: Optional[torch.Tensor] = None) -> None:
+    def _hook_update_a(self, layer: KFACLayer, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                       grad_rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """In-hook A update; the first capture of a step applies beta_k. rows: the real
-        rows of a masked x_bar (its ones-column already in it), else None."""
+        rows of a masked x_bar (its ones-column already in it), else None. grad_rows: the
+        output gradient this input is paired with, when the update waits for it (x was
+        checked at the forward; a NaN loss with finite inputs must not update A). Returns
+        the step's finite flag (None when unguarded)."""
         self._ensure_factors(layer, x.device)
         beta: Any
         if layer._a_step != self.steps:
@@ -212,12 +215,15 @@ class FactorUpdateMixin(PreconditionerBase):
             beta = torch.full((), beta, dtype=torch.float64, device=rows.device)
         # in hooks mode each capture is guarded on its own: A is already updated when a
         # later backward overflows (the held path drops the whole step instead)
-        beta, alpha = self._guarded(self._check_captures([x]), beta, alpha, layer.a_factor.device)
+        ok = self._check_captures([x] if grad_rows is None else [grad_rows])
+        beta, alpha = self._guarded(ok, beta, alpha, layer.a_factor.device)
         layer.update_a_(x, beta, alpha, masked=rows is not None)
+        return ok
 
-    def _hook_update_g(self, layer: KFACLayer, rows: torch.Tensor,
-                       tokens: Optional[torch.Tensor] = None) -> None:
-        """In-hook G update (and EKFAC scales when a basis exists)."""
+    def _hook_update_g(self, layer: KFACLayer, rows: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                       ok: Optional[torch.Tensor] = None) -> None:
+        """In-hook G update (and EKFAC scales when a basis exists); ok: the step's flag
+        when the caller already checked these rows."""
         self._ensure_factors(layer, rows.device)
         first = layer._g_step != self.steps
         if first:
@@ -227,7 +233,7 @@ class FactorUpdateMixin(PreconditionerBase):
         n = KFACLayer.batch_size(rows) * self.accumulation_steps
         s = self._loss_scale(rows, tokens)
         self._grouped_update([], [], [], [], [], [layer.g_factor], [rows], [beta],
-                             [layer._g_w * s * s / max(n, 1)])
+                             [layer._g_w * s * s / max(n, 1)], ok=ok)
         layer.fired_backward = True
         if self.method == "ekfac" and layer.inputs:
             if layer.qa is None or self.steps % self.inv_update_steps(self.steps) == 0:

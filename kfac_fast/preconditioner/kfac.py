@@ -40,10 +40,14 @@ Memory: by default the layer inputs and output gradients of a factor-update step
 held until `step()` (one grouped `update_factors_` launch for all layers). Holding the
 inputs keeps every layer's activation alive past the backward that would have freed
 it (about one activation's worth per registered layer, plus the output gradients).
-`update_factors_in_hooks=True` instead updates each factor inside its hook (one launch
-per layer and capture) and holds nothing (EKFAC still holds each input until the
-layer's backward, and on steps that refresh the eigenbasis until `step()`, whose scale
-update must follow the refresh).
+`update_factors_in_hooks=True` instead updates A and G inside the layer's gradient hook
+(one launch per layer and capture), so each input is held only until the layer's own
+backward (autograd keeps it that long anyway for the weight gradient), and A is updated
+only once its output gradient is known to be finite (EKFAC holds the input until
+`step()` on steps that refresh the eigenbasis: the scale update must follow the refresh).
+
+With the empirical Fisher an input counts only when its own output gradient arrives: a
+train-mode forward that never reaches a backward (an accuracy check) adds nothing.
 
 Padded sequences: before the forward of a step (of each micro-batch), pass the row
 mask of the batch, (N, T) bool with True for real tokens::
@@ -312,8 +316,11 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         step = self.steps
         factor_step = self._is_factor_step()
         fired = [layer for layer in self.layers.values() if layer.fired_forward and layer.fired_backward]
+        self._warn_silent_skips()
         try:
             if factor_step and not self.update_factors_in_hooks:
+                for layer in fired:
+                    layer.drop_unpaired_inputs()
                 held = [layer for layer in fired if layer.inputs and layer.grads]
                 if self.fisher == "mc" and not held and any(layer.inputs for layer in fired):
                     raise RuntimeError("fisher='mc': call precond.sample_fisher(output, loss) after "

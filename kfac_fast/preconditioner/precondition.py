@@ -67,6 +67,22 @@ class PreconditionMixin(PreconditionerBase):
             self.last_nu = torch.where(ok, self.last_nu, torch.ones_like(self.last_nu))
         self._health.count_nonfinite(ok)
 
+    def _warn_silent_skips(self) -> None:
+        """Warn once per layer about gradients K-FAC leaves as they are without being told:
+        a layer trained in eval mode (its forward is not captured), and a trainable weight
+        next to a bias without a gradient (K-FAC preconditions [dW | db] together)."""
+        for layer in self.layers.values():
+            if layer.module.weight.grad is None:
+                continue
+            if layer.eval_forward and not layer.fired_forward:
+                layer.warn_once("eval", f"K-FAC: layer {layer.name!r} has a gradient but ran its forward in "
+                                "eval mode (model.eval()): K-FAC captures train-mode forwards only, its "
+                                "gradient is left unpreconditioned")
+            elif layer.has_bias and layer.module.bias.grad is None:
+                layer.warn_once("bias", f"K-FAC: layer {layer.name!r} has a weight gradient but its bias "
+                                "has none (frozen bias?): K-FAC preconditions weight and bias together, "
+                                "so this layer's gradient is left unpreconditioned")
+
     def _precondition(self, layers: list[KFACLayer]) -> None:
         # frozen parameters (no grad): nothing to precondition
         chosen = [layer for layer in layers if layer.has_grads()]

@@ -213,3 +213,157 @@ def test_safe_health_counts_survive_state_dict_round_trip():
     precond2 = KFACPreconditioner(mlp())
     precond2.load_state_dict(precond.state_dict())
     assert precond2.health()["capture_overflow"] == 1
+
+
+# ---------------------------------------------------------------------------------------
+# item 6: update_factors_in_hooks=True and a NaN loss with finite inputs
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["eigen", "ekfac"])
+@pytest.mark.parametrize("in_hooks", [False, True])
+def test_safe_nan_loss_with_finite_inputs_leaves_every_factor(method, in_hooks):
+    model = mlp()
+    precond = KFACPreconditioner(model, method=method, inv_update_steps=10, update_factors_in_hooks=in_hooks)
+    for seed in range(2):
+        backward(model, *batch(seed))
+        precond.step()
+    before = {n: {k: v.clone() for k, v in layer.state_tensors().items()} for n, layer in precond.layers.items()}
+    x, y = batch(3)
+    model.zero_grad(set_to_none=True)
+    (F.cross_entropy(model(x), y) * float("nan")).backward()  # inputs finite, loss NaN
+    precond.step()
+    for n, layer in precond.layers.items():
+        for k, v in layer.state_tensors().items():
+            assert torch.equal(v, before[n][k]), f"{n}.{k} changed"
+    assert precond.health()["nonfinite_steps"] == 1
+
+
+# ---------------------------------------------------------------------------------------
+# item 5: no silent no-ops
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_hooks", [False, True])
+def test_safe_forward_without_backward_is_not_added_to_a(in_hooks, float64_default):
+    """A train-mode, grad-enabled forward that never reaches a backward (an accuracy check)
+    adds nothing: A equals that of a run without it."""
+    def run(extra_forward):
+        model = mlp()
+        precond = KFACPreconditioner(model, update_factors_in_hooks=in_hooks, factor_dtype=torch.float64)
+        for seed in range(3):
+            if extra_forward:
+                model(batch(100 + seed, n=9)[0]).argmax(dim=1)  # accuracy check, no backward
+            backward(model, *batch(seed))
+            precond.step()
+        return {n: layer.a_factor.clone() for n, layer in precond.layers.items()}
+    clean, polluted = run(False), run(True)
+    for n in clean:
+        assert torch.equal(clean[n], polluted[n]), n
+
+
+def test_safe_forward_without_backward_between_micro_batches(float64_default):
+    """Accumulation micro-batches with an unused forward between them: its input is dropped."""
+    def run(extra):
+        model = mlp()
+        precond = KFACPreconditioner(model, accumulation_steps=2, factor_dtype=torch.float64)
+        model.zero_grad()
+        for seed in range(2):
+            x, y = batch(seed)
+            (F.cross_entropy(model(x), y) / 2).backward()
+            if extra and seed == 0:
+                model(batch(50)[0])
+        precond.step()
+        return {n: layer.a_factor.clone() for n, layer in precond.layers.items()}
+    clean, polluted = run(False), run(True)
+    for n in clean:
+        assert torch.equal(clean[n], polluted[n]), n
+
+
+def test_safe_deepcopy_after_registration_does_not_feed_the_original():
+    import copy
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    backward(model, *batch(0))
+    precond.step()
+    before = {n: layer.a_factor.clone() for n, layer in precond.layers.items()}
+    clone = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="copy"):
+        backward(clone, *batch(1))
+    precond.step()  # nothing from the copy
+    for n, layer in precond.layers.items():
+        assert torch.equal(layer.a_factor, before[n])
+        assert layer.a_count == 1
+
+
+def test_safe_keyword_input_is_captured():
+    model = nn.Linear(5, 3)
+    precond = KFACPreconditioner(model)
+    x, _ = batch(0)
+    model.zero_grad()
+    model(input=x).pow(2).sum().backward()
+    raw = model.weight.grad.clone()
+    precond.step()
+    layer = precond.layers[""]
+    assert layer.a_count == 1 and torch.isfinite(layer.a_factor).all()
+    assert not torch.equal(raw, model.weight.grad)  # preconditioned
+
+
+def test_safe_training_under_eval_warns_naming_the_layer():
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    model.eval()
+    backward(model, *batch(0))
+    with pytest.warns(UserWarning, match=r"layer '0'.*eval mode"):
+        precond.step()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer
+        backward(model, *batch(1))
+        precond.step()
+
+
+def test_safe_eval_pass_then_train_step_does_not_warn():
+    import warnings
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.eval()
+        model(batch(9)[0])  # validation with grad enabled
+        model.train()
+        backward(model, *batch(0))
+        precond.step()
+
+
+def test_safe_frozen_bias_with_trainable_weight_warns_naming_the_layer():
+    model = mlp()
+    model[2].bias.requires_grad_(False)
+    precond = KFACPreconditioner(model)
+    backward_frozen = model.zero_grad
+    backward_frozen(set_to_none=True)
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    raw = model[2].weight.grad.clone()
+    with pytest.warns(UserWarning, match=r"layer '2'.*bias"):
+        precond.step()
+    assert torch.equal(model[2].weight.grad, raw)  # left as it was, and said so
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_safe_late_backward_after_step_does_not_pair_with_next_step(float64_default):
+    """A forward whose backward runs only after step() belongs to no step."""
+    def run(late):
+        model = mlp()
+        precond = KFACPreconditioner(model, factor_dtype=torch.float64)
+        pending = None
+        for seed in range(3):
+            if late and seed == 1:
+                x, y = batch(77)
+                pending = F.cross_entropy(model(x), y)  # forward of step 1 ...
+            backward(model, *batch(seed))
+            precond.step()
+            if pending is not None and seed == 1:
+                pending.backward()  # ... backward after its step
+                model.zero_grad(set_to_none=True)
+                pending = None
+        return {n: layer.a_factor.clone() for n, layer in precond.layers.items()}
+    clean, late = run(False), run(True)
+    for n in clean:
+        assert torch.equal(clean[n], late[n]), n
