@@ -17,6 +17,8 @@ import warnings
 
 import pytest
 
+from kfac_fast.backends.lapack_threads import LapackThreadsWarning
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(.*)$")
@@ -75,7 +77,8 @@ def test_python_block(name, index, info, code, line, output, tmp_path, monkeypat
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout):
         warnings.simplefilter("always")
         exec(compile(code, f"{name}:{line}", "exec"), {"__name__": "__main__"})
-    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    # (the OMP_WAIT_POLICY advice depends on the environment the tests run in, not on the docs)
+    assert [f"{w.category.__name__}: {w.message}" for w in caught if w.category is not LapackThreadsWarning] == []
     if output is not None:
         checker = doctest.OutputChecker()
         assert checker.check_output(output, stdout.getvalue(), doctest.ELLIPSIS), \
