@@ -13,14 +13,18 @@ cannot change it afterwards. What the library can do, around its own LAPACK call
 - and limits the threads of that call to `KFAC_FAST_LAPACK_THREADS` when it is set
   (opt-in: the default leaves the thread count, and so the numbers, exactly as before).
 
-Measured on a 2-core machine shared with other jobs, plus one busy-loop process, torch
-2.13 MKL, 2 torch threads, one float32 eigh each of 512, 768 and 1024 (median seconds of
-3 loops; script and rounds in the issue 21 note): threads spinning (default) 0.50 / 2.91 /
-12.7 s over three rounds, `OMP_WAIT_POLICY=PASSIVE` 0.33 / 0.26 / 1.10 s,
-`KFAC_FAST_LAPACK_THREADS=1` 0.36-1.11 s. PASSIVE helps most and most steadily; the
-thread limit is what the library can still do once OpenMP has started. It is opt-in
-because MKL's eigh gives different bits on 1 and 2 threads (n = 400 and 785: eigenvalues
-differ in the last place), so a default limit would change every CPU run's numbers.
+Measured on a 2-core machine shared with three other jobs, torch 2.13 MKL, 2 torch
+threads: one float32 eigh each of 512, 768 and 1024, median seconds over 3 rounds, three
+runs (two with an extra busy-loop process):
+
+    spinning (default)          1.36   2.91 (0.50-12.7)   3.02 (2.2-6.8, no busy loop)
+    OMP_WAIT_POLICY=PASSIVE     0.47   0.33               0.44
+    KFAC_FAST_LAPACK_THREADS=1  0.36   0.76
+    both                               0.71               0.29
+
+PASSIVE helps most and most steadily; the thread limit is what the library can still do
+once OpenMP has started. It is opt-in because MKL's eigh gives different bits on 1 and 2
+threads (n = 400 and 785), so a default limit would change every CPU run's numbers.
 """
 from __future__ import annotations
 
