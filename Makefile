@@ -19,9 +19,9 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # Linters pinned exactly: a new ruff or mypy release must not turn CI red on its own.
 LINT_DEPS := ruff==0.17.6 mypy==2.4.1
 DEPS := "setuptools>=77" wheel cmake ninja "pybind11>=2.12" numpy pytest pytest-benchmark \
-        hypothesis matplotlib tqdm "triton>=3.6" heavyball $(LINT_DEPS)
+        hypothesis matplotlib tqdm "triton==3.9.0" heavyball $(LINT_DEPS)
 
-.PHONY: all install lint test test-fast test-interpret demo bench clean
+.PHONY: all install lint test test-fast test-interpret demo bench compile-check clean
 all: test
 
 $(PYTHON):
@@ -66,6 +66,11 @@ demo: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m pytest -q bench --benchmark-columns=min,median,max $(BENCH_ARGS)
+
+# The Triton kernels compiled (not run) under other Triton versions, to catch register
+# spills; bench/compile_check.sh caches under build/compile_check (network needed once).
+compile-check: $(STAMP)
+	bash bench/compile_check.sh 3.6.0 3.8.0
 
 clean:
 	rm -rf build dist *.egg-info kfac_fast/_C*.so .mypy_cache .ruff_cache $(VENV)
