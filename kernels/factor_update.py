@@ -51,6 +51,12 @@ CONFIG_GROUPED_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=2)
 # untuned: the im2col gather needs per-element bounds masks and offsets; BLOCK_K=64
 # spilled (ptxas -v) where 32 does not.
 CONFIG_CONV_16BIT = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
+# CANDIDATE, not in `auto` (no GPU has run it): CONFIG_16BIT with the ones column out of
+# the K loop (column sums and the row count after it, in the tile column holding column
+# d). Chosen only through `config=` (tests, bench/kernel_report.py) until a GPU run of
+# tests/triton and bench/bench_triton.py says it is right and faster.
+CONFIG_16BIT_ONES_OUTSIDE = dict(CONFIG_16BIT, ONES_OUTSIDE=True)
+
 
 def pick_config(x_dtype: torch.dtype, allow_tf32: bool, grouped: bool = False) -> dict:
     """The launch configuration this module ships for an input dtype."""
@@ -64,7 +70,7 @@ def pick_config(x_dtype: torch.dtype, allow_tf32: bool, grouped: bool = False) -
 @triton.jit
 def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
                TWO_LEVEL: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr,
-               BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONES_OUTSIDE: tl.constexpr = False):
     """Tile (ti, tj) of beta*F + alpha*x_bar^T x_bar, x row r at X + off(r) + col*s_col.
 
     INDEX64=False (x spans < 2^31 elements and the factor's i*stride+j stays below 2^31:
@@ -94,10 +100,35 @@ def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj
             roff = rows.to(IDX) * tl.cast(s_inner, IDX)
         a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
         b = tl.load(X + roff[:, None] + col_j[None, :], mask=rmask[:, None] & in_j[None, :], other=0.0)
-        one = tl.full((BLOCK_K, BLOCK), 1.0, a.dtype)
-        a = tl.where(rmask[:, None] & ones_i[None, :], one, a)
-        b = tl.where(rmask[:, None] & ones_j[None, :], one, b)
+        if not ONES_OUTSIDE:
+            one = tl.full((BLOCK_K, BLOCK), 1.0, a.dtype)
+            a = tl.where(rmask[:, None] & ones_i[None, :], one, a)
+            b = tl.where(rmask[:, None] & ones_j[None, :], one, b)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    if ONES_OUTSIDE:
+        # The ones column kept out of the K loop: only the tile column holding column d
+        # (n = d + 1) gets its entries, the column sums of x (one more pass over this
+        # tile's rows of x) and the row count R in the corner; the main loop stays a
+        # plain dot on the loaded tiles.
+        if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
+            # x^T 1 as a dot with a ones block (16 wide, the smallest dot): the same
+            # products and fp32 accumulation the in-loop ones column gave.
+            cs16 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+            for kb in range(0, num_k):
+                rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                rmask = rows < R
+                if TWO_LEVEL:
+                    roff = (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + \
+                        (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
+                else:
+                    roff = rows.to(IDX) * tl.cast(s_inner, IDX)
+                a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
+                one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
+                cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
+            first = (tl.arange(0, 16) == 0)[None, :]
+            cs = tl.sum(tl.where(first, cs16, 0.0), axis=1)
+            ones_col = tl.where(ones_i, R * 1.0, cs)  # the corner is the row count
+            acc = tl.where(ones_j[None, :], ones_col[:, None], acc)
     symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
 
 
@@ -106,13 +137,14 @@ def _factor_update_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d, 
                           s_outer, s_inner, s_col, stride_f,
                           BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr,
                           TWO_LEVEL: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                          BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                          ONES_OUTSIDE: tl.constexpr = False):
     """One upper tile of F <- beta*F + alpha*x_bar^T x_bar per program (1-D grid)."""
     ti, tj = upper_tile_of(tl.program_id(0))
     beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
     alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
-               TWO_LEVEL, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION)
+               TWO_LEVEL, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION, ONES_OUTSIDE)
 
 
 # Per-layer int64 table of the grouped kernel, one row per layer.
@@ -201,7 +233,7 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
             R, d, n, L_inner, s_outer, s_inner, s_col, factor.stride(0),
             BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, TWO_LEVEL=two_level, INDEX64=idx64,
             BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-            INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+            INPUT_PRECISION=input_precision(x.dtype, allow_tf32), ONES_OUTSIDE=cfg.get("ONES_OUTSIDE", False),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factor
 
