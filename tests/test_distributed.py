@@ -220,7 +220,7 @@ def check_equivalence(rank, world, *, strategy, factor_sync, method, ddp, hooks=
 
 
 def check_state_dict(rank, world) -> list[str]:
-    """Save on rank 0 (state_dict is collective), load on every rank, continue."""
+    """Save on rank 0 (synced_state_dict is the collective, exact state), load on every rank, continue."""
     kw = dict(KFAC_KW, method="eigen")
     ref_model = make_model()
     want = run_steps(ref_model, KFACPreconditioner(ref_model, distributed=False, **kw), None, world)
@@ -238,7 +238,7 @@ def check_state_dict(rank, world) -> list[str]:
         with torch.no_grad():
             for p in model.parameters():
                 p -= 0.3 * p.grad
-    state = precond.state_dict()
+    state = precond.synced_state_dict()
     objs = [state if rank == 0 else None]
     torch.distributed.broadcast_object_list(objs, src=0)  # stands in for torch.save + torch.load
     fresh = KFACPreconditioner(model, distributed=opts, **kw)

@@ -26,11 +26,20 @@ Every collective is issued in the same order on every rank from rank-identical m
 (registration order, sizes, update counts): no decision depends on tensor values, so a
 rank cannot wait on a collective the others skip.
 
+What decides a collective is agreed first: the settings and layers at construction (a
+mismatch is a ValueError on every rank), and each step the layers that fired and hold
+factors on any rank (one small host all-reduce, `participation`), so a layer that fires
+on one rank only, or a local failure inside a step, cannot make the ranks' collectives
+differ. `DistributedOptions(timeout=...)` bounds how long a rank waits for the others.
+
 Modules: `collectives` (bucketed all-reduce and broadcast), `assignment` (which rank
 decomposes which factor), `options` (DistributedOptions), `entry` (`setup`: whether a
-preconditioner runs data-parallel), `data_parallel` (DataParallelKFAC, the driver).
+preconditioner runs data-parallel), `data_parallel` (DataParallelKFAC, the driver),
+`agreement` (settings check, host-side agreements, error messages), `participation`
+(which layers took part on which ranks).
 """
 
+from .agreement import settings_of
 from .assignment import assign_work, decomposition_cost, factor_owners, load_imbalance, rank_loads
 from .collectives import (
     DEFAULT_BUCKET_CAP_MB,
@@ -60,5 +69,6 @@ __all__ = [
     "load_imbalance",
     "rank_loads",
     "resolve_group",
+    "settings_of",
     "setup",
 ]

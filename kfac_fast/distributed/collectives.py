@@ -55,12 +55,13 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _bucketed_mean_(groups: Iterable[list], sizes: Callable[[list], list], pack: Pack, unpack: Unpack,
-                    group: Any, bucket_cap_bytes: int) -> int:
+                    group: Any, bucket_cap_bytes: int, timeout: Optional[float] = None) -> int:
     """Average every tensor of `groups` across ranks in place; returns bytes all-reduced.
 
     Each group (tensors that may share one buffer) is cut into buckets of at most
     `bucket_cap_bytes` by `sizes(group)`; one all-reduce per bucket (sum, then 1/world
-    on the device: gloo has no AVG).
+    on the device: gloo has no AVG). timeout: seconds to wait for each bucket (None: the
+    group's own timeout); past it a RuntimeError says another rank did not join.
     """
     dist = _dist()
     world = dist.get_world_size(group)
@@ -72,11 +73,27 @@ def _bucketed_mean_(groups: Iterable[list], sizes: Callable[[list], list], pack:
             pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
     sent = 0
     for bucket, flat, work in pending:
-        work.wait()
+        if timeout is None:
+            work.wait()
+        elif not _wait(work, timeout):
+            raise RuntimeError(f"kfac_fast.distributed: an all-reduce did not complete within the timeout of "
+                               f"{timeout:g} s: another rank did not reach it (it raised, hung or died)")
         flat.div_(world)
         unpack(bucket, flat)
         sent += _nbytes(flat)
     return sent
+
+
+def _wait(work: Any, timeout: float) -> bool:
+    """Wait for `work` at most `timeout` seconds; False when it timed out."""
+    import datetime
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as exc:
+        if "timed out" in str(exc).lower():
+            return False
+        raise
+    return True
 
 
 def allreduce_factors_(factors: Sequence[torch.Tensor], group: Any, bucket_cap_bytes: int) -> int:
@@ -97,19 +114,36 @@ def allreduce_factors_(factors: Sequence[torch.Tensor], group: Any, bucket_cap_b
 
 
 def average_gradients_(parameters: Iterable[torch.Tensor], process_group: Optional[Any] = None,
-                       bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> int:
+                       bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, *, timeout: Optional[float] = None) -> int:
     """Average `.grad` of the given parameters across ranks (plain data parallelism, no
-    DDP wrapper); returns bytes all-reduced. Call after backward, before K-FAC's step."""
+    DDP wrapper); returns bytes all-reduced. Call after backward, before K-FAC's step.
+
+    Every parameter that requires grad takes part on every rank: one whose module did
+    not run on this rank (a branch, layer drop) has no `.grad` yet and contributes
+    zeros (its `.grad` becomes the average of the other ranks'), so the ranks' buffers
+    always match (pass the same parameters, in the same order, on every rank).
+    timeout: seconds to wait for the other ranks (None: the process group's timeout, 30
+    minutes by default); past it a RuntimeError instead of a hang when a rank raised or
+    stopped before its own call. The group stays usable (the late rank's all-reduce still
+    completes), but this call's gradients are not averaged: end the step on every rank."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"average_gradients_: timeout must be None or a number of seconds > 0, got {timeout!r}")
     dist = _dist()
     group = dist.group.WORLD if process_group is None else process_group
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = []
+    for p in parameters:
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if p.grad is not None:
+            grads.append(p.grad)
     if not grads:
         return 0
     by_kind: dict = {}  # one flat buffer holds one dtype on one device
     for g in grads:
         by_kind.setdefault((g.dtype, g.device), []).append(g)
     return _bucketed_mean_(by_kind.values(), lambda members: [_nbytes(g) for g in members],
-                           _flatten, _unflatten_, group, int(bucket_cap_mb * 2 ** 20))
+                           _flatten, _unflatten_, group, int(bucket_cap_mb * 2 ** 20), timeout)
 
 
 def broadcast_from_owners_(tensors: Sequence[torch.Tensor], owners: Sequence[int], group: Any,

@@ -16,16 +16,17 @@ import torch
 
 from .. import ops
 from ..health import Health
+from .agreement import agree_counts, check_same_setup, collective_error
 from .assignment import factor_owners
 from .collectives import (
     DEFAULT_BUCKET_CAP_MB,
     all_reduce_min_,
     allreduce_factors_,
     broadcast_from_owners_,
-    check_same_layers,
     rank_and_size,
 )
 from .options import FACTOR_SYNCS, STRATEGIES
+from .participation import Participation
 
 
 class DataParallelKFAC:
@@ -56,12 +57,19 @@ class DataParallelKFAC:
         eigh_tol: the warm-refresh tolerance (KFACPreconditioner's `eigh_tol`): an owner
             refreshes from the eigenbasis it holds (ownership is fixed, so it is its own
             previous solve, or the broadcast copy of it); without one, a full solve.
+        settings: the preconditioner's settings (`agreement.settings_of`), checked equal on
+            every rank at construction with the layers (ValueError on every rank otherwise).
+        meta_group: a CPU (gloo) group over the same ranks for the small host-side
+            agreements (the per-step fired / factor sets, local failures); `group` itself
+            when None (gloo). timeout: kfac_fast's own collective timeout in seconds, for
+            the error messages (the groups carry it; see `setup`).
     """
 
     def __init__(self, layers: dict, method: str, group: Any, *, strategy: str = "communication",
                  factor_sync: str = "inverse", bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
                  profile: bool = False, health: Optional[Health] = None,
-                 eigh_tol: Optional[float] = None) -> None:
+                 eigh_tol: Optional[float] = None, settings: Optional[dict] = None,
+                 meta_group: Any = None, timeout: Optional[float] = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if factor_sync not in FACTOR_SYNCS:
@@ -88,8 +96,62 @@ class DataParallelKFAC:
         self.seconds = {"communication": 0.0, "inversion": 0.0, "preconditioning": 0.0}
         self._owners: Optional[dict] = None  # (layer name, "a"|"g") -> rank
         self._ready: set = set()
-        check_same_layers([(n, layer.kind, layer.a_dim, layer.g_dim, layer.has_bias)
-                           for n, layer in layers.items()], group)
+        self.meta_group = group if meta_group is None else meta_group
+        self.timeout = timeout
+        self._broken: Optional[BaseException] = None
+        own = dict(settings or {}, method=method, strategy=strategy, factor_sync=factor_sync,
+                   bucket_cap_mb=bucket_cap_mb, eigh_tol=eigh_tol)
+        check_same_setup([(n, layer.kind, layer.a_dim, layer.g_dim, layer.has_bias)
+                          for n, layer in layers.items()], own, group)
+        self.participation = Participation(self, (settings or {}).get("factor_dtype"))
+
+    # ---- rank agreement -----------------------------------------------------------------
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Run kfac_fast collectives; a timeout or broken group becomes one clear
+        RuntimeError, and every later collective of this driver raises it at once."""
+        if self._broken is not None:
+            raise collective_error(what, self._broken, self.timeout)
+        try:
+            yield
+        except RuntimeError as exc:
+            if str(exc).startswith("kfac_fast.distributed"):
+                raise
+            self._broken = exc
+            raise collective_error(what, exc, self.timeout) from exc
+
+    def _agree(self, values: list, what: str) -> list:
+        with self._collective(what):
+            return agree_counts(values, self.meta_group, what)
+
+    def _local_work(self, what: str, work: Callable[[], Any]) -> Any:
+        """Run this rank's share of `what`, then agree (one small all-reduce) whether
+        every rank's share succeeded: a failure on one rank raises on every rank, after
+        the same collectives, so a caller that catches it can go on."""
+        error: Optional[BaseException] = None
+        result = None
+        try:
+            result = work()
+        except Exception as exc:
+            error = exc
+        failed = self._agree([int(error is not None and r == self.rank) for r in range(self.world_size)],
+                             f"the agreement after {what}")
+        bad = [r for r, f in enumerate(failed) if f]
+        if bad:
+            raise RuntimeError(f"kfac_fast.distributed: {what} failed on rank(s) {bad}"
+                               + (f": {type(error).__name__}: {error}" if error is not None
+                                  else " (its error is raised there)")) from error
+        return result
+
+    def begin_step(self, fired: list, factor_step: bool) -> list:
+        """The layers that fired on any rank this step (registration order); the
+        preconditioner calls it at the start of `step()`. One small host all-reduce."""
+        return self.participation.begin_step(fired, factor_step)
+
+    def describe_state(self, *, synced: bool) -> dict:
+        """What a state dict taken on this rank holds (its "distributed" entry)."""
+        return {"rank": self.rank, "world_size": self.world_size, "strategy": self.strategy,
+                "factor_sync": self.factor_sync, "synced": synced}
 
     # ---- bookkeeping --------------------------------------------------------------------
     @contextmanager
@@ -128,13 +190,16 @@ class DataParallelKFAC:
     def average_factors(self, layers: list) -> None:
         """All-reduce-average the A and G factors of `layers` (in their given order)."""
         factors = [f for layer in layers for f in (layer.a_factor, layer.g_factor)]
-        with self._timed("communication"):
+        with self._timed("communication"), self._collective("the factor all-reduce"):
             self.bytes["factors"] += allreduce_factors_(factors, self.group, self.bucket_cap)
 
     def factors_updated(self, layers: list) -> None:
-        """After a factor update of `layers`: average now under factor_sync="update"."""
-        if self.factor_sync == "update" and layers:
-            self.average_factors(layers)
+        """After a factor update of `layers` (those updated here): agree which layers
+        hold factors, give layers held by some ranks only the same factors and k on every
+        rank (`Participation`), and average now under factor_sync="update"."""
+        updated = self.participation.factors_updated(layers)
+        if self.factor_sync == "update" and updated:
+            self.average_factors(updated)
 
     def agree_finite(self, ok: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The non-finite guard's flag, AND-ed over every rank (MIN all-reduce, on device).
@@ -148,7 +213,7 @@ class DataParallelKFAC:
         # int32: MIN on bool is not supported by every backend
         flag = (torch.ones((), dtype=torch.int32, device=device) if ok is None
                 else ok.to(device=device, dtype=torch.int32).reshape(()))
-        with self._timed("communication"):
+        with self._timed("communication"), self._collective("the non-finite flag all-reduce"):
             all_reduce_min_(flag, self.group)
         return flag.bool()
 
@@ -169,7 +234,7 @@ class DataParallelKFAC:
         items = [(layer, s) for layer in layers for s in ("a", "g")]
         mine = [(layer, s) for layer, s in items if owners[(layer.name, s)] == self.rank]
         with self._timed("inversion"):
-            paths = self._decompose(mine, damping)
+            paths = self._local_work("the decomposition of the factors", lambda: self._decompose(mine, damping))
         if self.strategy == "communication":
             self._share_decompositions(layers)
         self._ready.update(layer.name for layer in layers)
@@ -185,7 +250,7 @@ class DataParallelKFAC:
                 parts = self._result_tensors(layer, side, allocate=owner != self.rank)
                 tensors += parts
                 item_owners += [owner] * len(parts)
-        with self._timed("communication"):
+        with self._timed("communication"), self._collective("the decomposition broadcast"):
             self.bytes["decompositions"] += broadcast_from_owners_(tensors, item_owners, self.group,
                                                                    self.bucket_cap)
 
@@ -249,13 +314,16 @@ class DataParallelKFAC:
         inner = {layer.name: torch.zeros((), dtype=torch.float64, device=device) for layer in layers}
         with self._timed("preconditioning"):
             if mine:
-                inner.update(self._precondition_owned(mine, damping, with_inner=kl_clip is not None))
+                inner.update(self._local_work("the owners' preconditioning", lambda: self._precondition_owned(
+                    mine, damping, with_inner=kl_clip is not None)))
+            else:
+                self._local_work("the owners' preconditioning", lambda: None)
         tensors, item_owners = [], []
         for layer in layers:
             parts = layer.param_grads() + ([inner[layer.name]] if kl_clip is not None else [])
             tensors += parts
             item_owners += [owners[(layer.name, "a")]] * len(parts)
-        with self._timed("communication"):
+        with self._timed("communication"), self._collective("the preconditioned-gradient broadcast"):
             self.bytes["gradients"] += broadcast_from_owners_(tensors, item_owners, self.group,
                                                               self.bucket_cap)
         nu_dtype = torch.float64 if layers[0].module.weight.grad.dtype == torch.float64 else torch.float32

@@ -1,6 +1,7 @@
 """Whether a preconditioner runs data-parallel, and its driver when it does."""
 from __future__ import annotations
 
+import datetime
 from typing import Any, Optional, Union
 
 from torch import nn
@@ -30,7 +31,8 @@ def resolve_group(process_group: Optional[Any] = None) -> Optional[Any]:
 
 def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[Any] = None,
           distributed: Union[None, bool, DistributedOptions] = None, *,
-          health: Optional[Health] = None, eigh_tol: Optional[float] = None) -> Optional[DataParallelKFAC]:
+          health: Optional[Health] = None, eigh_tol: Optional[float] = None,
+          settings: Optional[dict] = None) -> Optional[DataParallelKFAC]:
     """The preconditioner's distributed driver, or None to run single-process.
 
     distributed: None (on when torch.distributed is initialised), False (off), True or
@@ -38,6 +40,7 @@ def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[A
     rank always runs single-process: the exact single-process code path.
     health, eigh_tol: the preconditioner's solver fallbacks / counters and warm-refresh
     tolerance, used by the owner of each decomposition (see DataParallelKFAC).
+    settings: the preconditioner's settings (`settings_of`), checked equal on every rank.
     """
     if distributed is False:
         if process_group is not None:
@@ -54,9 +57,28 @@ def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[A
         return None
     check_unsharded(model)
     opts = distributed if isinstance(distributed, DistributedOptions) else DistributedOptions()
+    group, meta = own_groups(group, opts.timeout)
     return DataParallelKFAC(layers, method, group, strategy=opts.strategy, factor_sync=opts.factor_sync,
                             bucket_cap_mb=opts.bucket_cap_mb, profile=opts.profile,
-                            health=health, eigh_tol=eigh_tol)
+                            health=health, eigh_tol=eigh_tol, settings=settings, meta_group=meta,
+                            timeout=opts.timeout)
+
+
+def own_groups(group: Any, timeout: Optional[float]) -> tuple:
+    """(the group kfac_fast's collectives use, a CPU (gloo) group for its host-side
+    agreements). With a timeout, both are new groups over the same ranks carrying it
+    (created by every rank of `group`, only by them); a gloo group serves both."""
+    dist = _dist()
+    backend = str(dist.get_backend(group))
+    if timeout is None and backend == "gloo":
+        return group, group
+    ranks = dist.get_process_group_ranks(group)
+    kw: dict = {"use_local_synchronization": True}
+    if timeout is not None:
+        kw["timeout"] = datetime.timedelta(seconds=timeout)
+        group = dist.new_group(ranks, backend=backend, **kw)
+    meta = group if backend == "gloo" else dist.new_group(ranks, backend="gloo", **kw)
+    return group, meta
 
 
 def _sharded_module_types() -> tuple:
