@@ -26,6 +26,7 @@ from typing import Literal, Optional, Sequence, Union, overload
 
 import torch
 
+from . import _guards as guard
 from . import _validate as check
 from . import backends  # noqa: F401  (importing it registers every implementation with the router)
 from ._ops import OP_NAMES
@@ -55,7 +56,9 @@ def update_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, *, ap
     alpha. alpha == 0 never lets NaN/Inf of x into the factor.
     beta, alpha: Python numbers (finite) or 0-dim float tensors (CPU or factor's device).
     """
-    _kfac.update_factor_(*check.check_update_factor_(factor, x, beta, alpha, append_ones))
+    args = check.check_update_factor_(factor, x, beta, alpha, append_ones)
+    guard.no_overlap("update_factor_", [("factor", factor)], [("x", x)])
+    _kfac.update_factor_(*args)
     return factor
 
 
@@ -70,6 +73,7 @@ def update_factors_(factors: Sequence[Tensor], xs: Sequence[Tensor], betas: PerL
     args = check.check_update_factors_(factors, xs, betas, alphas, append_ones)
     if args is None:
         return list(factors)
+    guard.no_overlap("update_factors_", guard.named("factors", args[0]), guard.named("xs", args[1]))
     _kfac.update_factors_(*args)
     return args[0]
 
@@ -83,8 +87,11 @@ def conv_input_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, k
     rows, then kernel cols); P_bar = [P | 1] when append_ones. factor: (n, n) with
     n = C*kh*kw + append_ones. kernel_size, stride, padding, dilation: int or pair.
     """
-    _kfac.conv_input_factor_(*check.check_conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding,
-                                                             dilation, append_ones))
+    op = "conv_input_factor_"
+    args = check.check_conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dilation, append_ones)
+    guard.nonzero_sizes(op, "x", x, (1, 2, 3), "C, H and W")
+    guard.no_overlap(op, [("factor", factor)], [("x", x)])
+    _kfac.conv_input_factor_(*args)
     return factor
 
 
@@ -173,6 +180,7 @@ def precondition_eigen(grads: Sequence[Tensor], qa: Sequence[Tensor], da: Sequen
         return []
     where = grads[0].device
     qa, da, qg, dg, dims = check.layer_bases(op, len(grads), qa, da, qg, dg, where)
+    guard.same_dtype(op, "qa", qa, "qg", qg)
     check.grads(op, grads, dims, where)
     damping_t = check.per_layer(op, "damping", damping, len(grads), where, "nonneg")
     return list(_kfac.precondition_eigen(grads, qa, da, qg, dg, damping_t))
@@ -195,7 +203,10 @@ def precondition_eigen_(weight_grads: Sequence[Tensor], bias_grads: Sequence[Opt
     check.nonempty(op, "weight_grads", weights)
     where, n = weights[0].device, len(weights)
     qa, da, qg, dg, dims = check.layer_bases(op, n, qa, da, qg, dg, where)
+    guard.same_dtype(op, "qa", qa, "qg", qg)
+    guard.nonempty_layers(op, dims)
     weights, present, has_bias = check.inplace_grads(op, weights, bias_grads, dims, where)
+    guard.inplace_grads(op, weights, bias_grads, [qa, da, qg, dg])
     damping_t = check.per_layer(op, "damping", damping, n, where, "nonneg")
     lr_t, kl_t = check.kl_args(op, lr, kl_clip, where)
     return _kfac.precondition_eigen_(weights, present, has_bias, qa, da, qg, dg, damping_t, lr_t, kl_t)
@@ -210,6 +221,7 @@ def precondition_inverse(grads: Sequence[Tensor], a_inv: Sequence[Tensor], g_inv
         return []
     where = grads[0].device
     a_inv, g_inv, dims = check.layer_inverses(op, len(grads), a_inv, g_inv, where)
+    guard.same_dtype(op, "a_inv", a_inv, "g_inv", g_inv)
     check.grads(op, grads, dims, where)
     return list(_kfac.precondition_inverse(grads, a_inv, g_inv))
 
@@ -224,7 +236,10 @@ def precondition_inverse_(weight_grads: Sequence[Tensor], bias_grads: Sequence[O
     check.nonempty(op, "weight_grads", weights)
     where = weights[0].device
     a_inv, g_inv, dims = check.layer_inverses(op, len(weights), a_inv, g_inv, where)
+    guard.same_dtype(op, "a_inv", a_inv, "g_inv", g_inv)
+    guard.nonempty_layers(op, dims)
     weights, present, has_bias = check.inplace_grads(op, weights, bias_grads, dims, where)
+    guard.inplace_grads(op, weights, bias_grads, [a_inv, g_inv])
     lr_t, kl_t = check.kl_args(op, lr, kl_clip, where)
     return _kfac.precondition_inverse_(weights, present, has_bias, a_inv, g_inv, lr_t, kl_t)
 
@@ -241,6 +256,10 @@ def ekfac_scales_(scales: Sequence[Tensor], xs: Sequence[Tensor], gs: Sequence[T
     args = check.check_ekfac_scales_(scales, xs, gs, qa, qg, beta, alpha)
     if args is None:
         return list(scales)
+    guard.same_dtype("ekfac_scales_", "qa", args[3], "qg", args[4])
+    guard.no_overlap("ekfac_scales_", guard.named("scales", args[0]),
+                     guard.named("xs", args[1]) + guard.named("gs", args[2]) + guard.named("qa", args[3])
+                     + guard.named("qg", args[4]))
     _kfac.ekfac_scales_(*args)
     return args[0]
 
@@ -255,6 +274,7 @@ def precondition_ekfac(grads: Sequence[Tensor], qa: Sequence[Tensor], qg: Sequen
         return []
     where = grads[0].device
     qa, _, qg, _, dims = check.layer_bases(op, len(grads), qa, None, qg, None, where)
+    guard.same_dtype(op, "qa", qa, "qg", qg)
     check.grads(op, grads, dims, where)
     scales = check.layer_scales(op, scales, dims, where)
     damping_t = check.per_layer(op, "damping", damping, len(grads), where, "nonneg")
@@ -271,8 +291,11 @@ def precondition_ekfac_(weight_grads: Sequence[Tensor], bias_grads: Sequence[Opt
     check.nonempty(op, "weight_grads", weights)
     where, n = weights[0].device, len(weights)
     qa, _, qg, _, dims = check.layer_bases(op, n, qa, None, qg, None, where)
+    guard.same_dtype(op, "qa", qa, "qg", qg)
+    guard.nonempty_layers(op, dims)
     weights, present, has_bias = check.inplace_grads(op, weights, bias_grads, dims, where)
     scales = check.layer_scales(op, scales, dims, where)
+    guard.inplace_grads(op, weights, bias_grads, [qa, qg, scales])
     damping_t = check.per_layer(op, "damping", damping, n, where, "nonneg")
     lr_t, kl_t = check.kl_args(op, lr, kl_clip, where)
     return _kfac.precondition_ekfac_(weights, present, has_bias, qa, qg, scales, damping_t, lr_t, kl_t)
@@ -284,7 +307,10 @@ def kl_clip_scale(grads: Sequence[Tensor], precond_grads: Sequence[Tensor], lr: 
     grads[i], precond_grads[i]: tensors of equal shape on one device; lr, kl_clip > 0.
     Returns a 0-dim tensor on the grads' device, float32 (float64 for float64 grads).
     """
-    return _kfac.kl_clip_scale(*check.check_kl_clip_scale(grads, precond_grads, lr, kl_clip))
+    args = check.check_kl_clip_scale(grads, precond_grads, lr, kl_clip)
+    for i, g in enumerate(args[0]):
+        guard.min_dim("kl_clip_scale", f"grads[{i}]", g)
+    return _kfac.kl_clip_scale(*args)
 
 
 def pack_triangles(factors: Sequence[Tensor]) -> Tensor:
@@ -301,5 +327,6 @@ def unpack_triangles_(factors: Sequence[Tensor], flat: Tensor) -> list[Tensor]:
     flat: 1-D with exactly sum n_i(n_i+1)/2 entries, on the factors' device.
     """
     checked, flat = check.check_unpack_triangles_(factors, flat)
+    guard.no_overlap("unpack_triangles_", guard.named("factors", checked), [("flat", flat)])
     _kfac.unpack_triangles_(checked, flat)
     return checked

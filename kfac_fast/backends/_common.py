@@ -61,6 +61,13 @@ def kl_nu(total: Optional[torch.Tensor], lr: Optional[Scalar], kl_clip: Optional
     return nu.to(device=device, dtype=dtype)
 
 
+def finite_term(term: torch.Tensor) -> torch.Tensor:
+    """A layer's <P, dW_bar> for the KL sum: 0 when it is not finite, so one layer's NaN
+    gradient or basis does not turn nu into 1 (no clip) for every other layer; that
+    layer's own output is non-finite anyway (the frontends then keep its plain gradient)."""
+    return torch.where(torch.isfinite(term), term, torch.zeros_like(term))
+
+
 def eigen_denominator(da: torch.Tensor, dg: torch.Tensor, damping, i: int) -> torch.Tensor:
     """d_G d_A^T + damping_i with eigenvalues clamped at 0 (docs/design.md's eigen method),
     so a slightly negative fp32 eigenvalue can never make the denominator vanish or flip

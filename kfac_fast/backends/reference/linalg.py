@@ -82,6 +82,8 @@ def damped_inverse(matrices: Sequence[torch.Tensor], damping) -> list:
         inv = torch.cholesky_inverse(chol)
         bad = ((info != 0).cpu() | ~finite_per_matrix(inv)).tolist()
         for k, i in enumerate(idx):
+            if bad[k] and not bool(torch.isfinite(matrices[i]).all()):
+                raise ValueError(f"damped_inverse: matrices[{i}] is not finite")
             # clones: no aliasing between the outputs of the custom op
             out[i] = (_damped_inverse_one(matrices[i], shifts[k]) if bad[k]
                       else inv[k].clone(memory_format=torch.contiguous_format))

@@ -7,7 +7,7 @@ import torch
 
 from kfac_fast._ops import nu_dtype
 
-from .._common import eigen_denominator, is_host_zero, kl_nu, layer_scalar
+from .._common import eigen_denominator, finite_term, is_host_zero, kl_nu, layer_scalar
 from .factors import decay_, scaled, with_ones
 
 # Per-example EKFAC sums (L > 1) are formed in chunks of at most this many elements of
@@ -37,10 +37,12 @@ def _write_back(weight_grad: torch.Tensor, bias_grad: Optional[torch.Tensor], p:
 def _eigen_one(dw: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor, denom: torch.Tensor) -> tuple:
     """(P, <P, dW_bar>) with P = Q_G[(Q_G^T dW_bar Q_A) / denom]Q_A^T.
 
-    <P, dW_bar> = sum((Q_G^T dW_bar Q_A)^2 / denom): no second pass over P needed.
+    <P, dW_bar> = sum((Q_G^T dW_bar Q_A)^2 / denom): no second pass over P needed. A zero
+    denominator (damping 0 on a zero eigenvalue pair) gives 0, the pseudo-inverse's
+    answer, not 0/0 = NaN; a NaN denominator stays NaN.
     """
     v = qg.mT @ dw.to(qa.dtype) @ qa
-    scaled_v = v / denom
+    scaled_v = torch.where(denom == 0, torch.zeros((), dtype=v.dtype, device=v.device), v / denom)
     return qg @ scaled_v @ qa.mT, (v * scaled_v).sum()
 
 
@@ -64,6 +66,7 @@ def _inplace(weight_grads, bias_grads, lr, kl_clip, layer_fn) -> torch.Tensor:
     for i, (w, b) in enumerate(zip(weight_grads, bias_grads)):
         p, term = layer_fn(i, w, b)
         ps.append(p)
+        term = finite_term(term)
         total = term if total is None else total + term
     first = weight_grads[0]
     nu = kl_nu(total, lr, kl_clip, first.device, nu_dtype(first))
@@ -171,5 +174,5 @@ def kl_clip_scale(grads, precond_grads, lr, kl_clip) -> torch.Tensor:
     grads' device.
     """
     dtype = nu_dtype(grads[0])
-    total = sum((p.to(dtype) * g.to(dtype)).sum() for g, p in zip(grads, precond_grads))
+    total = sum(finite_term((p.to(dtype) * g.to(dtype)).sum()) for g, p in zip(grads, precond_grads))
     return kl_nu(total, lr, kl_clip, grads[0].device, dtype)
