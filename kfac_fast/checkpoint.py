@@ -56,16 +56,16 @@ def _check_saveable(value: Any, where: str) -> None:
             raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__} (a tensor subclass), which "
                             "a weights_only load refuses; store a plain tensor (t.detach().clone())")
         return
-    if isinstance(value, _LEAVES):
+    if type(value) in _LEAVES:  # exact types: numpy.float64 is a float subclass weights_only refuses
         return
-    if isinstance(value, (dict, collections.OrderedDict)):
+    if type(value) in (dict, collections.OrderedDict):
         for k, v in value.items():
-            if not isinstance(k, (str, int, float, bool, type(None), tuple)):
+            if type(k) not in (str, int, float, bool, type(None), tuple):
                 raise TypeError(f"save_checkpoint: {where} has a key of type {type(k).__name__}, "
                                 "which a weights_only load refuses")
             _check_saveable(v, f"{where}[{k!r}]")
         return
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+    if type(value) in (list, tuple):
         for i, v in enumerate(value):
             _check_saveable(v, f"{where}[{i}]")
         return
