@@ -1,6 +1,7 @@
 """Data-parallel K-FAC with DistributedDataParallel: the CURVES autoencoder on CURVES-like data.
 
     torchrun --nproc_per_node=2 examples/ddp_train.py [--steps 30] [--strategy memory]
+        [--timeout 60] [--checkpoint run.ckpt]
 
 Runs on CPU with gloo (NCCL when every rank has a GPU). Each rank trains on its own
 shard of every global batch; DDP averages the gradients in backward, then K-FAC
@@ -8,7 +9,9 @@ preconditions them: factors averaged with bucketed all-reduces of their packed u
 triangles, eigendecompositions shared out across ranks. At the end every rank prints
 its time in K-FAC's communication, inversions and preconditioning (measured with
 `DistributedOptions(profile=True)`, which synchronises around each phase: leave it off
-when training for real).
+when training for real). `--timeout` bounds how long a rank waits in K-FAC's own
+collectives for a failed or hung peer; `--checkpoint` saves an exact checkpoint at the end
+(the collective `synced_state_dict()` on every rank, written by rank 0 alone).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from kfac_fast import KFACPreconditioner
+from kfac_fast import KFACPreconditioner, save_checkpoint
 from kfac_fast.curves import make_curves
 from kfac_fast.demo import bce_loss, build_autoencoder
 from kfac_fast.distributed import DistributedOptions
@@ -34,6 +37,9 @@ def main() -> None:
     parser.add_argument("--strategy", choices=("communication", "memory"), default="communication")
     parser.add_argument("--factor-sync", choices=("inverse", "update"), default="inverse")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds K-FAC's collectives wait for the other ranks (default: the group's)")
+    parser.add_argument("--checkpoint", default=None, help="save an exact checkpoint here at the end")
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -51,7 +57,8 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     precond = KFACPreconditioner(
         ddp, lr=args.lr, damping=3e-2, kl_clip=1e-2, inv_update_steps=10,
-        distributed=DistributedOptions(strategy=args.strategy, factor_sync=args.factor_sync, profile=True))
+        distributed=DistributedOptions(strategy=args.strategy, factor_sync=args.factor_sync, profile=True,
+                                       timeout=args.timeout))
 
     data = make_curves(args.steps * args.batch_size, seed=0).to(device)
     shard = args.batch_size // world
@@ -69,6 +76,11 @@ def main() -> None:
     if use_cuda:
         torch.cuda.synchronize()
     total = time.perf_counter() - start
+    if args.checkpoint:
+        state = precond.synced_state_dict()  # a collective: every rank, the same global state
+        if rank == 0:  # saving is not a collective
+            save_checkpoint(args.checkpoint, state, extra={"model": model.state_dict(), "step": args.steps})
+            print(f"saved {args.checkpoint}", flush=True)
 
     kfac = precond.distributed  # None in a world of one: the single-process path
     if kfac is None:
