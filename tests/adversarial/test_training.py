@@ -367,3 +367,156 @@ def test_safe_late_backward_after_step_does_not_pair_with_next_step(float64_defa
     clean, late = run(False), run(True)
     for n in clean:
         assert torch.equal(clean[n], late[n]), n
+
+
+# ---------------------------------------------------------------------------------------
+# more of the same kind: arguments, schedules and mid-run abuse
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, value", [
+    ("damping", 0.0), ("damping", -1e-3), ("damping", float("nan")), ("damping", float("inf")),
+    ("factor_decay", 1.0), ("factor_decay", -0.1), ("kl_clip", 0.0), ("lr", -0.1),
+    ("inv_update_steps", 0), ("factor_update_steps", 0), ("accumulation_steps", 0),
+    ("loss_average", -2.0), ("loss_average", "mean"), ("method", "kfac"), ("fisher", "true"),
+])
+def test_error_bad_constructor_argument_is_named(name, value):
+    with pytest.raises((ValueError, TypeError), match=name):
+        KFACPreconditioner(mlp(), **{name: value})
+
+
+@pytest.mark.parametrize("name, kind", [("damping", TypeError), ("inv_update_steps", TypeError),
+                                        ("update_factors_in_hooks", TypeError), ("guard_nonfinite", TypeError)])
+def test_error_bool_or_string_where_a_number_or_bool_is_expected(name, kind):
+    value = "yes" if name in ("update_factors_in_hooks", "guard_nonfinite") else True
+    with pytest.raises(kind, match=name):
+        KFACPreconditioner(mlp(), **{name: value})
+
+
+def test_error_schedule_returning_nan_names_the_argument_and_step():
+    model = mlp()
+    precond = KFACPreconditioner(model, kl_clip=lambda step: float("nan") if step == 1 else 1e-3)
+    backward(model, *batch(0))
+    precond.step()
+    backward(model, *batch(1))
+    with pytest.raises(ValueError, match=r"kl_clip\(1\)"):
+        precond.step()
+
+
+def test_error_model_that_is_not_a_module():
+    with pytest.raises(TypeError, match="model"):
+        KFACPreconditioner([nn.Linear(2, 2)])
+
+
+def test_error_mc_fisher_without_sample_fisher_call():
+    model = mlp()
+    precond = KFACPreconditioner(model, fisher="mc")
+    backward(model, *batch(0))
+    with pytest.raises(RuntimeError, match="sample_fisher"):
+        precond.step()
+
+
+def test_error_sample_fisher_on_empirical_preconditioner():
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    with pytest.raises(RuntimeError, match="fisher='mc'"):
+        precond.sample_fisher(model(batch(0)[0]), "cross_entropy")
+
+
+@pytest.mark.parametrize("poison_micro_batch", [0, 1])
+def test_safe_nan_micro_batch_drops_the_whole_accumulated_step(poison_micro_batch):
+    model = mlp()
+    precond = KFACPreconditioner(model, accumulation_steps=2, inv_update_steps=1)
+    backward(model, *batch(0))
+    precond.step()
+    before = {n: {k: v.clone() for k, v in layer.state_tensors().items()} for n, layer in precond.layers.items()}
+    model.zero_grad()
+    for mb in range(2):
+        x, y = batch(10 + mb)
+        if mb == poison_micro_batch:
+            x[0, 0] = float("nan")
+        (F.cross_entropy(model(x), y) / 2).backward()
+    precond.step()
+    for n, layer in precond.layers.items():
+        for k, v in layer.state_tensors().items():
+            assert torch.equal(v, before[n][k]), f"{n}.{k}"
+    assert precond.health()["nonfinite_capture"] == 1
+
+
+def test_safe_step_without_any_forward_is_a_no_op():
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    precond.step()  # nothing captured, no grads
+    backward(model, *batch(0))
+    precond.step()
+    assert all_state_finite(precond)
+
+
+def test_safe_step_called_twice_after_one_backward():
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    raw = backward(model, *batch(0))
+    precond.step()
+    once = [p.grad.clone() for p in model.parameters()]
+    precond.step()  # no new capture: .grad is not preconditioned a second time
+    for a, p in zip(once, model.parameters()):
+        assert torch.equal(a, p.grad)
+    assert not all(torch.equal(r, o) for r, o in zip(raw, once))
+
+
+def test_safe_grad_scaler_overflow_leaves_factors_and_counts():
+    model = mlp()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    precond = KFACPreconditioner(model, grad_scaler=scaler, inv_update_steps=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for seed in range(2):
+        opt.zero_grad()
+        x, y = batch(seed)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        precond.step()
+        scaler.step(opt)
+        scaler.update()
+    before = {n: layer.g_factor.clone() for n, layer in precond.layers.items()}
+    opt.zero_grad()
+    x, y = batch(5)
+    scaler.scale(F.cross_entropy(model(x), y) * 1e38).backward()  # overflows in the backward
+    scaler.unscale_(opt)
+    precond.step()
+    assert all_state_finite(precond)
+    for n, layer in precond.layers.items():
+        assert torch.equal(layer.g_factor, before[n])
+
+
+def test_safe_inf_target_loss_keeps_everything_finite():
+    model = mlp()
+    precond = KFACPreconditioner(model, inv_update_steps=1)
+    backward(model, *batch(0))
+    precond.step()
+    model.zero_grad()
+    x, _ = batch(1)
+    F.mse_loss(model(x), torch.full((6, 3), float("inf"))).backward()
+    precond.step()
+    assert all_state_finite(precond)
+    assert precond.health()["nonfinite_steps"] == 1
+
+
+def test_safe_huge_batch_in_float64_factors_is_kept_when_representable(float64_default):
+    """float64 captures into float64 factors: 1e20 inputs are far from float64's max and
+    are used (the bound follows the accumulation dtype)."""
+    model = mlp().double()
+    precond = KFACPreconditioner(model, factor_dtype=torch.float64)
+    x, y = batch(0)
+    backward(model, x * 1e20, y)
+    precond.step()
+    assert precond.health()["capture_overflow"] == 0
+    assert precond.layers["0"].a_count == 1 and torch.isfinite(precond.layers["0"].a_factor).all()
+    assert precond.layers["0"].a_factor.abs().max() > 1e39
+
+
+def test_safe_remove_hooks_then_step_leaves_grads():
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    precond.remove_hooks()
+    raw = backward(model, *batch(0))
+    precond.step()
+    for g, p in zip(raw, model.parameters()):
+        assert torch.equal(g, p.grad)
