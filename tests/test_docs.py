@@ -27,7 +27,6 @@ FENCE = re.compile(r"^```(.*)$")
 # index of the python block in that file) -> why. Each entry must still be needed (a
 # test below fails once the block is tagged), so the list only shrinks.
 UNTAGGED_FRAGMENTS: dict[tuple[str, int], str] = {
-    ("docs/distributed.md", 0): "needs torchrun, a process group and `net`/`loader`",
 }
 
 

@@ -71,14 +71,11 @@ def check_same_setup(layers: list, settings: dict, group: Any) -> None:
                              "every rank must build its preconditioner with the same settings")
 
 
-def agree_counts(values: list, group: Any, what: str) -> list:
+def agree_counts(values: list, group: Any) -> list:
     """The element-wise sum of an int list over every rank of a CPU-capable group."""
     dist = _dist()
     t = torch.tensor(values, dtype=torch.int64)
-    try:
-        dist.all_reduce(t, group=group)
-    except RuntimeError as exc:
-        raise collective_error(what, exc) from exc
+    dist.all_reduce(t, group=group)  # the caller turns a failure into collective_error(what, ...)
     return t.tolist()
 
 

@@ -122,7 +122,7 @@ class DataParallelKFAC:
 
     def _agree(self, values: list, what: str) -> list:
         with self._collective(what):
-            return agree_counts(values, self.meta_group, what)
+            return agree_counts(values, self.meta_group)
 
     def _local_work(self, what: str, work: Callable[[], Any]) -> Any:
         """Run this rank's share of `what`, then agree (one small all-reduce) whether

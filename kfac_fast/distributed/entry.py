@@ -66,16 +66,20 @@ def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[A
 
 def own_groups(group: Any, timeout: Optional[float]) -> tuple:
     """(the group kfac_fast's collectives use, a CPU (gloo) group for its host-side
-    agreements). With a timeout, both are new groups over the same ranks carrying it
-    (created by every rank of `group`, only by them); a gloo group serves both."""
+    agreements), both new groups over the ranks of `group`, created by those ranks only.
+
+    gloo: one own group serves both, so kfac_fast's collectives never interleave with
+    DDP's or the user's on the same group (a rank that left a step early then meets a
+    timeout and a clear error, not a mismatched collective). NCCL: a new NCCL group only
+    with a timeout, and a gloo group for the agreements. `timeout` (seconds) goes to the
+    new groups (None: the default)."""
     dist = _dist()
     backend = str(dist.get_backend(group))
-    if timeout is None and backend == "gloo":
-        return group, group
     ranks = dist.get_process_group_ranks(group)
     kw: dict = {"use_local_synchronization": True}
     if timeout is not None:
         kw["timeout"] = datetime.timedelta(seconds=timeout)
+    if backend == "gloo" or timeout is not None:
         group = dist.new_group(ranks, backend=backend, **kw)
     meta = group if backend == "gloo" else dist.new_group(ranks, backend="gloo", **kw)
     return group, meta
