@@ -33,6 +33,7 @@ class Spec:
     ones: tuple = ()
     div16: tuple = ()
     n_case: str = ""  # realistic-size variant: "n=d" (all multiples of 16), "n=d+1", "odd d"
+    candidate: bool = False  # not shipped in `auto`: reported, never gated on by the tests
 
 
 def _sig(fn, types: dict, constexprs: dict) -> dict:
@@ -59,7 +60,7 @@ def _variants(spec: "Spec", sized: tuple) -> list:
     for case, keep in _REALISTIC.items():
         div16 = spec.div16 if keep is None else tuple(a for a in spec.div16 if a not in sized or a in keep)
         out.append(Spec(f"{spec.name}@{case}", spec.fn, spec.signature, spec.constexprs, spec.options,
-                        spec.tensor_cores, spec.ones, div16, case))
+                        spec.tensor_cores, spec.ones, div16, case, spec.candidate))
     return out
 
 
@@ -102,7 +103,8 @@ def specs() -> list:
                      s_inner="i64", s_col="i64", stride_f="i32")
         out.append(Spec(f"factor_update[{x},ieee,ones-outside]", fu._factor_update_kernel,
                         _sig(fu._factor_update_kernel, types, ce), ce, _launch(cfg),
-                        tensor_cores=True, ones=("s_col",), div16=("s_inner", "stride_f", "d", "n")))
+                        tensor_cores=True, ones=("s_col",), div16=("s_inner", "stride_f", "d", "n"),
+                        candidate=True))
     for x, cfg in [("fp16", fu.CONFIG_GROUPED_16BIT), ("bf16", fu.CONFIG_GROUPED_16BIT),
                    ("fp32", fu.CONFIG_GROUPED_FP32)]:
         import triton.language as tl

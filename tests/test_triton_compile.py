@@ -18,7 +18,7 @@ except Exception:
 
 from kfac_fast.kernels import aot_specs  # noqa: E402
 
-SPECS = aot_specs.specs()
+SPECS = [s for s in aot_specs.specs() if not s.candidate]  # candidates: bench/kernel_report.py
 
 
 @pytest.mark.parametrize("cap", [90, 80])
@@ -40,7 +40,7 @@ def test_compiles_without_spills(spec, cap):
 # spill there (ptxas: 140-168 bytes under Triton 3.9): the in-register ones column of the
 # main loop. Those cases are listed as known failures (strict: a fix makes them fail
 # here until the list is updated) until the ones-outside kernel replaces them.
-REALISTIC = [s for s in aot_specs.realistic_specs() if s.n_case in ("n=d+1", "odd d")]
+REALISTIC = [s for s in aot_specs.realistic_specs() if s.n_case in ("n=d+1", "odd d") and not s.candidate]
 KNOWN_SPILLS = {f"{k}@{c}" for c in ("n=d+1", "odd d")
                 for k in ("factor_update[fp16,ieee]", "factor_update[bf16,ieee]", "factor_update[fp32,tf32]",
                           "conv_factor[fp16,3x3]", "conv_factor[bf16,3x3]", "conv_factor[bf16,1x1]")}
