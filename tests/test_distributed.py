@@ -109,6 +109,27 @@ def test_single_process_without_init():
         KFAC(nn.Linear(3, 2), distributed=True)
 
 
+def test_settings_are_described_as_plain_values():
+    def warmup(step):
+        return min(1.0, step / 10)
+
+    precond = KFACPreconditioner(nn.Linear(3, 2), inv_update_steps=5, lr=warmup, kl_clip=None,
+                                 factor_dtype=torch.float64)
+    got = kd.settings_of(precond)
+    assert got["inv_update_steps"] == 5 and got["kl_clip"] is None and got["damping"] == 1e-3
+    assert got["factor_dtype"] == "torch.float64" and got["method"] == "eigen"
+    assert got["lr"].startswith("<schedule ") and got["lr"].endswith("warmup>")
+    assert set(got) >= {"factor_update_steps", "factor_decay", "guard_nonfinite", "update_factors_in_hooks"}
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), True, "10"])
+def test_timeouts_are_checked(bad):
+    with pytest.raises(ValueError, match="timeout"):
+        kd.DistributedOptions(timeout=bad)
+    with pytest.raises(ValueError, match="timeout"):
+        kd.average_gradients_([], timeout=bad)
+
+
 # ---------------------------------------------------------------------------------------
 # the spawned workers
 # ---------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def average_gradients_(parameters: Iterable[torch.Tensor], process_group: Option
     stopped before its own call. The group stays usable (the late rank's all-reduce still
     completes), but this call's gradients are not averaged: end the step on every rank."""
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0):
+                                or not 0 < timeout < float("inf")):
         raise ValueError(f"average_gradients_: timeout must be None or a number of seconds > 0, got {timeout!r}")
     dist = _dist()
     group = dist.group.WORLD if process_group is None else process_group

@@ -113,6 +113,20 @@ def case_layer_fires_on_one_rank(rank, strategy, factor_sync):
                 f = torch.cat([layer.a_factor.reshape(-1), layer.g_factor.reshape(-1)])
                 if not same_on_every_rank(f):
                     bad.append(f"step {step}: factors of {name} differ across ranks")
+        if step == 0 and factor_sync == "update":
+            # only rank 0 saw `extra`: every rank must now hold rank 0's factors (the average
+            # over the ranks that hold it), not half of them (the average over all ranks)
+            ref_model = make()
+            ref = KFACPreconditioner(ref_model, distributed=False, **KW)
+            x, y = batch(0, 0)
+            F.cross_entropy(ref_model(x), y).backward()
+            ref.step()
+            got, want = precond.layers["extra"], ref.layers["extra"]
+            if not (torch.allclose(got.a_factor, want.a_factor, rtol=1e-12, atol=1e-14)
+                    and torch.allclose(got.g_factor, want.g_factor, rtol=1e-12, atol=1e-14)):
+                bad.append("step 0: extra's factors are not the average over the ranks that ran it")
+            if (got.a_count, got.g_count) != (1, 1):
+                bad.append(f"step 0: extra's k is {(got.a_count, got.g_count)}, not 1 on every rank")
     extra = precond.layers["extra"]
     if extra.a_count == 0 or not torch.isfinite(extra.a_factor).all():
         bad.append(f"rank {rank}: extra has no agreed, finite factors")
@@ -169,6 +183,27 @@ def case_synced_state(rank, tmp):
     if local["distributed"] != {"rank": rank, "world_size": WORLD, "strategy": "memory",
                                 "factor_sync": "inverse", "synced": False}:
         bad.append(f"state_dict's distributed entry: {local['distributed']}")
+    return bad
+
+
+def case_ranks_load_different_states(rank):
+    """Rank 1 loads a state without decompositions, rank 0 the full one: the layers not
+    decomposed on every rank are re-solved by every rank together (no lone refresh)."""
+    model = make()
+    precond = KFACPreconditioner(model, distributed=kd.DistributedOptions(), **KW)
+    for step in range(3):
+        train_step(model, precond, rank, step)
+    state = precond.synced_state_dict()
+    if rank == 1:
+        for entry in state["layers"].values():
+            for key in ("qa", "da", "qg", "dg"):
+                entry.pop(key, None)
+    fresh = KFACPreconditioner(model, distributed=kd.DistributedOptions(), **KW)
+    precond.remove_hooks()
+    fresh.load_state_dict(state)
+    bad: list = []
+    for step in range(3, 6):  # step 3 does not refresh on its own (inv_update_steps=2)
+        check_grads(bad, step, train_step(model, fresh, rank, step))
     return bad
 
 
@@ -302,6 +337,7 @@ def worker(rank, world, port, results):
             "save-one-rank-communication": lambda: case_save_on_one_rank(rank, tmp, "communication"),
             "save-one-rank-memory": lambda: case_save_on_one_rank(rank, tmp, "memory"),
             "synced-state": lambda: case_synced_state(rank, tmp),
+            "branch-load-different-states": lambda: case_ranks_load_different_states(rank),
             "fail-decomposition": lambda: case_local_failure(rank, "eigh"),
             "fail-precondition": lambda: case_local_failure(rank, "precondition_eigen"),
             "exception-outside": lambda: case_exception_outside_agreed_phases(rank),
@@ -372,6 +408,12 @@ def test_safe_save_checkpoint_on_one_rank(ranks, strategy):
 def test_safe_synced_state_dict_is_global(ranks):
     for rank, out in results(ranks, "synced-state"):
         assert out["synced-state"] == [], f"rank {rank}: {out['synced-state']}"
+
+
+@needs_begin_step
+def test_safe_ranks_load_different_states(ranks):
+    for rank, out in results(ranks, "branch-load-different-states"):
+        assert out["branch-load-different-states"] == [], f"rank {rank}: {out['branch-load-different-states']}"
 
 
 @pytest.mark.parametrize("where", ["decomposition", "precondition"])
