@@ -140,7 +140,9 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         distributed: None (data-parallel when torch.distributed is initialised), False
             (never), True or a `kfac_fast.distributed.DistributedOptions` (strategy,
             factor_sync, bucket_cap_mb, profile). Construction is then a collective: every
-            rank must build the same model, and `state_dict()` is called on every rank.
+            rank must build the same model with the same settings (checked);
+            `state_dict()` is this rank's view, `synced_state_dict()` the collective exact
+            one (docs/distributed.md).
         max_factor_dim: memory guard: a layer with a factor dimension (a_dim or g_dim)
             above it is skipped (left to the user's optimizer), warned once by name.
         guard_nonfinite: a step with a non-finite capture or gradient (e.g. an AMP
@@ -254,7 +256,8 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         self.damping.resolve(self.layers)
         # None when single-process (or a group of one): then nothing below communicates
         self.distributed = data_parallel.setup(model, self.layers, method, process_group, distributed,
-                                               health=self._health, eigh_tol=self.eigh_tol)
+                                               health=self._health, eigh_tol=self.eigh_tol,
+                                               settings=data_parallel.settings_of(self))
         if self.distributed is not None and (self.damping.per_layer or self.precision == "bf16"):
             raise ValueError("per-layer damping and precision='bf16' are single-process only "
                              "(data-parallel K-FAC takes one damping and the fp32 ops)")
@@ -316,6 +319,8 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         step = self.steps
         factor_step = self._is_factor_step()
         fired = [layer for layer in self.layers.values() if layer.fired_forward and layer.fired_backward]
+        if self.distributed is not None:  # the layers that fired on any rank (one small all-reduce)
+            fired = self.distributed.begin_step(fired, factor_step)
         self._warn_silent_skips()
         try:
             if factor_step and not self.update_factors_in_hooks:
