@@ -6,8 +6,10 @@ Reproduces the shape of Martens & Grosse (2015)'s deep-autoencoder experiment: t
 CURVES network 784-400-200-100-50-25-6 and its mirror, logistic units, a linear code
 layer, sparse initialisation, per-case binary cross-entropy summed over pixels, on
 CURVES-like data made by `kfac_fast.curves` (not the original set). Each method runs at
-the best learning rate of a small grid (chosen on short runs), then once for the full
-step budget with the same seed, model initialisation and batch order. Prints a table
+the best point of a small grid (chosen on short runs), then once for the full step
+budget with the same seed, model initialisation and batch order. The grid is over the
+learning rate, except for K-FAC (over the damping, at lr 0.3: its KL clip binds, so the
+step lr * nu does not depend on lr) and KFAC (paper) (over the initial lambda). Prints a table
 and writes `curves_error.png` (error against steps and against seconds) to --out.
 
 K-FAC here is `KFACPreconditioner` with the paper's true Fisher (`fisher="mc"`: one
@@ -23,7 +25,9 @@ K-FAC rows with SGD's whole budget and with SOAP at equal steps and equal second
 
 Modules: `model` (the autoencoder and its loss), `methods` (the optimisers and their
 grids), `training` (one timed run, the lr grid), `report` (table, targets, plot),
-`cli` (the command line and the whole run).
+`cli` (the command line and the whole run). The demo extra (`pip install
+'kfac_fast[demo]'`: matplotlib, tqdm, heavyball) is looked for after the arguments are
+parsed; off a terminal there is no progress bar, one line per method instead.
 """
 from .cli import main, parse_args
 from .methods import (
