@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .lapack_threads import cpu_lapack
 from .warm_eigh import FULL, warm_eigh
 
 Scalar = Union[float, torch.Tensor]
@@ -105,7 +106,8 @@ def eigh_stack(stack: torch.Tensor, first_index: Sequence[int]) -> tuple:
     RuntimeError when even float64 fails.
     """
     try:
-        vals, vecs = torch.linalg.eigh(stack)
+        with cpu_lapack(stack.device):
+            vals, vecs = torch.linalg.eigh(stack)
         bad = ~finite_per_matrix(vals, vecs)
     except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
         vals = vecs = None
@@ -118,7 +120,8 @@ def eigh_stack(stack: torch.Tensor, first_index: Sequence[int]) -> tuple:
         j = int(torch.nonzero(~finite)[0])
         raise ValueError(f"eigh: matrices[{first_index[int(torch.nonzero(bad)[j])]}] is not finite")
     try:
-        vals64, vecs64 = torch.linalg.eigh(retry)
+        with cpu_lapack(retry.device):
+            vals64, vecs64 = torch.linalg.eigh(retry)
     except RuntimeError as exc:
         raise RuntimeError(f"eigh: torch.linalg.eigh failed even in float64: {exc}") from exc
     if not bool(finite_per_matrix(vals64, vecs64).all()):

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._common import Scalar, buckets, eigh_stack, finite_per_matrix, layer_scalar, scalar_tensor, solve_eigh
+from ..lapack_threads import cpu_lapack
 
 
 def _cold_eigh(matrices: Sequence[torch.Tensor]) -> tuple:
@@ -75,7 +76,8 @@ def damped_inverse(matrices: Sequence[torch.Tensor], damping) -> list:
         shifts = torch.stack([layer_scalar(damping, i).to(device=device, dtype=dtype) for i in idx])
         eye = torch.eye(size, dtype=dtype, device=device)
         stack = torch.stack([matrices[i] for i in idx]) + shifts[:, None, None] * eye
-        chol, info = torch.linalg.cholesky_ex(stack)
+        with cpu_lapack(stack.device):
+            chol, info = torch.linalg.cholesky_ex(stack)
         # a failed factorisation has a zero pivot and would make cholesky_inverse raise
         # for the whole batch: give it the identity, the fallback below replaces it
         chol = torch.where((info != 0)[:, None, None], eye, chol)
