@@ -36,7 +36,11 @@ class BackendInfo(dict):
 def _c_info() -> Union[dict, str]:
     try:
         from . import _C
-        return dict(_C.build_info())
+        info = dict(_C.build_info())
+        if info.get("cuda") and hasattr(_C, "cuda_driver_version"):
+            # what the cuda backend's driver check compares with cuda_runtime_major
+            info["cuda_driver_version"] = int(_C.cuda_driver_version())
+        return info
     except Exception as exc:  # ImportError, or a module built for another Python/ABI
         return f"not available ({type(exc).__name__}: {exc})"
 

@@ -204,3 +204,11 @@ def test_backend_info_states_the_cost_model():
     rows = _dispatch.describe(torch.device("cuda"))
     for op in ("precondition_eigen", "precondition_eigen_"):
         assert "cost model (modelled, not measured)" in rows[op]["triton"]
+
+
+def test_backend_info_reports_the_driver_version_next_to_the_runtime():
+    import kfac_fast
+
+    info = kfac_fast.backend_info("cpu")["_C"]
+    if isinstance(info, dict) and info.get("cuda"):
+        assert isinstance(info["cuda_driver_version"], int) and info["cuda_runtime_major"] == 13
