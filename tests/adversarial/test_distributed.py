@@ -29,18 +29,6 @@ pytestmark = [pytest.mark.adversarial,
                                  reason="torch.distributed with gloo is not available")]
 
 WORLD = 2
-# The preconditioner's side of the rank agreement (kfac.py, owned by another helper):
-# step() must hand its fired set to DataParallelKFAC.begin_step and the constructor its
-# settings to setup. Until both are there the cases that need them cannot pass, and
-# running them would desynchronise (abort) the shared world, so they are not run.
-CALLS_BEGIN_STEP = "begin_step" in KFACPreconditioner.step.__code__.co_names
-PASSES_SETTINGS = "settings_of" in KFACPreconditioner.__init__.__code__.co_names
-needs_begin_step = pytest.mark.xfail(not CALLS_BEGIN_STEP, run=False, reason=(
-    "KFACPreconditioner.step does not call self.distributed.begin_step(fired, factor_step) yet "
-    "(requested from kfac.py's owner): the fired set is local"))
-needs_settings = pytest.mark.xfail(not PASSES_SETTINGS, run=False, reason=(
-    "KFACPreconditioner.__init__ does not pass settings=data_parallel.settings_of(self) to setup yet "
-    "(requested from kfac.py's owner)"))
 LIMIT_S = float(os.environ.get("KFAC_ADV_DIST_LIMIT_S", 120))
 KW = dict(inv_update_steps=2, damping=1e-2, kl_clip=1e-3, lr=0.3, factor_dtype=torch.float64)
 
@@ -345,10 +333,6 @@ def worker(rank, world, port, results):
             "timeout": lambda: case_timeout(rank),  # last: it breaks kfac_fast's own group
         }
         only = os.environ.get("KFAC_ADV_DIST_ONLY")  # debugging: a comma-separated subset
-        if not CALLS_BEGIN_STEP:
-            cases = {k: v for k, v in cases.items() if not k.startswith("branch-")}
-        if not PASSES_SETTINGS:
-            cases = {k: v for k, v in cases.items() if k not in ("settings-inv_update_steps", "settings-damping")}
         for name, run in cases.items():
             if only and name not in only.split(","):
                 continue
@@ -380,17 +364,14 @@ def results(ranks, case):
     return ranks.items()
 
 
-@needs_begin_step
 @pytest.mark.parametrize("config", ["communication-inverse", "communication-update", "memory-inverse"])
 def test_safe_layer_fires_on_one_rank(ranks, config):
     for rank, out in results(ranks, f"branch-{config}"):
         assert out[f"branch-{config}"] == [], f"rank {rank}: {out[f'branch-{config}']}"
 
 
-@pytest.mark.parametrize("setting,values", [
-    pytest.param("inv_update_steps", "10, 5", marks=needs_settings),
-    ("strategy", "'communication', 'memory'"),
-    pytest.param("damping", "0.01, 0.001", marks=needs_settings)])
+@pytest.mark.parametrize("setting,values", [("inv_update_steps", "10, 5"), ("strategy", "'communication', 'memory'"),
+                                            ("damping", "0.01, 0.001")])
 def test_error_settings_differ_across_ranks(ranks, setting, values):
     a, b = values.split(", ")
     for rank, out in results(ranks, f"settings-{setting}"):
@@ -410,7 +391,6 @@ def test_safe_synced_state_dict_is_global(ranks):
         assert out["synced-state"] == [], f"rank {rank}: {out['synced-state']}"
 
 
-@needs_begin_step
 def test_safe_ranks_load_different_states(ranks):
     for rank, out in results(ranks, "branch-load-different-states"):
         assert out["branch-load-different-states"] == [], f"rank {rank}: {out['branch-load-different-states']}"
