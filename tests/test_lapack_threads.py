@@ -72,3 +72,24 @@ def test_bad_thread_limit_names_the_variable(fresh, raw):
     fresh.setenv(lt.ENV_THREADS, raw)
     with pytest.raises(ValueError, match=lt.ENV_THREADS):
         _eigh_in_context()
+
+
+def test_ops_eigh_runs_under_cpu_lapack(fresh):
+    # The call sites (backends/_common.eigh_stack, the reference damped_inverse) use the
+    # helper: the public op warns, and runs LAPACK with the opt-in limit.
+    from kfac_fast import ops
+
+    x = torch.randn(50, 30)
+    with pytest.warns(lt.LapackThreadsWarning, match="OMP_WAIT_POLICY"):
+        ops.eigh([x.T @ x / 50])
+    seen = []
+    real_eigh = torch.linalg.eigh
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_eigh(*args, **kwargs)
+
+    fresh.setattr(torch.linalg, "eigh", spy)
+    fresh.setenv(lt.ENV_THREADS, "1")
+    ops.eigh([x.T @ x / 50 + torch.eye(30)])
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
