@@ -138,10 +138,16 @@ class DataParallelKFAC:
                              f"the agreement after {what}")
         bad = [r for r, f in enumerate(failed) if f]
         if bad:
+            self.count_event("rank_failure")
             raise RuntimeError(f"kfac_fast.distributed: {what} failed on rank(s) {bad}"
                                + (f": {type(error).__name__}: {error}" if error is not None
                                   else " (its error is raised there)")) from error
         return result
+
+    def count_event(self, cause: str) -> None:
+        """One more `cause` in health() (host-side events of refresh or resync steps only)."""
+        device = next(iter(self.layers.values())).module.weight.device
+        self.health.count(cause, torch.zeros((), dtype=torch.bool, device=device))
 
     def begin_step(self, fired: list, factor_step: bool) -> list:
         """The layers that fired on any rank this step (registration order); the

@@ -16,6 +16,9 @@ preconditioner does not call `begin_step`, per factor step (`factors_updated`):
   so normal training is bit-identical.
 - ready: a layer counts as decomposed only when it is on every rank (e.g. ranks that
   loaded different states re-solve it together).
+
+health() counts each such resynchronisation of a layer as `partial_participation` (and
+the driver each step that raised on every rank after a local failure as `rank_failure`).
 """
 from __future__ import annotations
 
@@ -88,6 +91,8 @@ class Participation:
             for layer, held in partial:  # ... rescaled to the average over the ranks that hold it
                 for f in (layer.a_factor, layer.g_factor):
                     f.mul_(d.world_size / held)
+        for _ in partial:
+            d.count_event("partial_participation")
         layers = [layer for layer, _ in partial] + uneven
         counts = [c for layer in layers for c in (layer.a_count, layer.g_count)]
         most = self._max(counts)

@@ -115,6 +115,10 @@ def case_layer_fires_on_one_rank(rank, strategy, factor_sync):
                 bad.append("step 0: extra's factors are not the average over the ranks that ran it")
             if (got.a_count, got.g_count) != (1, 1):
                 bad.append(f"step 0: extra's k is {(got.a_count, got.g_count)}, not 1 on every rank")
+    # extra is resynchronised at step 0 (only rank 0 holds it); at step 3 rank 1 fires it
+    # too but both already hold it: one partial participation, counted on every rank
+    if precond.health().get("partial_participation") != 1:
+        bad.append(f"health() partial_participation {precond.health().get('partial_participation')} != 1")
     extra = precond.layers["extra"]
     if extra.a_count == 0 or not torch.isfinite(extra.a_factor).all():
         bad.append(f"rank {rank}: extra has no agreed, finite factors")
@@ -230,6 +234,8 @@ def case_local_failure(rank, where):
                     p -= 0.1 * p.grad
     finally:
         setattr(ops, where, real)
+    if precond.health().get("rank_failure") != 1:
+        bad.append(f"health() rank_failure {precond.health().get('rank_failure')} != 1")
     return {"errors": errors, "bad": bad}
 
 
