@@ -57,12 +57,9 @@ class DataParallelKFAC:
         eigh_tol: the warm-refresh tolerance (KFACPreconditioner's `eigh_tol`): an owner
             refreshes from the eigenbasis it holds (ownership is fixed, so it is its own
             previous solve, or the broadcast copy of it); without one, a full solve.
-        settings: the preconditioner's settings (`agreement.settings_of`), checked equal on
-            every rank at construction with the layers (ValueError on every rank otherwise).
-        meta_group: a CPU (gloo) group over the same ranks for the small host-side
-            agreements (the per-step fired / factor sets, local failures); `group` itself
-            when None (gloo). timeout: kfac_fast's own collective timeout in seconds, for
-            the error messages (the groups carry it; see `setup`).
+        settings: the preconditioner's settings (`settings_of`), checked equal on every rank.
+        meta_group: a gloo group over the same ranks for the host-side agreements (`group`
+            when None); timeout: the groups' timeout in seconds, for error messages.
     """
 
     def __init__(self, layers: dict, method: str, group: Any, *, strategy: str = "communication",
