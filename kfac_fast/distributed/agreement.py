@@ -82,8 +82,9 @@ def agree_counts(values: list, group: Any) -> list:
 def collective_error(what: str, exc: BaseException, timeout: Optional[float] = None) -> RuntimeError:
     """The error a rank raises when one of kfac_fast's collectives fails or times out."""
     limit = f" (timeout {timeout:g} s)" if timeout is not None else ""
+    cause = str(exc).removeprefix("kfac_fast.distributed: ")
     return RuntimeError(
-        f"kfac_fast.distributed: {what} failed{limit}: {exc}. Another rank did not reach the same "
+        f"kfac_fast.distributed: {what} failed{limit}: {cause}. Another rank did not reach the same "
         "collective (it raised, hung or died) or the group broke after such a failure; kfac_fast's "
         "collectives cannot continue on this group: end the run on every rank and resume from a "
         "checkpoint")

@@ -73,9 +73,12 @@ def _bucketed_mean_(groups: Iterable[list], sizes: Callable[[list], list], pack:
             pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
     sent = 0
     for bucket, flat, work in pending:
-        if timeout is None:
-            work.wait()
-        elif not _wait(work, timeout):
+        try:
+            done = _wait(work, timeout)
+        except RuntimeError as exc:  # the group broke (a peer died or timed out)
+            raise RuntimeError(f"kfac_fast.distributed: an all-reduce failed: {exc} (another rank raised, hung "
+                               "or died)") from exc
+        if not done:
             raise RuntimeError(f"kfac_fast.distributed: an all-reduce did not complete within the timeout of "
                                f"{timeout:g} s: another rank did not reach it (it raised, hung or died)")
         flat.div_(world)
@@ -84,9 +87,13 @@ def _bucketed_mean_(groups: Iterable[list], sizes: Callable[[list], list], pack:
     return sent
 
 
-def _wait(work: Any, timeout: float) -> bool:
-    """Wait for `work` at most `timeout` seconds; False when it timed out."""
+def _wait(work: Any, timeout: Optional[float]) -> bool:
+    """Wait for `work` at most `timeout` seconds (None: the group's timeout); False when
+    it timed out."""
     import datetime
+    if timeout is None:
+        work.wait()
+        return True
     try:
         work.wait(timeout=datetime.timedelta(seconds=timeout))
     except RuntimeError as exc:

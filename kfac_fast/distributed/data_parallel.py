@@ -112,9 +112,9 @@ class DataParallelKFAC:
         try:
             yield
         except RuntimeError as exc:
-            if str(exc).startswith("kfac_fast.distributed"):
-                raise
             self._broken = exc
+            if "cannot continue on this group" in str(exc):  # already ours, from a nested phase
+                raise
             raise collective_error(what, exc, self.timeout) from exc
 
     def _agree(self, values: list, what: str) -> list:

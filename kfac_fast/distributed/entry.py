@@ -68,11 +68,11 @@ def own_groups(group: Any, timeout: Optional[float]) -> tuple:
     """(the group kfac_fast's collectives use, a CPU (gloo) group for its host-side
     agreements), both new groups over the ranks of `group`, created by those ranks only.
 
-    gloo: one own group serves both, so kfac_fast's collectives never interleave with
-    DDP's or the user's on the same group (a rank that left a step early then meets a
-    timeout and a clear error, not a mismatched collective). NCCL: a new NCCL group only
-    with a timeout, and a gloo group for the agreements. `timeout` (seconds) goes to the
-    new groups (None: the default)."""
+    gloo: two own groups, so kfac_fast's collectives never interleave with DDP's or the
+    user's, nor the agreements with the data collectives: a rank that left a step early,
+    or ran more captures than another, then meets a timeout and a clear error instead of
+    a mismatched collective (which gloo aborts on). NCCL: a new NCCL group only with a
+    timeout. `timeout` (seconds) goes to the new groups (None: the default)."""
     dist = _dist()
     backend = str(dist.get_backend(group))
     ranks = dist.get_process_group_ranks(group)
@@ -81,7 +81,7 @@ def own_groups(group: Any, timeout: Optional[float]) -> tuple:
         kw["timeout"] = datetime.timedelta(seconds=timeout)
     if backend == "gloo" or timeout is not None:
         group = dist.new_group(ranks, backend=backend, **kw)
-    meta = group if backend == "gloo" else dist.new_group(ranks, backend="gloo", **kw)
+    meta = dist.new_group(ranks, backend="gloo", **kw)
     return group, meta
 
 

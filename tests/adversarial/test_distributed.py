@@ -59,11 +59,11 @@ def batch(rank, step):
     return torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (3,), generator=gen)
 
 
-def train_step(model, precond, rank, step, use_extra=True, *, update=True):
+def train_step(model, precond, rank, step, use_extra=True, *, update=True, grad_timeout=None):
     x, y = batch(rank, step)
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x, use_extra), y).backward()
-    kd.average_gradients_(model.parameters())
+    kd.average_gradients_(model.parameters(), timeout=grad_timeout)
     precond.step()
     grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     if update:
@@ -293,6 +293,23 @@ def case_exception_outside_agreed_phases(rank):
     return errors
 
 
+def case_hooks_mode_branch(rank):
+    """update_factors_in_hooks=True agrees the non-finite flag per capture, so a layer that
+    fires on one rank only makes the ranks' capture counts differ (documented limit): with
+    timeouts on K-FAC's collectives and the gradient average, every rank must get a clear
+    error within seconds, never a gloo abort."""
+    model = make()
+    precond = KFACPreconditioner(model, update_factors_in_hooks=True,
+                                 distributed=kd.DistributedOptions(timeout=2.0), **KW)
+    start = time.monotonic()
+    try:
+        for step in range(2):
+            train_step(model, precond, rank, step, use_extra=rank == 0, grad_timeout=4.0)
+        return {"error": "no error", "seconds": time.monotonic() - start}
+    except RuntimeError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}
+
+
 def case_gradient_average_timeout(rank):
     """average_gradients_(..., timeout=1): rank 0 is 3 s late; rank 1 gets a clear error
     after about 1 s instead of the process group's 30 minutes, and the group stays usable."""
@@ -336,7 +353,8 @@ def worker(rank, world, port, results):
             "fail-precondition": lambda: case_local_failure(rank, "precondition_eigen"),
             "exception-outside": lambda: case_exception_outside_agreed_phases(rank),
             "gradient-average-timeout": lambda: case_gradient_average_timeout(rank),
-            "timeout": lambda: case_timeout(rank),  # last: it breaks kfac_fast's own group
+            "timeout": lambda: case_timeout(rank),  # these two last: they break kfac_fast's own groups,
+            "hooks-branch": lambda: case_hooks_mode_branch(rank),  # and this one leaves an all-reduce pending
         }
         only = os.environ.get("KFAC_ADV_DIST_ONLY")  # debugging: a comma-separated subset
         for name, run in cases.items():
@@ -430,6 +448,12 @@ def test_error_exception_outside_agreed_phases_surfaces_on_every_rank(ranks):
     assert "timeout 2 s" in waiting[2] and waiting[2].startswith("RuntimeError: kfac_fast.distributed:"), waiting
     for errors in (failed[3:], waiting[3:]):  # later steps: the clear error at once, on every rank
         assert all(e is not None and "kfac_fast.distributed:" in e for e in errors), (failed, waiting)
+
+
+def test_error_hooks_mode_branch_is_a_clear_error_not_an_abort(ranks):
+    for rank, out in results(ranks, "hooks-branch"):
+        got = out["hooks-branch"]
+        assert got["error"].startswith("kfac_fast.distributed:") and got["seconds"] < 12, f"rank {rank}: {got}"
 
 
 def test_error_gradient_average_timeout(ranks):
