@@ -5,7 +5,7 @@ the places that break its rule:
 
 1. no module in `kfac_fast/` or `kernels/` over 400 lines;
 2. imports run one way: frontends -> `ops` -> schemas -> router <- backends -> kernels;
-   no import circle among kfac_fast modules;
+   no import circle among kfac_fast modules; every module the rules name exists;
 3. a layer's kind is a class, never a string branch outside `kfac_fast/layers/`;
 4. every package of the source tree is in the wheel's package list;
 5. the public API (ops, the preconditioner, the optimizer) is fully annotated;
@@ -163,9 +163,9 @@ def _under(name: str, *prefixes: str) -> bool:
 # The layers below the public op API. Everything else in kfac_fast is a frontend
 # (preconditioner, optimizer, tridiag, distributed, integrations, layers, demo, health, ...).
 KERNELS = ("kfac_fast.kernels", "kfac_fast._C")
-BACKENDS = ("kfac_fast.backends", "kfac_fast.reference", "kfac_fast._cuda", "kfac_fast.warm_eigh")
-CORE = ("kfac_fast.ops", "kfac_fast._ops", "kfac_fast._validate", "kfac_fast._dispatch", "kfac_fast._info",
-        *BACKENDS, *KERNELS)
+BACKENDS = ("kfac_fast.backends",)
+CORE = ("kfac_fast.ops", "kfac_fast._validate", "kfac_fast._guards", "kfac_fast._ops", "kfac_fast._dispatch",
+        "kfac_fast._info", *BACKENDS, *KERNELS)
 
 
 def _is_frontend(name: str) -> bool:
@@ -195,6 +195,16 @@ def test_import_direction(who, importer_rule, forbidden, why):
              for name in MODULES if importer_rule(name)
              for imp in imports[name] if forbidden(imp.target)]
     assert not wrong, f"{who} import what they must not ({why}):\n  " + "\n  ".join(wrong)
+
+
+def test_module_groups_name_existing_modules(monkeypatch):
+    """A group above that names a module which no longer exists would silently stop guarding
+    anything: every name must be a module of the source tree or a compiled module setup.py builds."""
+    compiled = {ext.name for ext in _setup_kwargs(monkeypatch)["ext_modules"]}
+    groups = {"KERNELS": KERNELS, "BACKENDS": BACKENDS, "CORE": CORE, "TYPED_API": TYPED_API}
+    stale = [f"{group}: {name}" for group, names in groups.items() for name in names
+             if name not in MODULES and name not in compiled]
+    assert not stale, "module groups name modules that do not exist (rename or drop them):\n  " + "\n  ".join(stale)
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
