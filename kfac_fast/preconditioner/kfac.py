@@ -74,7 +74,7 @@ from torch import nn
 from .. import distributed as data_parallel
 from ..health import Health
 from ..layer_damping import LayerDamping
-from ..layers import KFACLayer, is_layer, make_layer, unsupported_reason
+from ..layers import KFACLayer, is_layer, make_layer, registry, unsupported_reason
 from ..layers.base import METHODS
 from ..precision import check_precision
 from ..schedules import (
@@ -100,7 +100,8 @@ LOSS_AVERAGES = ("batch", "tokens", "sum")
 
 
 class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, PreconditionMixin, StateMixin):
-    """K-FAC preconditioner for the nn.Linear and nn.Conv2d layers of a model.
+    """K-FAC preconditioner for the nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding layers
+    of a model (the kinds `kfac_fast.layers` registers).
 
     Args:
         model: the nn.Module whose layers are preconditioned (registered at construction).
@@ -145,18 +146,21 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
             one (docs/distributed.md).
         max_factor_dim: memory guard: a layer with a factor dimension (a_dim or g_dim)
             above it is skipped (left to the user's optimizer), warned once by name.
-        guard_nonfinite: a step with a non-finite capture or gradient (e.g. an AMP
-            overflow), or with finite captures so large that x^T x would overflow the
-            factor, updates no factor, keeps the decompositions and leaves `.grad`
-            unpreconditioned; a preconditioned `.grad` that is not finite is replaced by
-            the plain gradient. All decided on the device (no host sync); counted, by
-            cause, in `health()` and `state_dict()`. Costs one isfinite reduction and one copy of
-            the gradients per step; False turns it off. Data-parallel: the flag is
-            all-reduced (MIN, on the device) so every rank drops the same steps; one
-            tiny all-reduce per factor step (per capture with update_factors_in_hooks).
+        guard_nonfinite: a step with a non-finite capture (e.g. an AMP overflow), or with
+            finite captures so large that x^T x would overflow the factor, updates no
+            factor and leaves `.grad` unpreconditioned; with update_factors_in_hooks=True
+            each capture updates its factor in its hook, so updates made before the first
+            bad capture of the step stay (A and G of layers whose backward ran earlier).
+            A non-finite `.grad` (finite captures: factors updated) is left as it is, and
+            a preconditioned `.grad` that is not finite is replaced by the plain gradient.
+            All decided on the device (no host sync); counted, by cause, in `health()` and
+            `state_dict()`. Costs one isfinite reduction and one copy of the gradients per
+            step; False turns it off. Data-parallel: the flag is all-reduced (MIN, on the
+            device) so every rank drops the same steps; one tiny all-reduce per factor step
+            (per capture with update_factors_in_hooks).
         eigh_tol: None (default): every eigenbasis refresh is a full eigendecomposition.
             A float >= 0: refreshes are warm (`ops.eigh(..., previous=Q, tol=eigh_tol)`,
-            see `kfac_fast.warm_eigh`): a factor whose previous basis Q still nearly
+            see `kfac_fast.backends.warm_eigh`): a factor whose previous basis Q still nearly
             diagonalises it (off-diagonal ratio ||offdiag(Q^T F Q)||_F / ||F||_F <= tol) is
             kept or refined by a few rotations instead of solved again; the rest are fully
             solved. The trade-off: refreshes cost about two GEMMs per kept factor instead
@@ -251,8 +255,8 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         self.layers: dict[str, KFACLayer] = {}
         self._register(model)
         if not self.layers:
-            raise ValueError("model has no nn.Linear or nn.Conv2d layer left to precondition "
-                             "(check skip_layers)")
+            kinds = ", ".join(f"nn.{t.__name__}" for t, _ in registry._KINDS)
+            raise ValueError(f"model has no layer left to precondition (K-FAC knows {kinds}; check skip_layers)")
         self.damping.resolve(self.layers)
         # None when single-process (or a group of one): then nothing below communicates
         self.distributed = data_parallel.setup(model, self.layers, method, process_group, distributed,
