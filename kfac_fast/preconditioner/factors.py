@@ -63,7 +63,8 @@ class FactorUpdateMixin(PreconditionerBase):
 
         Kept as the step's flag, so step() counts the step and leaves `.grad`
         unpreconditioned. In hooks mode, updates made before the first bad capture of a
-        step stay (A of earlier layers); every later one is dropped.
+        step stay (A, G and EKFAC scales of the layers whose hooks ran earlier); every
+        later one is dropped.
         """
         if not self.guard_nonfinite:
             return None
