@@ -142,7 +142,7 @@ def specs() -> list:
                             _sig(pc._grouped_gemm_kernel, types, ce), ce, _launch(cfg),
                             tensor_cores=(prec == "tf32")))
     ce = dict(LR_ON_DEVICE=True, KL_ON_DEVICE=True, BLOCK=pc.NU_BLOCK)
-    types = dict(partials="*fp32", T="i32", lr_ptr="*fp32", lr_val="fp32", kl_ptr="*fp32", kl_val="fp32",
+    types = dict(partials="*fp32", starts="*i32", L="i32", lr_ptr="*fp32", lr_val="fp32", kl_ptr="*fp32", kl_val="fp32",
                  nu_ptr="*fp32")
     out.append(Spec("kl_nu", pc._kl_nu_kernel, _sig(pc._kl_nu_kernel, types, ce), ce,
                     dict(num_warps=4, num_stages=1), tensor_cores=False))

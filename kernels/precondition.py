@@ -5,7 +5,8 @@ For every layer P = Q_G[(Q_G^T dW_bar Q_A) * Rcp]Q_A^T, Rcp = 1/(max(d_G,0) max(
   1. S = dW_bar Q_A      (the bias gradient is its own operand: a rank-1 term after
                           the K loop, never a concatenated copy)
   2. V = (Q_G^T S) * Rcp (epilogue also writes this tile's KL partial sum(M*V))
-  3. nu = min(1, sqrt(kl_clip / |lr^2 sum(partials)|)) on device, fixed-order sum
+  3. nu = min(1, sqrt(kl_clip / |lr^2 sum of the finite layer terms|)) on device,
+     fixed-order sum (a layer's term: the sum of its tiles' partials)
   4. U = Q_G V
   5. grad <- nu * U Q_A^T (epilogue splits the last column into the bias grad)
 Every launch runs a cached work list of (layer, tile_i, tile_j); per-layer pointers and
@@ -130,15 +131,22 @@ def _grouped_gemm_kernel(work, meta, damping, partials, nu_ptr,
 
 
 @triton.jit
-def _kl_nu_kernel(partials, T, lr_ptr, lr_val, kl_ptr, kl_val, nu_ptr,
+def _kl_nu_kernel(partials, starts, L, lr_ptr, lr_val, kl_ptr, kl_val, nu_ptr,
                   LR_ON_DEVICE: tl.constexpr, KL_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    """nu = min(1, sqrt(kl_clip / |lr^2 sum(partials)|)), 1 when the sum is 0; one program,
-    fixed summation order."""
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        acc += tl.load(partials + offs, mask=offs < T, other=0.0)
-    total = tl.sum(acc, axis=0)
+    """nu = min(1, sqrt(kl_clip / |lr^2 total|)), 1 when the total is 0; one program, fixed
+    summation order. Layer l's tiles are partials[starts[l]:starts[l+1]]; its term is their
+    sum, counted as 0 when not finite (the reference's rule: one NaN layer does not lift
+    the clip of the others)."""
+    total = tl.sum(tl.zeros((BLOCK,), dtype=tl.float32), axis=0)
+    for layer in range(0, L):
+        begin = tl.load(starts + layer)
+        end = tl.load(starts + layer + 1)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t0 in range(begin, end, BLOCK):
+            offs = t0 + tl.arange(0, BLOCK)
+            acc += tl.load(partials + offs, mask=offs < end, other=0.0)
+        term = tl.sum(acc, axis=0)
+        total += tl.where(tl.abs(term) <= 3.4028234663852886e38, term, 0.0)  # NaN and inf fail
     lr = load_scalar(lr_ptr, lr_val, LR_ON_DEVICE)
     kl = load_scalar(kl_ptr, kl_val, KL_ON_DEVICE)
     s = tl.abs(lr * lr * total)
@@ -152,20 +160,24 @@ def _kl_nu_kernel(partials, T, lr_ptr, lr_val, kl_ptr, kl_val, nu_ptr,
 _WORK_CACHE: dict = {}
 
 
-def tile_work_list(shapes, block_m: int, block_n: int, device) -> torch.Tensor:
-    """Cached int32 (T, 3) device tensor of (layer, ti, tj) over every output tile of
-    layers with these (M, N) shapes; largest layers first."""
+def tile_work_list(shapes, block_m: int, block_n: int, device) -> tuple:
+    """Cached (work, starts): work, an int32 (T, 3) device tensor of (layer, ti, tj) over
+    every output tile of layers with these (M, N) shapes, largest layers first (a layer's
+    tiles are consecutive); starts, int32 (L + 1,): where each layer's run of tiles begins."""
     key = (tuple(shapes), block_m, block_n, str(device))
-    work = _WORK_CACHE.get(key)
-    if work is None:
+    cached = _WORK_CACHE.get(key)
+    if cached is None:
         order = sorted(range(len(shapes)), key=lambda i: -shapes[i][0] * shapes[i][1])
-        items = [(layer, ti, tj) for layer in order
-                 for ti in range(triton.cdiv(shapes[layer][0], block_m))
-                 for tj in range(triton.cdiv(shapes[layer][1], block_n))]
+        items, starts = [], [0]
+        for layer in order:
+            items += [(layer, ti, tj) for ti in range(triton.cdiv(shapes[layer][0], block_m))
+                      for tj in range(triton.cdiv(shapes[layer][1], block_n))]
+            starts.append(len(items))
         work = host_table(items, torch.int32, device).reshape(-1, 3) if items else \
             torch.zeros((0, 3), dtype=torch.int32, device=device)
-        _WORK_CACHE[key] = work
-    return work
+        cached = (work, host_table(starts, torch.int32, device))
+        _WORK_CACHE[key] = cached
+    return cached
 
 
 def _gemm_row(M, N, K, a, a_sm, a_sk, b, b_sk, b_sn, c, c_sm, c_sn, a_extra=None, a_extra_s=0,
@@ -223,7 +235,7 @@ def _launch(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip, allo
                             c_extra=None if bias_o is None else bias_o.data_ptr(),
                             c_extra_s=0 if bias_o is None else bias_o.stride(0), c_nmain=wd))
     meta = host_table(r1 + r2 + r4 + r5, torch.int64, device).reshape(4, L, _META_COLS)
-    work = tile_work_list(shapes, bm, bn, device)
+    work, starts = tile_work_list(shapes, bm, bn, device)
     T = work.shape[0]
     lam = per_layer_scalars(damping, L, device)
     partials = torch.empty(max(T, 1), dtype=torch.float32, device=device)
@@ -242,7 +254,7 @@ def _launch(w_in, b_in, w_out, b_out, qa, da, qg, dg, damping, lr, kl_clip, allo
         if kl_clip is not None:
             lr_dev = isinstance(lr, torch.Tensor) and lr.device == device
             kl_dev = isinstance(kl_clip, torch.Tensor) and kl_clip.device == device
-            _kl_nu_kernel[(1,)](partials, T, lr if lr_dev else nu, 0.0 if lr_dev else float(lr),
+            _kl_nu_kernel[(1,)](partials, starts, L, lr if lr_dev else nu, 0.0 if lr_dev else float(lr),
                                 kl_clip if kl_dev else nu, 0.0 if kl_dev else float(kl_clip), nu,
                                 LR_ON_DEVICE=lr_dev, KL_ON_DEVICE=kl_dev, BLOCK=NU_BLOCK)
         _grouped_gemm_kernel[(T,)](work, meta[2], lam, partials, nu, A_DTYPE=f32, B_DTYPE=f32,

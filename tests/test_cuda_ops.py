@@ -267,6 +267,26 @@ def test_precondition_eigen_inplace_against_reference(cuda, kl_clip, device_damp
         torch.testing.assert_close(w.double().cpu(), wr, rtol=1e-4, atol=1e-4 * float(wr.abs().max()))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_precondition_eigen_inplace_kl_clip_leaves_a_non_finite_layer_out(cuda, bad):
+    # The reference's rule (docs/ops-api.md): a layer whose <P, dW_bar> is not finite counts
+    # 0 in the KL sum, so nu still clips the other layers.
+    gen = torch.Generator().manual_seed(13)
+    layers = _layers(gen, [(5, 3), (17, 16), (33, 40)], torch.float32)
+    layers[1]["w"][2, 3] = bad
+    args = [[L[k] for L in layers] for k in ("qa", "da", "qg", "dg")]
+    lr, kl = torch.tensor(0.1, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)
+    ws, bs = [L["w"].clone() for L in layers], [L["b"].clone() for L in layers]
+    nu = cuda.precondition_eigen_(ws, bs, *args, 0.05, lr=lr, kl_clip=kl)
+    ws_ref, bs_ref = [L["w"].double().cpu() for L in layers], [L["b"].double().cpu() for L in layers]
+    nu_ref = reference.precondition_eigen_(ws_ref, bs_ref, *[[t.double().cpu() for t in a] for a in args],
+                                           0.05, lr=lr, kl_clip=kl)
+    assert 0 < float(nu_ref) < 1
+    torch.testing.assert_close(nu.double().cpu(), nu_ref, rtol=1e-5, atol=0)
+    for i in (0, 2):
+        torch.testing.assert_close(ws[i].double().cpu(), ws_ref[i], rtol=1e-4, atol=1e-4 * float(ws_ref[i].abs().max()))
+
+
 def test_dispatch_picks_cuda_for_these_ops(cuda):
     from kfac_fast import _dispatch
 

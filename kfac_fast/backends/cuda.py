@@ -28,7 +28,7 @@ from kfac_fast._ops import nu_dtype
 from kfac_fast.kernels.guard import allow_tf32_of, launch_on
 
 from . import cuda_driver
-from ._common import buckets, eigh_stack, finite_per_matrix, kl_nu, layer_scalar, solve_eigh
+from ._common import buckets, eigh_stack, finite_per_matrix, finite_term, kl_nu, layer_scalar, solve_eigh
 
 # Sizes n <= this go to torch.linalg.eigh, whose batched path (cuSOLVER's batched Jacobi)
 # serves them in one call. Not measured here (no GPU when this was written): chosen from
@@ -267,8 +267,8 @@ def _scale_(fn: str, xs: list, dgs: list, das: list, damping: _Damping, kl: bool
                                  cols["dg"], cols["da"], cols["dp"], cols["dv"], cols["rows"],
                                  cols["cols"], cols["ld"], cols["ld"],
                                  0 if partial is None else partial.data_ptr(), tiles, stream.cuda_stream)
-        if partial is not None:
-            s = partial.sum()
+        if partial is not None:  # a layer's term (its row of partials) counts 0 when not finite
+            s = finite_term(partial.sum(dim=1)).sum()
             total = s if total is None else total + s
     if kl and total is None:
         total = torch.zeros((), dtype=torch.float64, device=device)

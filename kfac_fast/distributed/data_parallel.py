@@ -333,7 +333,8 @@ class DataParallelKFAC:
         if kl_clip is None:
             return torch.ones((), dtype=nu_dtype, device=device)
         with self._timed("preconditioning"):
-            total = torch.stack([inner[layer.name] for layer in layers]).sum() * (lr * lr)
+            terms = torch.stack([inner[layer.name] for layer in layers])  # a non-finite layer counts 0
+            total = torch.where(torch.isfinite(terms), terms, torch.zeros_like(terms)).sum() * (lr * lr)
             total = total.abs()
             nu = torch.where(total > 0, torch.clamp(torch.sqrt(kl_clip / total.clamp_min(1e-300)), max=1.0),
                              torch.ones_like(total))

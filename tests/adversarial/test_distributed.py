@@ -331,6 +331,31 @@ def case_gradient_average_timeout(rank):
     return out
 
 
+def case_kl_clip_non_finite_layer(rank):
+    """One layer's gradient is NaN on a step: the memory strategy's nu must leave that
+    layer's <P, dW_bar> out (docs/ops-api.md), as the single-rank ops do, so the other
+    layers come out as under the communication strategy (whose nu is the op's), clipped."""
+    out = {}
+    for strategy in ("communication", "memory"):
+        model = make()
+        precond = KFACPreconditioner(model, distributed=kd.DistributedOptions(strategy=strategy),
+                                     guard_nonfinite=False, **KW)  # the guard would keep every plain grad
+        for step in range(2):
+            train_step(model, precond, rank, step)
+        x, y = batch(rank, 2)
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        kd.average_gradients_(model.parameters())
+        model.extra.weight.grad[1, 2] = float("nan")
+        precond.step()
+        out[strategy] = torch.cat([model.fc1.weight.grad.reshape(-1), model.fc2.weight.grad.reshape(-1)])
+    bad = []
+    if not torch.isfinite(out["memory"]).all() or not torch.allclose(out["memory"], out["communication"],
+                                                                      rtol=1e-9, atol=1e-12):
+        bad.append(f"memory {out['memory'][:4].tolist()} != communication {out['communication'][:4].tolist()}")
+    return bad
+
+
 def worker(rank, world, port, results):
     torch.set_num_threads(1)
     tmp = os.path.join(tempfile.gettempdir(), f"kfac_adv_dist_{port}")
@@ -349,6 +374,7 @@ def worker(rank, world, port, results):
             "save-one-rank-memory": lambda: case_save_on_one_rank(rank, tmp, "memory"),
             "synced-state": lambda: case_synced_state(rank, tmp),
             "branch-load-different-states": lambda: case_ranks_load_different_states(rank),
+            "kl-clip-non-finite-layer": lambda: case_kl_clip_non_finite_layer(rank),
             "fail-decomposition": lambda: case_local_failure(rank, "eigh"),
             "fail-precondition": lambda: case_local_failure(rank, "precondition_eigen"),
             "exception-outside": lambda: case_exception_outside_agreed_phases(rank),
@@ -418,6 +444,11 @@ def test_safe_synced_state_dict_is_global(ranks):
 def test_safe_ranks_load_different_states(ranks):
     for rank, out in results(ranks, "branch-load-different-states"):
         assert out["branch-load-different-states"] == [], f"rank {rank}: {out['branch-load-different-states']}"
+
+
+def test_safe_kl_clip_leaves_a_non_finite_layer_out_memory_strategy(ranks):
+    for rank, out in results(ranks, "kl-clip-non-finite-layer"):
+        assert out["kl-clip-non-finite-layer"] == [], f"rank {rank}: {out['kl-clip-non-finite-layer']}"
 
 
 @pytest.mark.parametrize("where", ["decomposition", "precondition"])

@@ -110,3 +110,25 @@ def test_zero_gradient_gives_nu_one():
             b.zero_()
     nu = precondition.precondition_eigen_(ws, bs, qa, da, qg, dg, 0.1, lr=0.1, kl_clip=1e-3, config=SMALL)
     assert float(nu) == 1.0 and all(not w.any() for w in ws)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_kl_clip_leaves_a_non_finite_layer_out(bad):
+    # docs/ops-api.md: a layer whose <P, dW_bar> is not finite counts 0 in the KL sum, so
+    # nu still clips the other layers (the reference's finite_term rule), not nu = NaN or 1.
+    gen = torch.Generator().manual_seed(10)
+    ws, bs, qa, da, qg, dg = make(LAYERS, gen)
+    ws[2][3, 5] = bad  # layer 2 spans several 32x32 tiles: one bad tile among finite ones
+    lr, kl_clip = torch.tensor(0.1, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)
+    w64, b64 = [w.double().cpu().clone() for w in ws], [None if b is None else b.double().cpu() for b in bs]
+    nu64 = reference.precondition_eigen_(w64, b64, as64(qa), as64(da), as64(qg), as64(dg), 0.01,
+                                         lr=lr, kl_clip=kl_clip)
+    w32, b32 = [w.cpu().clone() for w in ws], [None if b is None else b.cpu().clone() for b in bs]
+    nu32 = reference.precondition_eigen_(w32, b32, [t.cpu() for t in qa], [t.cpu() for t in da],
+                                         [t.cpu() for t in qg], [t.cpu() for t in dg], 0.01, lr=lr, kl_clip=kl_clip)
+    assert torch.isfinite(nu64) and 0 < float(nu64) < 1, "the finite layers should still be clipped"
+    nu = precondition.precondition_eigen_(ws, bs, qa, da, qg, dg, 0.01, lr=0.1, kl_clip=1e-3, config=SMALL)
+    assert_error_rule(nu.cpu().reshape(1), nu64.reshape(1), nu32.reshape(1))
+    assert not torch.isfinite(ws[2]).all()
+    for i in (0, 1, 3, 4, 5):
+        assert_error_rule(ws[i].cpu(), w64[i], w32[i])
