@@ -29,9 +29,6 @@ class BackendInfo(dict):
                 lines.append(f"  {op:<{width}}  -> {row['backend']:<6}  ({reasons})")
         return "\n".join(lines)
 
-    def print_(self) -> None:
-        print(str(self))
-
 
 def _c_info() -> Union[dict, str]:
     try:

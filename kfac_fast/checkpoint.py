@@ -39,7 +39,6 @@ import torch
 
 FORMAT_VERSION = 2
 MAGIC = b"KFAC_FAST_CHECKPOINT v2\n"
-_MAGIC_V1 = b"KFAC_FAST_CHECKPOINT v1\n"
 _MAGIC_ANY = re.compile(rb"KFAC_FAST_CHECKPOINT v(\d+)\n")
 _LEAVES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size)
 
