@@ -41,7 +41,7 @@ def unvec(v, rows, cols):
 
 
 def dense_tridiag_gradient(precond, grads):
-    """Xi^T Lambda Xi vec(grad), every block from dense Kronecker products (PAPER.md)."""
+    """Xi^T Lambda Xi vec(grad), every block from dense Kronecker products (Martens & Grosse 2015, section 4.3)."""
     names = precond.chains[0]
     layers = [precond.layers[n] for n in names]
     damping = precond.damping(precond.steps)
