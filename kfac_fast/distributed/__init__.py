@@ -39,14 +39,13 @@ preconditioner runs data-parallel), `data_parallel` (DataParallelKFAC, the drive
 (which layers took part on which ranks).
 """
 
-from .agreement import settings_of
+from .agreement import check_same_layers, settings_of
 from .assignment import assign_work, decomposition_cost, factor_owners, load_imbalance, rank_loads
 from .collectives import (
     DEFAULT_BUCKET_CAP_MB,
     allreduce_factors_,
     average_gradients_,
     broadcast_from_owners_,
-    check_same_layers,
 )
 from .data_parallel import DataParallelKFAC
 from .entry import check_unsharded, resolve_group, setup

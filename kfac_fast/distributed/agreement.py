@@ -71,6 +71,12 @@ def check_same_setup(layers: list, settings: dict, group: Any) -> None:
                              "every rank must build its preconditioner with the same settings")
 
 
+def check_same_layers(signature: list, group: Any) -> None:
+    """`check_same_setup` of the layers alone: ValueError on every rank unless every rank
+    registered the same (name, kind, a_dim, g_dim, has_bias) list."""
+    check_same_setup(signature, {}, group)
+
+
 def agree_counts(values: list, group: Any) -> list:
     """The element-wise sum of an int list over every rank of a CPU-capable group."""
     dist = _dist()

@@ -196,30 +196,6 @@ def all_reduce_min_(flag: torch.Tensor, group: Any) -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
 
 
-def check_same_layers(signature: list, group: Any) -> None:
-    """Raise ValueError on every rank unless every rank registered the same layers.
-
-    One all_gather of each rank's (name, kind, a_dim, g_dim, has_bias) list; every rank
-    compares all of them, so a mismatch is an error everywhere instead of a later hang.
-    """
-    dist = _dist()
-    world = dist.get_world_size(group)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, signature, group=group)
-    for rank, other in enumerate(gathered):
-        if other == gathered[0]:
-            continue
-        diff = next((i for i, (x, y) in enumerate(zip(gathered[0], other)) if x != y),
-                    min(len(gathered[0]), len(other)))
-        first = gathered[0][diff] if diff < len(gathered[0]) else "<none>"
-        theirs = other[diff] if diff < len(other) else "<none>"
-        raise ValueError(
-            f"kfac_fast.distributed: the model differs across ranks: rank {rank} registers "
-            f"{len(other)} layers and rank 0 {len(gathered[0])}; first difference at layer "
-            f"#{diff}: rank 0 has {first}, rank {rank} has {theirs} "
-            "(every rank must build the same model)")
-
-
 def rank_and_size(group: Any) -> tuple[int, int]:
     """(this process's rank in `group`, the group's size)."""
     dist = _dist()
