@@ -41,20 +41,27 @@ CAUSES = (
 OVERFLOW_HEADROOM = 2.0 ** -24
 
 
+def _inf_norms(tensors: Sequence[Optional[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """The floating, non-empty tensors among `tensors` and their max-abs norms (one fused
+    launch per dtype on GPU). Integer captures (embedding indices) are finite by
+    construction; empty tensors are skipped (host metadata only): their inf-norm is undefined."""
+    ts = [t for t in tensors if t is not None and t.is_floating_point() and t.numel() > 0]
+    return ts, (torch._foreach_norm(ts, float("inf")) if ts else [])
+
+
+def _finite_norms(norms: list[Tensor]) -> Tensor:
+    """0-dim device bool: every norm is finite (a NaN or Inf entry makes its norm so)."""
+    return torch.isfinite(torch.cat([n.reshape(1).float() for n in norms])).all()
+
+
 def all_finite(tensors: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
     """0-dim bool on the tensors' device: every entry of every tensor is finite.
 
     None when there is nothing to check. The max-abs norm cannot overflow (unlike a sum
-    of squares, which would flag large finite fp16 values) and propagates NaN; it is one
-    fused launch for all tensors of a dtype on GPU. Empty tensors are skipped (host
-    metadata only): their inf-norm is undefined.
+    of squares, which would flag large finite fp16 values) and propagates NaN.
     """
-    # integer captures (embedding indices) are finite by construction
-    ts = [t for t in tensors if t is not None and t.is_floating_point() and t.numel() > 0]
-    if not ts:
-        return None
-    norms = torch._foreach_norm(ts, float("inf"))
-    return torch.isfinite(torch.cat([n.reshape(1).float() for n in norms])).all()
+    _, norms = _inf_norms(tensors)
+    return _finite_norms(norms) if norms else None
 
 
 def capture_flags(tensors: Sequence[Optional[Tensor]]) -> Optional[tuple[Tensor, Tensor]]:
@@ -67,11 +74,10 @@ def capture_flags(tensors: Sequence[Optional[Tensor]]) -> Optional[tuple[Tensor,
     cannot turn a factor into Inf. Same one max-abs reduction as `all_finite`; None when
     there is nothing to check.
     """
-    ts = [t for t in tensors if t is not None and t.is_floating_point() and t.numel() > 0]
+    ts, norms = _inf_norms(tensors)
     if not ts:
         return None
-    norms = torch._foreach_norm(ts, float("inf"))
-    finite = torch.isfinite(torch.cat([n.reshape(1).float() for n in norms])).all()
+    finite = _finite_norms(norms)
     # max|x| * sqrt(numel / limit) <= 1, scaled by host scalars (no host-to-device copy)
     scales = [math.sqrt(t.numel() / (OVERFLOW_HEADROOM * torch.finfo(
         torch.float64 if t.dtype == torch.float64 else torch.float32).max)) for t in ts]
@@ -112,6 +118,17 @@ def as_device_tensor(values: Any, device: torch.device) -> Tensor:
     return t.to(device)
 
 
+def _tally(counter: Optional[Tensor], ok: Tensor) -> Tensor:
+    """`counter` (created as an int64 0 on ok's device, or moved there once when the model
+    moved) plus 1 where the 0-dim bool `ok` is False, in place; no host sync."""
+    if counter is None:
+        counter = torch.zeros((), dtype=torch.int64, device=ok.device)
+    elif counter.device != ok.device:
+        counter = counter.to(ok.device)
+    counter.add_((~ok).to(torch.int64))
+    return counter
+
+
 def _finite(*tensors: Tensor) -> bool:
     """Host check (refresh steps only)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
@@ -128,20 +145,12 @@ class Health:
     def count(self, cause: str, ok: Tensor) -> None:
         """Add 1 to the device counter `cause` when the 0-dim bool `ok` is False (no host
         sync). One source of every dropped/repaired-step count (see CAUSES)."""
-        counter = self.causes.get(cause)
-        if counter is None:
-            counter = self.causes[cause] = torch.zeros((), dtype=torch.int64, device=ok.device)
-        elif counter.device != ok.device:  # the model moved: follow it once
-            counter = self.causes[cause] = counter.to(ok.device)
-        counter.add_((~ok).to(torch.int64))
+        self.causes[cause] = _tally(self.causes.get(cause), ok)
 
     def count_nonfinite(self, ok: Tensor) -> None:
-        """Add 1 to the device counter when ok is False (no host sync)."""
-        if self.nonfinite_steps is None:
-            self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=ok.device)
-        elif self.nonfinite_steps.device != ok.device:  # the model moved: follow it once
-            self.nonfinite_steps = self.nonfinite_steps.to(ok.device)
-        self.nonfinite_steps.add_((~ok).to(torch.int64))
+        """Add 1 to the device counter of dropped steps (`nonfinite_steps`, kept apart from
+        the causes) when ok is False (no host sync)."""
+        self.nonfinite_steps = _tally(self.nonfinite_steps, ok)
 
     def report(self) -> dict:
         """All counters as Python ints (reads the device counter: a host sync)."""
