@@ -83,3 +83,21 @@ def test_bad_capture_in_hooks_mode_keeps_earlier_updates(in_hooks):
     kept = torch.equal(second.a_factor, before["second"][0]) and torch.equal(second.g_factor, before["second"][1])
     # held captures: the whole step is dropped; hooks: `second` was updated before the NaN
     assert kept is not in_hooks
+
+
+def test_state_tensor_names_are_the_layer_list():
+    """state_dict, load_state_dict's shape check and the layer's own accounting use one list
+    (KFACLayer.STATE_TENSORS)."""
+    from kfac_fast.layers import KFACLayer
+    from kfac_fast.preconditioner.state import _expected_shapes
+
+    torch.manual_seed(0)
+    model = _Net()
+    precond = KFACPreconditioner(model, method="eigen", inv_update_steps=1)
+    _step(model, precond, 0)
+    layer = precond.layers["first"]
+    assert set(_expected_shapes(layer)) == set(KFACLayer.STATE_TENSORS)
+    assert list(layer.state_tensors()) == [n for n in KFACLayer.STATE_TENSORS if getattr(layer, n) is not None]
+    entry = precond.state_dict()["layers"]["first"]
+    assert set(layer.state_tensors()) <= set(entry) and not set(entry) & (set(KFACLayer.STATE_TENSORS)
+                                                                          - set(layer.state_tensors()))

@@ -74,6 +74,10 @@ class KFACLayer:
     row_maskable: ClassVar[bool] = False
     methods: ClassVar[tuple[str, ...]] = METHODS
     data_parallel: ClassVar[bool] = True
+    # the names of the persistent state tensors above (every kind has the same), in the order
+    # `state_tensors()` and the preconditioner's state_dict list them
+    STATE_TENSORS: ClassVar[tuple[str, ...]] = ("a_factor", "g_factor", "qa", "da", "qg", "dg",
+                                                "a_inv", "g_inv", "scales")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -300,8 +304,7 @@ class KFACLayer:
     # ---- accounting -----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         """Every persistent tensor of the layer's state, by name (None entries dropped)."""
-        names = ("a_factor", "g_factor", "qa", "da", "qg", "dg", "a_inv", "g_inv", "scales")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in self.STATE_TENSORS if getattr(self, n) is not None}
 
     def memory_usage(self) -> dict[str, int]:
         """Bytes held: persistent state by name, plus the current step's captures."""

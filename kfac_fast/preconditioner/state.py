@@ -36,7 +36,6 @@ def _expected_shapes(layer: KFACLayer) -> dict[str, tuple]:
 class StateMixin(PreconditionerBase):
     """The state job of KFACPreconditioner."""
 
-    _TENSORS = ("a_factor", "g_factor", "qa", "da", "qg", "dg", "a_inv", "g_inv", "scales")
     _COUNTS = ("a_count", "g_count", "scale_count")
 
     def state_dict(self) -> dict:
@@ -70,7 +69,7 @@ class StateMixin(PreconditionerBase):
         layers = {}
         for name, layer in self.layers.items():
             entry: dict[str, Any] = {c: getattr(layer, c) for c in self._COUNTS}
-            entry.update({t: getattr(layer, t).clone() for t in self._TENSORS
+            entry.update({t: getattr(layer, t).clone() for t in KFACLayer.STATE_TENSORS
                           if getattr(layer, t) is not None})
             entry.update(kind=layer.kind, has_bias=bool(layer.has_bias))
             layers[name] = entry
@@ -119,7 +118,7 @@ class StateMixin(PreconditionerBase):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise TypeError(f"layer {name!r}: {c} must be an int >= 0, got {v!r}")
         shapes = _expected_shapes(layer)
-        for t in self._TENSORS:
+        for t in KFACLayer.STATE_TENSORS:
             v = entry.get(t)
             if v is None:
                 continue
@@ -146,7 +145,7 @@ class StateMixin(PreconditionerBase):
             device = layer.module.weight.device
             for c in self._COUNTS:
                 setattr(layer, c, int(entry.get(c, 0)))
-            for t in self._TENSORS:
+            for t in KFACLayer.STATE_TENSORS:
                 v = entry.get(t)
                 setattr(layer, t, None if v is None
                         else v.detach().to(device=device, dtype=self.factor_dtype).clone())
