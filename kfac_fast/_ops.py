@@ -47,6 +47,12 @@ def _bias_join(bias_grads: list, has_bias: list) -> list:
     return [next(present) if has else None for has in has_bias]
 
 
+def _precision(precision: Optional[str]) -> dict:
+    """The `precision` keyword for the implementation, only when the caller set it (the
+    reference computes in float64/IEEE whatever it says; Triton and CUDA take "tf32")."""
+    return {} if precision is None else {"precision": precision}
+
+
 def nu_dtype(t: Tensor) -> torch.dtype:
     """The dtype of nu, the KL-clip scale the in-place preconditioners return: float32 for
     16-/32-bit grads, float64 for float64 grads (every backend follows this rule)."""
@@ -63,21 +69,25 @@ def _like_each(tensors: Sequence[Tensor]) -> list:
 
 
 @torch.library.custom_op(_LIB + "update_factor_", mutates_args=("factor",))
-def _update_factor(factor: Tensor, x: Tensor, beta: Tensor, alpha: Tensor, append_ones: bool) -> None:
-    _run("update_factor_", factor, factor.shape[0], factor, x, beta, alpha, append_ones=append_ones)
+def _update_factor(factor: Tensor, x: Tensor, beta: Tensor, alpha: Tensor, append_ones: bool,
+                   precision: Optional[str] = None) -> None:
+    _run("update_factor_", factor, factor.shape[0], factor, x, beta, alpha, append_ones=append_ones,
+         **_precision(precision))
 
 
 @torch.library.custom_op(_LIB + "update_factors_", mutates_args=("factors",))
 def _update_factors(factors: list[Tensor], xs: list[Tensor], betas: Tensor, alphas: Tensor,
-                    append_ones: list[bool]) -> None:
-    _run("update_factors_", factors[0], _max_size(factors), factors, xs, betas, alphas, append_ones=append_ones)
+                    append_ones: list[bool], precision: Optional[str] = None) -> None:
+    _run("update_factors_", factors[0], _max_size(factors), factors, xs, betas, alphas, append_ones=append_ones,
+         **_precision(precision))
 
 
 @torch.library.custom_op(_LIB + "conv_input_factor_", mutates_args=("factor",))
 def _conv_input_factor(factor: Tensor, x: Tensor, beta: Tensor, alpha: Tensor, kernel_size: list[int],
-                       stride: list[int], padding: list[int], dilation: list[int], append_ones: bool) -> None:
+                       stride: list[int], padding: list[int], dilation: list[int], append_ones: bool,
+                       precision: Optional[str] = None) -> None:
     _run("conv_input_factor_", factor, factor.shape[0], factor, x, beta, alpha, kernel_size, stride, padding,
-         dilation, append_ones=append_ones)
+         dilation, append_ones=append_ones, **_precision(precision))
 
 
 @torch.library.custom_op(_LIB + "eigh", mutates_args=())
@@ -118,25 +128,27 @@ def _(a, g, damping):
 
 @torch.library.custom_op(_LIB + "precondition_eigen", mutates_args=())
 def _precondition_eigen(grads: list[Tensor], qa: list[Tensor], da: list[Tensor], qg: list[Tensor],
-                        dg: list[Tensor], damping: Tensor) -> list[Tensor]:
-    return list(_run("precondition_eigen", qa[0], _max_size(qa + qg), grads, qa, da, qg, dg, damping))
+                        dg: list[Tensor], damping: Tensor, precision: Optional[str] = None) -> list[Tensor]:
+    return list(_run("precondition_eigen", qa[0], _max_size(qa + qg), grads, qa, da, qg, dg, damping,
+                     **_precision(precision)))
 
 
 @_precondition_eigen.register_fake
-def _(grads, qa, da, qg, dg, damping):
+def _(grads, qa, da, qg, dg, damping, precision=None):
     return _like_each(grads)
 
 
 @torch.library.custom_op(_LIB + "precondition_eigen_", mutates_args=("weight_grads", "bias_grads"))
 def _precondition_eigen_inplace(weight_grads: list[Tensor], bias_grads: list[Tensor], has_bias: list[bool],
                                 qa: list[Tensor], da: list[Tensor], qg: list[Tensor], dg: list[Tensor],
-                                damping: Tensor, lr: Optional[Tensor], kl_clip: Optional[Tensor]) -> Tensor:
+                                damping: Tensor, lr: Optional[Tensor], kl_clip: Optional[Tensor],
+                                precision: Optional[str] = None) -> Tensor:
     return _run("precondition_eigen_", qa[0], _max_size(qa + qg), weight_grads, _bias_join(bias_grads, has_bias),
-                qa, da, qg, dg, damping, lr=lr, kl_clip=kl_clip)
+                qa, da, qg, dg, damping, lr=lr, kl_clip=kl_clip, **_precision(precision))
 
 
 @_precondition_eigen_inplace.register_fake
-def _(weight_grads, bias_grads, has_bias, qa, da, qg, dg, damping, lr, kl_clip):
+def _(weight_grads, bias_grads, has_bias, qa, da, qg, dg, damping, lr, kl_clip, precision=None):
     return _nu_like(weight_grads[0])
 
 

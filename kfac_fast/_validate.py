@@ -54,6 +54,13 @@ def device(op: str, name: str, t: Tensor, where: torch.device) -> None:
         raise ValueError(f"{op}: {name} is on {t.device} but the other tensors are on {where}")
 
 
+def precision(op: str, value: Any) -> Optional[str]:
+    """The ops' keyword-only `precision`: None (IEEE fp32), "ieee" or "tf32"."""
+    if value is not None and value not in ("ieee", "tf32"):
+        raise ValueError(f"{op}: precision must be None, 'ieee' or 'tf32', got {value!r}")
+    return value
+
+
 def flag(op: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
@@ -125,7 +132,8 @@ def per_layer(op: str, name: str, value: Any, n: int, where: torch.device, kind:
         if not any(isinstance(v, torch.Tensor) for v in value):
             return torch.tensor([float(v) for v in value], dtype=torch.float64)
         target = next((t.device for t in items if t.device.type != "cpu"), torch.device("cpu"))
-        return torch.stack([t.to(device=target, dtype=torch.float64) for t in items])
+        return torch.stack([t.to(dtype=torch.float64) if t.device == target else  # no pageable copy (a sync)
+                            torch.full((), float(t), dtype=torch.float64, device=target) for t in items])
     return scalar(op, name, value, where, kind).reshape(1).expand(n).contiguous()
 
 

@@ -47,7 +47,8 @@ __all__ = [*OP_NAMES, "EIGH_PATHS"]
 _kfac = torch.ops.kfac_fast
 
 
-def update_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, *, append_ones: bool = False) -> Tensor:
+def update_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, *, append_ones: bool = False,
+                   precision: Optional[str] = None) -> Tensor:
     """factor <- beta*factor + alpha * x_bar^T x_bar, in place; returns factor.
 
     factor: (n, n) float32/float64, contiguous. x: (..., d) float32/16/bf16/64, any
@@ -55,43 +56,51 @@ def update_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, *, ap
     x_bar = [x | 1] (n = d+1) when append_ones, else x (n = d). No 1/R: fold it into
     alpha. alpha == 0 never lets NaN/Inf of x into the factor.
     beta, alpha: Python numbers (finite) or 0-dim float tensors (CPU or factor's device).
+    precision: None or "ieee" (IEEE fp32 products of fp32 x), or "tf32" (the kernels may use
+    TF32 tensor cores for fp32 x; the torch reference ignores it). The same on every op
+    that takes it.
     """
     args = check.check_update_factor_(factor, x, beta, alpha, append_ones)
+    prec = check.precision("update_factor_", precision)
     guard.no_overlap("update_factor_", [("factor", factor)], [("x", x)])
-    _kfac.update_factor_(*args)
+    _kfac.update_factor_(*args, prec)
     return factor
 
 
 def update_factors_(factors: Sequence[Tensor], xs: Sequence[Tensor], betas: PerLayer, alphas: PerLayer, *,
-                    append_ones: Union[bool, Sequence[bool]] = False) -> list[Tensor]:
+                    append_ones: Union[bool, Sequence[bool]] = False, precision: Optional[str] = None) -> list[Tensor]:
     """update_factor_ for L layers at once (one grouped launch on GPU); returns factors.
 
     factors[i]: (n_i, n_i) float32/64 contiguous, all on one device; xs[i]: (..., d_i)
     with n_i = d_i + append_ones[i]. betas, alphas: one scalar, L scalars, or a 1-D
-    float tensor of length L. append_ones: a bool or L bools.
+    float tensor of length L. append_ones: a bool or L bools. precision: as update_factor_.
     """
     args = check.check_update_factors_(factors, xs, betas, alphas, append_ones)
+    prec = check.precision("update_factors_", precision)
     if args is None:
         return list(factors)
     guard.no_overlap("update_factors_", guard.named("factors", args[0]), guard.named("xs", args[1]))
-    _kfac.update_factors_(*args)
+    _kfac.update_factors_(*args, prec)
     return args[0]
 
 
 def conv_input_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, kernel_size: IntPair,
-                       stride: IntPair, padding: IntPair, dilation: IntPair, *, append_ones: bool = False) -> Tensor:
+                       stride: IntPair, padding: IntPair, dilation: IntPair, *, append_ones: bool = False,
+                       precision: Optional[str] = None) -> Tensor:
     """Conv2d A update from its NCHW input: factor <- beta*factor + alpha * P_bar^T P_bar.
 
     x: (N, C, H, W) float32/16/bf16/64 (NCHW or channels-last memory). P: the N*L rows
     of `F.unfold(x, kernel_size, dilation, padding, stride)` (channel-major, then kernel
     rows, then kernel cols); P_bar = [P | 1] when append_ones. factor: (n, n) with
     n = C*kh*kw + append_ones. kernel_size, stride, padding, dilation: int or pair.
+    precision: as update_factor_.
     """
     op = "conv_input_factor_"
     args = check.check_conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dilation, append_ones)
+    prec = check.precision(op, precision)
     guard.nonzero_sizes(op, "x", x, (1, 2, 3), "C, H and W")
     guard.no_overlap(op, [("factor", factor)], [("x", x)])
-    _kfac.conv_input_factor_(*args)
+    _kfac.conv_input_factor_(*args, prec)
     return factor
 
 
@@ -167,14 +176,17 @@ def pi_damping(a: Tensor, g: Tensor, damping: Scalar) -> tuple[Tensor, Tensor]:
 
 
 def precondition_eigen(grads: Sequence[Tensor], qa: Sequence[Tensor], da: Sequence[Tensor],
-                       qg: Sequence[Tensor], dg: Sequence[Tensor], damping: PerLayer) -> list[Tensor]:
+                       qg: Sequence[Tensor], dg: Sequence[Tensor], damping: PerLayer, *,
+                       precision: Optional[str] = None) -> list[Tensor]:
     """P_i = Q_G[(Q_G^T dW_bar_i Q_A) / (d_G d_A^T + damping_i)]Q_A^T for each layer.
 
     grads[i]: (d_out, n_a) dW_bar; qa[i] (n_a, n_a), da[i] (n_a,), qg[i] (d_out, d_out),
     dg[i] (d_out,) float32/64; damping >= 0 per-layer rule. Returns new (d_out, n_a)
-    tensors with grads[i]'s dtype (computed in the factors' dtype).
+    tensors with grads[i]'s dtype (computed in the factors' dtype). precision: as
+    update_factor_ (TF32 for the GEMMs of the Triton and CUDA paths).
     """
     op = "precondition_eigen"
+    prec = check.precision(op, precision)
     grads = check.tensor_list(op, "grads", grads)
     if not grads:
         return []
@@ -183,13 +195,13 @@ def precondition_eigen(grads: Sequence[Tensor], qa: Sequence[Tensor], da: Sequen
     guard.same_dtype(op, "qa", qa, "qg", qg)
     check.grads(op, grads, dims, where)
     damping_t = check.per_layer(op, "damping", damping, len(grads), where, "nonneg")
-    return list(_kfac.precondition_eigen(grads, qa, da, qg, dg, damping_t))
+    return list(_kfac.precondition_eigen(grads, qa, da, qg, dg, damping_t, prec))
 
 
 def precondition_eigen_(weight_grads: Sequence[Tensor], bias_grads: Sequence[Optional[Tensor]],
                         qa: Sequence[Tensor], da: Sequence[Tensor], qg: Sequence[Tensor], dg: Sequence[Tensor],
                         damping: PerLayer, *, lr: Optional[Scalar] = None,
-                        kl_clip: Optional[Scalar] = None) -> Tensor:
+                        kl_clip: Optional[Scalar] = None, precision: Optional[str] = None) -> Tensor:
     """In place: weight_grads[i] <- nu * P_i[:, :d_in], bias_grads[i] <- nu * P_i[:, -1].
 
     weight_grads[i]: (d_out, ...) (Linear (d_out, d_in), Conv2d (d_out, C, kh, kw));
@@ -197,8 +209,10 @@ def precondition_eigen_(weight_grads: Sequence[Tensor], bias_grads: Sequence[Opt
     precondition_eigen. nu = 1 without kl_clip; with kl_clip (lr required)
     nu = min(1, sqrt(kl_clip / |sum_i lr^2 sum((Q_G^T dW_bar Q_A)^2 / (d_G d_A^T + damping))|)).
     Returns nu: 0-dim on the grads' device, float32 (float64 for float64 grads).
+    precision: as precondition_eigen.
     """
     op = "precondition_eigen_"
+    prec = check.precision(op, precision)
     weights = check.tensor_list(op, "weight_grads", weight_grads)
     check.nonempty(op, "weight_grads", weights)
     where, n = weights[0].device, len(weights)
@@ -209,7 +223,7 @@ def precondition_eigen_(weight_grads: Sequence[Tensor], bias_grads: Sequence[Opt
     guard.inplace_grads(op, weights, bias_grads, [qa, da, qg, dg])
     damping_t = check.per_layer(op, "damping", damping, n, where, "nonneg")
     lr_t, kl_t = check.kl_args(op, lr, kl_clip, where)
-    return _kfac.precondition_eigen_(weights, present, has_bias, qa, da, qg, dg, damping_t, lr_t, kl_t)
+    return _kfac.precondition_eigen_(weights, present, has_bias, qa, da, qg, dg, damping_t, lr_t, kl_t, prec)
 
 
 def precondition_inverse(grads: Sequence[Tensor], a_inv: Sequence[Tensor], g_inv: Sequence[Tensor]) -> list[Tensor]:

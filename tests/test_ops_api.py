@@ -276,3 +276,52 @@ def test_triton_rows_refuse_what_their_kernels_cannot_serve():
     strided = torch.ones(3, 4, 2).transpose(1, 2)  # (3, 2, 4) that no view flattens to (3, 8)
     q8, d8 = [torch.eye(8)], [torch.ones(8)]
     assert "weight_grads[0]" in _triton_refusal("precondition_eigen_", [strided], [None], q8, d8, q, d, None)
+
+
+def _host_to_device_copies(monkeypatch) -> list:
+    """Records every Tensor.to that moves a CPU tensor to another device (on CUDA a
+    pageable copy of that kind is a host sync)."""
+    moved: list = []
+    real = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type != "cpu":
+            moved.append((tuple(self.shape), out.device))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    return moved
+
+
+def test_per_layer_mixed_numbers_and_device_tensors_without_host_copy(monkeypatch):
+    # A per-layer list mixing Python numbers (and CPU 0-dim tensors) with device tensors:
+    # the host values are filled on the device, never copied from pageable memory.
+    from kfac_fast import _validate as check
+
+    dev = torch.device("meta")  # a non-CPU device a CPU machine has
+    moved = _host_to_device_copies(monkeypatch)
+    t = check.per_layer("precondition_eigen_", "damping", [0.1, torch.tensor(0.2, device=dev),
+                                                          torch.tensor(0.3, dtype=torch.float64), 4], 4, dev,
+                        "nonneg")
+    assert moved == [] and t.device == dev and t.shape == (4,) and t.dtype == torch.float64
+    cpu = check.per_layer("precondition_eigen_", "damping", [0.1, torch.tensor(0.2), 3], 3,
+                          torch.device("cpu"), "nonneg")
+    assert cpu.tolist() == [0.1, torch.tensor(0.2).item(), 3.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_per_layer_mixed_list_no_sync_on_cuda():
+    from kfac_fast import _validate as check
+
+    dev = torch.device("cuda")
+    damping = torch.tensor(0.2, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = check.per_layer("precondition_eigen_", "damping", [0.1, damping, 0.3], 3, dev, "nonneg")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert t.device.type == "cuda"
+    torch.testing.assert_close(t.cpu(), torch.tensor([0.1, torch.tensor(0.2).item(), 0.3], dtype=torch.float64))

@@ -1,20 +1,26 @@
 """The cost model `auto` dispatch uses to choose between Triton and CUDA for the eigen
 preconditioning (`precondition_eigen`, `precondition_eigen_`). A MODEL, not a measurement:
-no GPU has run these paths yet; bench/bench_triton.py measures both sides on the next one.
+no GPU has run these paths yet (bench/RESULTS.md); bench/bench_triton.py measures both
+sides on the next one.
 
     t = launches * LAUNCH_US + FLOPs / rate
 
 - FLOPs: the four GEMMs of every layer, Q_G^T dW_bar Q_A and Q_G X Q_A^T, 4 m n (m + n)
   for G of size m and A of size n.
 - launches: Triton's grouped kernels take 5 launches for all layers (4 GEMMs + the
-  KL-clip reduction); the CUDA backend runs the GEMMs per layer through torch (cuBLAS)
-  plus about 2 more small ops per layer (slice, add, copy) and one scale launch per 32
-  layers: 6 L + L / 32 launches.
+  KL-clip reduction; 4 without a clip, not modelled). The CUDA backend runs per layer
+  the 4 GEMMs through torch (cuBLAS), the multiply by nu and the copy into `.grad`, plus
+  one scale launch per 32 layers: 6 L + L / 32 launches (a bias adds about 5 small
+  launches per layer, the nu reduction a few per call: neither is modelled).
 - rates (H200, per-kernel efficiency assumed, not measured): cuBLAS IEEE fp32 50 TFLOP/s
   (75% of the 67 TFLOP/s FMA peak) and TF32 400; Triton's FMA dot 33 (50%) and TF32 300.
 
 Triton wins where launches dominate (many small layers), cuBLAS where FLOPs do (a few
-large layers). Precision reaches the model through the call's `precision` keyword.
+large layers). Precision reaches the model only through the call's `precision` keyword
+(`ops.precondition_eigen[_](..., precision="tf32")`, which
+`KFACPreconditioner(precision="tf32")` passes): "tf32" prices both sides at their TF32
+rates; None or "ieee" at the IEEE fp32 rates, even where torch's global
+`allow_tf32` would let the CUDA path use TF32.
 """
 from __future__ import annotations
 

@@ -99,7 +99,8 @@ class PreconditionMixin(PreconditionerBase):
             qg = [layer.qg for layer in chosen]
             if self.method == "eigen":
                 return ops.precondition_eigen_(wgs, bgs, qa, [layer.da for layer in chosen], qg,
-                                               [layer.dg for layer in chosen], self._layer_damping(chosen), **kw)
+                                               [layer.dg for layer in chosen], self._layer_damping(chosen),
+                                               precision=self._kernel_precision(), **kw)
             if self.method == "inverse":
                 return ops.precondition_inverse_(wgs, bgs, [layer.a_inv for layer in chosen],
                                                  [layer.g_inv for layer in chosen], **kw)
@@ -115,6 +116,12 @@ class PreconditionMixin(PreconditionerBase):
         else:
             self.last_nu = self.distributed.precondition(chosen, local, damping=self.damping(self.steps),
                                                          lr=self.lr(self.steps), kl_clip=kl_clip)
+
+    def _kernel_precision(self) -> Optional[str]:
+        """The ops' `precision` for this policy: "tf32" reaches the Triton and CUDA kernels
+        (the tf32_products block reaches torch's matmuls only); "fp32" passes nothing (the
+        ops as they are); the torch reference ignores it, so CPU results do not change."""
+        return "tf32" if self.precision == "tf32" else None
 
     def _dense_products(self, dense: list[KFACLayer], grads: list, damping: Any) -> list:
         """P of layers served by the grouped ops, out of place: the functional op of the
@@ -132,7 +139,7 @@ class PreconditionMixin(PreconditionerBase):
         if self.method == "ekfac":
             return ops.precondition_ekfac(grads, qa, qg, [layer.scales for layer in dense], damping)
         return ops.precondition_eigen(grads, qa, [layer.da for layer in dense], qg,
-                                      [layer.dg for layer in dense], damping)
+                                      [layer.dg for layer in dense], damping, precision=self._kernel_precision())
 
     def _precondition_out_of_place(self, chosen: list[KFACLayer], kl_clip: Optional[float]) -> torch.Tensor:
         """Each P formed out of place, then nu * P written into `.grad`.

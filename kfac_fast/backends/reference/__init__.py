@@ -11,6 +11,8 @@ Arguments arrive validated by `kfac_fast.ops`, normalised as follows:
   device scalar is only used in tensor arithmetic (no sync on per-step paths);
 - per-layer scalars (`betas`, `alphas`, `damping` of list ops, `beta`/`alpha` of
   `ekfac_scales_`) are a 1-D tensor of length L (CPU or the data's device).
+- `precision` (keyword of the factor updates and the eigen preconditioners, passed only
+  when the caller sets it) is accepted and ignored: these rows compute in IEEE math.
 Tests also call these functions directly on float64 copies, so for convenience every
 scalar may also be a Python number and every per-layer scalar a number, a 0-dim tensor
 or a sequence (see `_common.scalar_tensor` / `_common.layer_scalar`).

@@ -1,7 +1,7 @@
 """Reference factor updates and triangle packing (torch, every device and dtype)."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ def with_ones(rows: torch.Tensor) -> torch.Tensor:
 
 
 def update_factor_(factor: torch.Tensor, x: torch.Tensor, beta: Scalar, alpha: Scalar, *,
-                   append_ones: bool = False) -> torch.Tensor:
+                   append_ones: bool = False, precision: Optional[str] = None) -> torch.Tensor:
     """factor <- beta*factor + alpha * x_bar^T x_bar, in place.
 
     factor: (n, n) float32/64. x: (..., d), any float dtype and strides, flattened to
@@ -85,7 +85,7 @@ def _host_update_(factor: torch.Tensor, rows: torch.Tensor, beta: float, alpha: 
 
 
 def update_factors_(factors: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], betas, alphas, *,
-                    append_ones: Union[bool, Sequence[bool]] = False) -> list:
+                    append_ones: Union[bool, Sequence[bool]] = False, precision: Optional[str] = None) -> list:
     """update_factor_ for every layer i: factors[i] <- betas[i]*factors[i] + alphas[i]*x_bar_i^T x_bar_i.
 
     betas, alphas: per-layer scalars (1-D tensor of length L). append_ones: a bool or
@@ -98,7 +98,8 @@ def update_factors_(factors: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
 
 
 def conv_input_factor_(factor: torch.Tensor, x: torch.Tensor, beta: Scalar, alpha: Scalar,
-                       kernel_size, stride, padding, dilation, *, append_ones: bool = False) -> torch.Tensor:
+                       kernel_size, stride, padding, dilation, *, append_ones: bool = False,
+                       precision: Optional[str] = None) -> torch.Tensor:
     """Conv2d A update straight from its input: factor <- beta*factor + alpha * P_bar^T P_bar.
 
     x: (N, C, H, W) any float dtype/memory format. P: the N*L im2col patch rows of

@@ -46,11 +46,12 @@ def _eigen_one(dw: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor, denom: torc
     return qg @ scaled_v @ qa.mT, (v * scaled_v).sum()
 
 
-def precondition_eigen(grads, qa, da, qg, dg, damping) -> list:
+def precondition_eigen(grads, qa, da, qg, dg, damping, *, precision=None) -> list:
     """P_i = Q_G[(Q_G^T dW_bar_i Q_A) / (d_G d_A^T + damping_i)]Q_A^T for each layer.
 
     grads[i]: (d_out, n_a) dW_bar; qa/da: (n_a, n_a)/(n_a,); qg/dg: (d_out, d_out)/(d_out,);
     damping: per-layer scalars. Computed in qa's dtype; P has grads[i]'s dtype.
+    `precision` (the ops' keyword for the kernels' TF32) is ignored: IEEE math here.
     """
     out = []
     for i, grad in enumerate(grads):
@@ -75,7 +76,8 @@ def _inplace(weight_grads, bias_grads, lr, kl_clip, layer_fn) -> torch.Tensor:
     return nu
 
 
-def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr=None, kl_clip=None) -> torch.Tensor:
+def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr=None, kl_clip=None,
+                        precision=None) -> torch.Tensor:
     """In place: .grad <- nu * P (eigen method), bias_grad <- P's last column.
 
     weight_grads[i]: (d_out, ...) viewed as (d_out, d_in); bias_grads[i]: (d_out,) or
