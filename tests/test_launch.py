@@ -193,11 +193,30 @@ def test_cost_model_prefers_triton_for_many_small_layers_and_cuda_for_large_ones
     assert cost.triton_slower("precondition_eigen", None, {}) is None
 
 
-def test_cost_model_figures():
-    # one 1024 x 1025 layer: 4 m n (m + n) FLOPs
-    flops = 4.0 * 1024 * 1025 * 2049
-    assert cost.modelled_us("triton", [(1024, 1025)], False) == pytest.approx(5 * 4 + flops / 33e12 * 1e6)
-    assert cost.modelled_us("cuda", [(1024, 1025)], True) == pytest.approx(7 * 4 + flops / 400e12 * 1e6)
+def _picks(op_shapes, precision=None, op="precondition_eigen"):
+    """The backend the cost model picks for eigen preconditioning at these (m, n) layers."""
+    args = _eigen_args(op_shapes)
+    args = (None,) + args if op.endswith("_") else args
+    kwargs = {} if precision is None else {"precision": precision}
+    return "triton" if cost.triton_slower(op, args, kwargs) is None else "cuda"
+
+
+@pytest.mark.parametrize("op", ["precondition_eigen", "precondition_eigen_"])
+def test_cost_model_decisions(op):
+    # Observable choices at stated shapes (not the model's constants): a change of the
+    # model that reorders Triton and CUDA at any of them fails here.
+    many_small, mid, few_large = [(64, 65)] * 200, [(512, 513)] * 8, [(4096, 4097)] * 4
+    for precision in (None, "ieee", "tf32"):
+        assert _picks(many_small, precision, op) == "triton"  # launches dominate
+        assert _picks(mid, precision, op) == "triton"
+        assert _picks(few_large, precision, op) == "cuda"  # FLOPs dominate
+    # one layer: the choice moves from Triton to CUDA as the layer grows (IEEE fp32) ...
+    assert [_picks([(n, n + 1)], None, op) for n in (64, 256, 768, 2048)] == ["triton", "triton", "cuda", "cuda"]
+    # ... and precision moves it: at 768 x 769 cuBLAS's fp32 lead beats Triton's saved
+    # launches, TF32 closes the gap (precision="ieee" is priced as None)
+    assert _picks([(768, 769)], None, op) == _picks([(768, 769)], "ieee", op) == "cuda"
+    assert _picks([(768, 769)], "tf32", op) == "triton"
+    assert _picks([(2048, 2049)] * 2, "tf32", op) == "cuda"
 
 
 def test_backend_info_states_the_cost_model():
