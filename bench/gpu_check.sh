@@ -43,6 +43,9 @@ $PY -c "import kfac_fast; print(kfac_fast.backend_info())" > "$OUT/backend_info.
 
 if want tests; then
   run_part tests 240 $PY -m pytest -q -m gpu tests -x --timeout=120 -p no:cacheprovider
+  # tests/triton (marked interpret, so not selected above) on the GPU itself: the kernels
+  # against the reference, e.g. the KL clip with a NaN layer beside finite ones
+  run_part triton_tests 180 $PY -m pytest -q tests/triton -x --timeout=120 -p no:cacheprovider
 fi
 
 # Issue 17's GPU-only checks, first on their own so their result is easy to find: the
