@@ -55,9 +55,9 @@ def device(op: str, name: str, t: Tensor, where: torch.device) -> None:
 
 
 def precision(op: str, value: Any) -> Optional[str]:
-    """The ops' keyword-only `precision`: None (IEEE fp32), "ieee" or "tf32"."""
-    if value is not None and value not in ("ieee", "tf32"):
-        raise ValueError(f"{op}: precision must be None, 'ieee' or 'tf32', got {value!r}")
+    """The ops' keyword-only `precision`: None or "ieee"/"fp32" (IEEE fp32), or "tf32"."""
+    if value is not None and value not in ("ieee", "fp32", "tf32"):
+        raise ValueError(f"{op}: precision must be None, 'ieee', 'fp32' or 'tf32', got {value!r}")
     return value
 
 

@@ -56,7 +56,7 @@ def update_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, *, ap
     x_bar = [x | 1] (n = d+1) when append_ones, else x (n = d). No 1/R: fold it into
     alpha. alpha == 0 never lets NaN/Inf of x into the factor.
     beta, alpha: Python numbers (finite) or 0-dim float tensors (CPU or factor's device).
-    precision: None or "ieee" (IEEE fp32 products of fp32 x), or "tf32" (the kernels may use
+    precision: None, "ieee" or "fp32" (IEEE fp32 products of fp32 x), or "tf32" (kernels may use
     TF32 tensor cores for fp32 x; the torch reference ignores it). The same on every op
     that takes it.
     """

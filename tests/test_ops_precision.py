@@ -34,9 +34,9 @@ def _calls(gen):
 
 
 @pytest.mark.parametrize("op", PRECISION_OPS)
-@pytest.mark.parametrize("bad", ["fp16", "TF32", "fp32", 32])
+@pytest.mark.parametrize("bad", ["fp16", "TF32", "bf16", 32])
 def test_precision_validated(op, bad):
-    with pytest.raises(ValueError, match=f"{op}: precision must be None, 'ieee' or 'tf32'"):
+    with pytest.raises(ValueError, match=f"{op}: precision must be None, 'ieee', 'fp32' or 'tf32'"):
         _calls(generator(1))[op](bad)
 
 
@@ -56,9 +56,9 @@ def test_precision_forwarded_only_when_set_and_ignored_by_the_reference(op, monk
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(_ops, "_run", spy)
-    outs = {p: _flat(_calls(generator(2))[op](p)) for p in (None, "ieee", "tf32")}
-    assert seen == ["absent", "ieee", "tf32"]
-    for p in ("ieee", "tf32"):  # the torch reference computes the same numbers whatever it says
+    outs = {p: _flat(_calls(generator(2))[op](p)) for p in (None, "ieee", "fp32", "tf32")}
+    assert seen == ["absent", "ieee", "fp32", "tf32"]
+    for p in ("ieee", "fp32", "tf32"):  # the torch reference computes the same numbers whatever it says
         for got, want in zip(outs[p], outs[None]):
             assert torch.equal(got, want)
 

@@ -19,7 +19,7 @@ Triton wins where launches dominate (many small layers), cuBLAS where FLOPs do (
 large layers). Precision reaches the model only through the call's `precision` keyword
 (`ops.precondition_eigen[_](..., precision="tf32")`, which
 `KFACPreconditioner(precision="tf32")` passes): "tf32" prices both sides at their TF32
-rates; None or "ieee" at the IEEE fp32 rates, even where torch's global
+rates; None, "ieee" or "fp32" at the IEEE fp32 rates, even where torch's global
 `allow_tf32` would let the CUDA path use TF32.
 """
 from __future__ import annotations
