@@ -171,13 +171,14 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
             factor's owner rank refreshes warm from the basis it holds; `refresh_stats`
             (and the solver counters of `health()`) then count this rank's factors only.
         precision: of the preconditioning products (`kfac_fast.precision`). "fp32"
-            (default, exact); "tf32": allow_tf32 for those products on CUDA (a no-op on
-            CPU); "bf16" (eigen/ekfac, single-process): eigenvectors and gradient
-            rounded to bf16 for the two GEMM sandwiches, fp32 accumulation (emulated by
-            casting on CPU). Measured on the demo autoencoder (3 steps, its own
-            gradient): relative error of the preconditioned gradient 3.1e-5 in fp32,
-            0.31 in bf16 (ill-conditioned decoder factors dominate; see
-            `kfac_fast.precision`).
+            (default, exact); "tf32": TF32 for those products on CUDA (torch's matmuls
+            under allow_tf32, and method "eigen"'s kernels get the ops' precision="tf32";
+            the factor updates stay IEEE fp32), a no-op on CPU; "bf16" (eigen/ekfac,
+            single-process): eigenvectors and gradient rounded to bf16 for the two GEMM
+            sandwiches, fp32 accumulation (emulated by casting on CPU). Measured on the
+            demo autoencoder (3 steps, its own gradient): relative error of the
+            preconditioned gradient 3.1e-5 in fp32, 0.31 in bf16 (ill-conditioned decoder
+            factors dominate; see `kfac_fast.precision`).
 
     Every numeric hyperparameter also accepts a callable of the step count (the number
     of `step()` calls before the current one).
