@@ -2,8 +2,9 @@
 
 - "fp32" (default): the ops as they are, IEEE fp32 (or the factors' fp64): exact.
 - "tf32": the products run with `torch.backends.cuda.matmul.allow_tf32` set, for the
-  preconditioning call only (restored afterwards). CUDA only: on CPU it is a no-op, and
-  it reaches only the torch matmuls (the Triton/CUDA kernels choose their own precision).
+  preconditioning call only (restored afterwards). CUDA only: on CPU it is a no-op. It
+  reaches the torch matmuls, and the eigen preconditioning ops get `precision="tf32"`,
+  which lets the Triton kernels and the CUDA path use TF32 too (factor updates stay IEEE).
 - "bf16": eigenvectors and gradient are rounded to bf16 for the two GEMM sandwiches
   Q_G^T dW_bar Q_A and Q_G[.]Q_A^T, accumulated in fp32; the division by
   (d_G d_A^T + lambda) and the KL clip stay fp32. On CUDA the GEMMs are bf16 GEMMs with

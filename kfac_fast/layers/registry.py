@@ -50,6 +50,11 @@ def make_layer(name: str, module: nn.Module) -> KFACLayer:
     """The layer object for a registered module."""
     cls = layer_class(module)
     if cls is None:
-        known = ", ".join(f"nn.{t.__name__}" for t, _ in _KINDS)
+        known = known_kinds()
         raise TypeError(f"KFACLayer: module {name!r} must be one of {known}, got {type(module).__name__}")
     return cls(name, module)
+
+
+def known_kinds() -> str:
+    """The registered module types, as text for messages ("nn.Linear, nn.Conv2d, ...")."""
+    return ", ".join(f"nn.{t.__name__}" for t, _ in _KINDS)

@@ -256,7 +256,7 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         self.layers: dict[str, KFACLayer] = {}
         self._register(model)
         if not self.layers:
-            kinds = ", ".join(f"nn.{t.__name__}" for t, _ in registry._KINDS)
+            kinds = registry.known_kinds()
             raise ValueError(f"model has no layer left to precondition (K-FAC knows {kinds}; check skip_layers)")
         self.damping.resolve(self.layers)
         # None when single-process (or a group of one): then nothing below communicates
