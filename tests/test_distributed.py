@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import queue as queue_mod
-import socket
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from kfac_fast import KFACPreconditioner
 from kfac_fast import distributed as kd
 from kfac_fast.distributed.collectives import _buckets
+from tests.adversarial._dist_harness import running_world
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
@@ -469,12 +467,6 @@ def worker(rank: int, world: int, port: int, results) -> None:
             torch.distributed.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RESULTS: dict = {}
 
 
@@ -482,36 +474,14 @@ def spawn(world: int) -> dict:
     """Run `worker` on `world` processes (once per session); rank -> its results."""
     if world in _RESULTS:
         return _RESULTS[world]
-    # a fork server imports torch (and torch._dynamo, which the first custom-op call
-    # pulls in) once; its children start from that image instead of re-importing
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.nn.parallel", "kfac_fast.distributed"])
-    results = ctx.Queue()
-    port = free_port()
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # read by the children at start-up
-    try:
-        procs = [ctx.Process(target=worker, args=(r, world, port, results)) for r in range(world)]
-        for p in procs:
-            p.start()
-    finally:
-        if old is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
     got = {}
-    try:
-        for _ in range(world):
-            rank, out = results.get(timeout=120)
-            got[rank] = out
-    except queue_mod.Empty:
-        pass  # the fixture reports which ranks are missing
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    with running_world(worker, world, join_s=30) as results:
+        try:
+            for _ in range(world):
+                rank, out = results.get(timeout=120)
+                got[rank] = out
+        except queue_mod.Empty:
+            pass  # the fixture reports which ranks are missing
     _RESULTS[world] = got
     return got
 

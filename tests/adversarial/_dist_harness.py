@@ -9,10 +9,12 @@ CI job). Results are cached per (target, world).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue as queue_mod
 import socket
 import time
+from typing import Iterator
 
 import torch.multiprocessing as mp
 
@@ -25,10 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(target, world: int, limit_s: float) -> dict:
-    key = (target.__module__, target.__qualname__, world)
-    if key in _RESULTS:
-        return _RESULTS[key]
+@contextlib.contextmanager
+def running_world(target, world: int, join_s: float = 10) -> Iterator:
+    """Start `target(rank, world, port, queue)` on `world` processes and yield the queue;
+    on exit join them (at most `join_s` each) and kill what is still alive.
+
+    A fork server imports torch (and torch._dynamo, which the first custom-op call pulls
+    in) once; its children start from that image instead of re-importing. Each child
+    runs one thread (OMP_NUM_THREADS is read at its start-up)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.nn.parallel", "kfac_fast.distributed"])
     results = ctx.Queue()
@@ -44,25 +50,34 @@ def spawn(target, world: int, limit_s: float) -> dict:
             del os.environ["OMP_NUM_THREADS"]
         else:
             os.environ["OMP_NUM_THREADS"] = old
-    got: dict = {r: {} for r in range(world)}
-    done: set = set()
-    deadline = time.monotonic() + limit_s
     try:
-        while len(done) < world:
-            rank, case, out = results.get(timeout=max(deadline - time.monotonic(), 0.1))
-            if case is None:
-                done.add(rank)
-            else:
-                got[rank][case] = out
-    except queue_mod.Empty:
-        for r in range(world):
-            if r not in done:
-                got[r]["hung"] = f"rank {r} did not finish within {limit_s} s"
+        yield results
     finally:
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=join_s)
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def spawn(target, world: int, limit_s: float) -> dict:
+    key = (target.__module__, target.__qualname__, world)
+    if key in _RESULTS:
+        return _RESULTS[key]
+    got: dict = {r: {} for r in range(world)}
+    done: set = set()
+    deadline = time.monotonic() + limit_s
+    with running_world(target, world) as results:
+        try:
+            while len(done) < world:
+                rank, case, out = results.get(timeout=max(deadline - time.monotonic(), 0.1))
+                if case is None:
+                    done.add(rank)
+                else:
+                    got[rank][case] = out
+        except queue_mod.Empty:
+            for r in range(world):
+                if r not in done:
+                    got[r]["hung"] = f"rank {r} did not finish within {limit_s} s"
     _RESULTS[key] = got
     return got
