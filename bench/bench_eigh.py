@@ -41,6 +41,8 @@ def _run(impl, stack):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_eigh(benchmark, batch, n, impl):
+    if impl == "torch_loop" and batch > BATCHES[0]:
+        pytest.skip("the per-matrix loop only at the small batch: it scales linearly (and takes the lease)")
     stack = _factors(batch, n)
     benchmark.group = f"eigh fp32 batch={batch} n={n}"
     benchmark.extra_info.update(batch=batch, n=n, impl=impl, device=torch.cuda.get_device_name())
@@ -51,4 +53,4 @@ def test_eigh(benchmark, batch, n, impl):
         return out
 
     call()  # warm-up: plan cache, cuSOLVER handles
-    benchmark(call)
+    benchmark.pedantic(call, rounds=5, iterations=1)

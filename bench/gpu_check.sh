@@ -4,7 +4,7 @@
 # check of the Jacobi kernel and the benchmarks; writes JSON, logs and a short table under
 # $OUT (or ./gpu_out). Aim: under 8 minutes in all.
 #
-#   bash bench/gpu_check.sh [all|build|tests|issue17|sanitize|compile|eigh|triton|refresh|step|e2e|integrations|optimizer]
+#   bash bench/gpu_check.sh [all|build|tests|issue17|profile|sanitize|compile|eigh|triton|refresh|step|e2e|integrations|optimizer]
 #   (default: all)
 #
 # Run as one `device.run` call with a timeout that leaves room for a rerun of one part.
@@ -24,7 +24,7 @@ SUMMARY="$OUT/summary.txt"
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-100000} ))
 
 log() { echo "== $*" | tee -a "$SUMMARY"; }
-want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+want() { [ "$PART" = all ] || [[ ",$PART," == *",$1,"* ]]; }  # PART: all, or parts joined by commas
 
 # Step bodies run under `timeout` so one hung part cannot eat the whole lease.
 run_part() {  # name seconds command...
@@ -71,6 +71,11 @@ if want tests; then
   # tests/triton (marked interpret, so not selected above) on the GPU itself: the kernels
   # against the reference, e.g. the KL clip with a NaN layer beside finite ones
   run_part triton_tests 120 $PY -m pytest -q tests/triton --timeout=90 -rfE -p no:cacheprovider
+fi
+
+# Where a training step's time goes (torch.profiler): kfac_fast against the unfused K-FAC.
+if want profile; then
+  run_part profile 90 $PY bench/profile_step.py --out "$OUT/profile"
 fi
 
 if want sanitize && [ -f bench/sanitize_jacobi.py ]; then

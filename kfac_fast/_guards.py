@@ -115,3 +115,16 @@ def same_dtype(op: str, a_name: str, a: Sequence[Tensor], g_name: str, g: Sequen
         if ta.dtype != tg.dtype:
             raise TypeError(f"{op}: {a_name}[{i}] is {str(ta.dtype).replace('torch.', '')} but {g_name}[{i}] is "
                             f"{str(tg.dtype).replace('torch.', '')}: a layer's matrices must share one dtype")
+
+
+def same_device(have: torch.device, where: torch.device) -> bool:
+    """`have == where`, where a device without an index ("cuda") means the current one, as
+    torch reads it when it allocates: cuda:0 is on "cuda" while cuda:0 is current."""
+    if have == where:
+        return True
+    if where.index is not None or have.type != where.type or have.type == "cpu":
+        return False
+    module = getattr(torch, have.type, None)  # torch.cuda, torch.xpu, ...
+    if module is None or not module.is_available():
+        return False
+    return have.index == module.current_device()

@@ -1,9 +1,9 @@
 """Argument checks of `kfac_fast.ops`: each error names the op and the argument.
 
-ValueError for values, shapes, lengths and devices; TypeError for types and dtypes. The
-`check_<op>` functions validate one public call and return the arguments of its custom
-op, normalised (see `kfac_fast.ops`): scalars as 0-dim tensors, per-layer scalars as 1-D
-tensors, bias lists split into present tensors plus `has_bias` flags, int pairs as lists.
+ValueError for values, shapes, lengths and devices; TypeError for types and dtypes. Each
+`check_<op>` validates one public call and returns its custom op's arguments normalised
+(see `kfac_fast.ops`): scalars as 0-dim tensors, per-layer scalars as 1-D tensors, bias
+lists as present tensors plus `has_bias` flags, int pairs as lists.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import numbers
 from typing import Any, Optional
 
 import torch
+
+from ._guards import same_device
 
 Tensor = torch.Tensor
 
@@ -50,7 +52,7 @@ def shape(op: str, name: str, t: Tensor, want: tuple, why: str = "") -> None:
 
 
 def device(op: str, name: str, t: Tensor, where: torch.device) -> None:
-    if t.device != where:
+    if not same_device(t.device, where):
         raise ValueError(f"{op}: {name} is on {t.device} but the other tensors are on {where}")
 
 
@@ -99,13 +101,12 @@ def number(op: str, name: str, value: float, kind: str) -> None:
 def _scalar_tensor_ok(op: str, name: str, value: Tensor, where: torch.device) -> None:
     if not value.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating tensor, got {value.dtype}")
-    if value.device.type != "cpu" and value.device != where:
+    if value.device.type != "cpu" and not same_device(value.device, where):
         raise ValueError(f"{op}: {name} is on {value.device}; scalars must be on cpu or {where}")
 
 
 def scalar(op: str, name: str, value: Any, where: torch.device, kind: str = "finite") -> Tensor:
-    """A 0-dim tensor from a Python number (checked by `number`) or a 0-dim float tensor
-    on CPU or `where` (not value-checked: that would sync)."""
+    """A 0-dim tensor from a Python number (checked) or a 0-dim float tensor on CPU or `where` (unread: a sync)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"{op}: {name} must be a Python number or a 0-dim tensor, got shape {tuple(value.shape)}")
@@ -313,8 +314,7 @@ def grads(op: str, items: list, dims: list, where: torch.device, name: str = "gr
 
 
 def inplace_grads(op: str, weight_grads: list, bias_grads: Any, dims: list, where: torch.device) -> tuple:
-    """Weight/bias grads against per-layer (d_out, n_a); returns (weight_grads, present
-    bias tensors, has_bias flags): the custom op cannot hold None in a mutated list."""
+    """Weight/bias grads against (d_out, n_a); (weight_grads, present biases, has_bias): no None in a mutated list."""
     bias = tensor_list(op, "bias_grads", bias_grads, len(weight_grads), optional=True)
     for i, (w, (d_out, n_a)) in enumerate(zip(weight_grads, dims)):
         dtype(op, f"weight_grads[{i}]", w, INPUT_DTYPES)

@@ -171,8 +171,11 @@ def _cold_eigh(matrices: list) -> tuple:
             d, q = _jacobi_bucket(stack, idx)
         else:
             d, q = eigh_stack(stack, idx)
+        # Own storage per matrix: the op's outputs may not alias one another (torch's
+        # custom-op check refuses views of one stack), and `_jacobi_bucket` returns a stack.
+        own = (lambda t: t.contiguous()) if len(idx) == 1 else (lambda t: t.clone(memory_format=torch.contiguous_format))
         for k, i in enumerate(idx):
-            vals[i], vecs[i] = d[k].contiguous(), q[k].contiguous()
+            vals[i], vecs[i] = own(d[k]), own(q[k])
     return vals, vecs
 
 

@@ -3,12 +3,16 @@ or refused, per-layer scalars that never take a pageable copy, precision reachin
 kernels. Run with TRITON_INTERPRET=1 like the rest of tests/triton."""
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kfac_fast.kernels import factor_update, guard, launch
+
+# The launchers need tensors on the device Triton runs on: a GPU, or the CPU when interpreted.
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def _fake(shape, stride):
@@ -86,8 +90,8 @@ def test_per_layer_scalars_device_values_stay_and_round_like_before():
 
 def test_precision_reaches_the_launchers():
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(9, 5, generator=gen)
-    f_ieee = torch.randn(5, 5, generator=gen)
+    x = torch.randn(9, 5, generator=gen).to(DEV)
+    f_ieee = torch.randn(5, 5, generator=gen).to(DEV)
     f_ieee = f_ieee @ f_ieee.T
     f_none = f_ieee.clone()
     cfg = dict(BLOCK=16, BLOCK_K=16, num_warps=1, num_stages=1)

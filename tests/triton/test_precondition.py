@@ -120,8 +120,10 @@ def test_kl_clip_leaves_a_non_finite_layer_out(bad):
     ws, bs, qa, da, qg, dg = make(LAYERS, gen)
     ws[2][3, 5] = bad  # layer 2 spans several 32x32 tiles: one bad tile among finite ones
     lr, kl_clip = torch.tensor(0.1, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)
+    # The references run on the CPU (float64 and float32), whatever device the kernel uses.
     w64, b64 = [w.double().cpu().clone() for w in ws], [None if b is None else b.double().cpu() for b in bs]
-    nu64 = reference.precondition_eigen_(w64, b64, as64(qa), as64(da), as64(qg), as64(dg), 0.01,
+    cpu64 = [[t.double().cpu() for t in ts] for ts in (qa, da, qg, dg)]
+    nu64 = reference.precondition_eigen_(w64, b64, *cpu64, 0.01,
                                          lr=lr, kl_clip=kl_clip)
     w32, b32 = [w.cpu().clone() for w in ws], [None if b is None else b.cpu().clone() for b in bs]
     nu32 = reference.precondition_eigen_(w32, b32, [t.cpu() for t in qa], [t.cpu() for t in da],
