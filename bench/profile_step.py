@@ -4,7 +4,7 @@ per step, the GPU kernel time per step, the host syncs (cudaStreamSynchronize,
 cudaDeviceSynchronize, device-to-host copies) and the top ops by self CPU and by self GPU
 time; full tables go to --out.
 
-    python bench/profile_step.py --out DIR [--device cuda] [--networks cnn autoencoder] [--variants kfac_inv10 unfused_inv10]
+    python bench/profile_step.py --out DIR [--device cuda] [--networks cnn ...] [--variants kfac_inv10 ...]
 """
 from __future__ import annotations
 

@@ -173,9 +173,9 @@ def _cold_eigh(matrices: list) -> tuple:
             d, q = eigh_stack(stack, idx)
         # Own storage per matrix: the op's outputs may not alias one another (torch's
         # custom-op check refuses views of one stack), and `_jacobi_bucket` returns a stack.
-        own = (lambda t: t.contiguous()) if len(idx) == 1 else (lambda t: t.clone(memory_format=torch.contiguous_format))
+        shared = len(idx) > 1
         for k, i in enumerate(idx):
-            vals[i], vecs[i] = own(d[k]), own(q[k])
+            vals[i], vecs[i] = (d[k].clone(), q[k].clone()) if shared else (d[k].contiguous(), q[k].contiguous())
     return vals, vecs
 
 
