@@ -173,9 +173,10 @@ def _cold_eigh(matrices: list) -> tuple:
             d, q = eigh_stack(stack, idx)
         # Own storage per matrix: the op's outputs may not alias one another (torch's
         # custom-op check refuses views of one stack), and `_jacobi_bucket` returns a stack.
-        shared = len(idx) > 1
+        own = torch.clone if len(idx) > 1 else torch.Tensor.contiguous
+        fmt = torch.contiguous_format
         for k, i in enumerate(idx):
-            vals[i], vecs[i] = (d[k].clone(), q[k].clone()) if shared else (d[k].contiguous(), q[k].contiguous())
+            vals[i], vecs[i] = own(d[k], memory_format=fmt), own(q[k], memory_format=fmt)
     return vals, vecs
 
 
