@@ -83,6 +83,18 @@ def allow_tf32_of(precision: Optional[str], allow_tf32: bool = False) -> bool:
     return precision == "tf32"
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: Optional[str]) -> Iterator[None]:
+    """torch GEMMs' precision inside the block: "tf32" allows TF32 for float32 matmuls, "ieee"/"fp32" forbids
+    it, None keeps torch's global setting (torch.backends.cuda.matmul.allow_tf32)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32_of(precision, before)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def _flatten(tensors: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     for name, t in tensors.items():
         if t is None:

@@ -131,12 +131,13 @@ def test_allow_tf32_of_precision():
         guard.allow_tf32_of("bf16")
 
 
-def test_cuda_backend_precision_switch_restores_the_global():
-    from kfac_fast.backends import cuda
+def test_matmul_precision_switch_restores_the_global():
+    # the torch-GEMM backends (cuda's eigen preconditioners, cublas's factor updates)
+    from kfac_fast.kernels.guard import matmul_precision
 
     before = torch.backends.cuda.matmul.allow_tf32
     for precision, want in (("tf32", True), ("ieee", False), (None, before)):
-        with cuda._matmul_precision(precision):
+        with matmul_precision(precision):
             assert torch.backends.cuda.matmul.allow_tf32 is want
         assert torch.backends.cuda.matmul.allow_tf32 is before
 

@@ -241,7 +241,7 @@ def test_backend_env_triton_on_cpu_raises_and_auto_falls_back(monkeypatch):
 
 def test_backend_env_names_the_declared_backends(monkeypatch):
     monkeypatch.setenv("KFAC_FAST_BACKEND", "rocm")
-    with pytest.raises(ValueError, match="KFAC_FAST_BACKEND must be auto, torch, triton, cuda; got 'rocm'"):
+    with pytest.raises(ValueError, match="KFAC_FAST_BACKEND must be auto, torch, cublas, triton, cuda; got 'rocm'"):
         ops.update_factor_(torch.eye(3), randn(4, 3, gen=generator(5)), 0.5, 1.0)
 
 

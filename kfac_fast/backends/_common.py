@@ -1,4 +1,4 @@
-"""What the backends share: scalar arguments, the KL-clip nu (its dtype rule is the
+"""What the backends share: scalar arguments, the running-average scalings, the KL-clip nu (its dtype rule is the
 schema's, `kfac_fast._ops.nu_dtype`), the eigen denominator, finite checks, size buckets,
 the torch eigh with its float64 retry, and the warm-refresh driver.
 
@@ -26,6 +26,28 @@ def scalar_tensor(value: Scalar) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.reshape(())
     return torch.tensor(float(value), dtype=torch.float64)
+
+
+def decay_(t: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """t <- beta*t in place, BLAS-style: beta == 0 overwrites without reading t, so an
+    uninitialised or NaN-poisoned buffer cannot leak into the first (beta_1 = 0) update.
+    A device beta is compared on the device (torch.where, no sync)."""
+    if is_host_zero(beta):
+        return t.zero_()
+    if beta.device.type == "cpu":
+        return t.mul_(beta)
+    return t.copy_(torch.where(beta == 0, torch.zeros((), dtype=t.dtype, device=t.device), beta * t))
+
+
+def scaled(alpha: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """alpha * term, exactly 0 where alpha == 0 even when term holds NaN/Inf.
+
+    A device alpha is compared on the device (torch.where, no sync).
+    """
+    product = alpha * term
+    if alpha.device.type == "cpu":
+        return product  # alpha != 0 here: the caller skipped the update when it was 0
+    return torch.where(alpha == 0, torch.zeros((), dtype=product.dtype, device=product.device), product)
 
 
 def layer_scalar(values, i: int) -> torch.Tensor:

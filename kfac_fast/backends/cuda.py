@@ -17,25 +17,23 @@ rows (bottom of the file) say which ops it serves; eigh's rule explains the size
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Optional
 
 import torch
 
 from kfac_fast import _dispatch
 from kfac_fast._ops import nu_dtype
-from kfac_fast.kernels.guard import allow_tf32_of, launch_on
+from kfac_fast.kernels.guard import launch_on, matmul_precision
 
 from . import cuda_driver
 from ._common import buckets, eigh_stack, finite_per_matrix, finite_term, kl_nu, layer_scalar, solve_eigh
 
 # Sizes n <= this go to torch.linalg.eigh, whose batched path (cuSOLVER's batched Jacobi)
-# serves them in one call. Not measured here (no GPU when this was written): chosen from
-# public numbers. pytorch issue #174674 (torch 2.11): batched eigh falls off a cliff above
-# n=32 because torch then loops over matrices; 500 x (100x100) fp32 took 914 ms in torch
-# against 8.4 ms in CuPy's batched solver. bench/bench_eigh.py measures both sides of
-# this cut-off; move it when a GPU run says so.
+# serves them in one call. First chosen from pytorch issue #174674 (torch loops over
+# matrices above n = 32), then confirmed on an H200 (bench/RESULTS.md, 2026-11-29): torch
+# wins at n <= 32 (0.18-0.44 ms vs 0.24-0.68 for batches of 64 and 512), the Jacobi kernel
+# from n = 48 on (22x-94x). Its vectors are also more accurate there: residual 3e-8 vs
+# torch's 1e-5 to 4e-5 at n = 65..130.
 EIGH_TORCH_MAX_N = 32
 # The Jacobi kernel keeps the whole matrix (fp64) in shared memory: 128 x 129 x 8 B fits
 # sm_80's 164 KiB. Equal to _C.JACOBI_MAX_N (tests/test_build.py checks).
@@ -43,9 +41,9 @@ EIGH_JACOBI_MAX_N = 128
 EIGH_CUTOFF_REASON = (
     f"eigh buckets by size: n <= {EIGH_TORCH_MAX_N} -> torch.linalg.eigh (its batched cuSOLVER "
     f"path is fast there), {EIGH_TORCH_MAX_N} < n <= {EIGH_JACOBI_MAX_N} -> kfac_fast's batched "
-    f"Jacobi kernel, n > {EIGH_JACOBI_MAX_N} -> torch.linalg.eigh; cut-off {EIGH_TORCH_MAX_N} from "
-    "pytorch#174674 (torch loops over matrices above n=32: 500x(100x100) 914 ms vs 8.4 ms "
-    "batched in CuPy), not yet measured by bench/bench_eigh.py"
+    f"Jacobi kernel, n > {EIGH_JACOBI_MAX_N} -> torch.linalg.eigh; measured on an H200 (bench_eigh, "
+    "fp32, batch 512): n = 32 torch 0.44 ms vs Jacobi 0.68, n = 48 torch 374 ms vs Jacobi 2.6 "
+    "(torch loops over matrices above n = 32), n = 128 1024 ms vs 46"
 )
 
 
@@ -287,23 +285,11 @@ def _check_layers(fn: str, qa, da, qg, dg, count: int, device: torch.device) -> 
             _check_float(fn, f"{name}[{i}]", t, device)
 
 
-@contextlib.contextmanager
-def _matmul_precision(precision: Optional[str]) -> Iterator[None]:
-    """The GEMMs' precision: "tf32" allows TF32 for float32 matmuls, "ieee"/"fp32" forbids
-    it, None keeps torch's global setting (torch.backends.cuda.matmul.allow_tf32)."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32_of(precision, before)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
 def precondition_eigen(grads, qa, da, qg, dg, damping, *, precision=None) -> list:
     """P_i = Q_G[(Q_G^T dW_bar_i Q_A) / (d_G d_A^T + damping_i)]Q_A^T (reference contract):
     computed in qa's dtype, P in grads[i]'s dtype; the scale by one kernel launch.
     `precision` ("tf32" / "ieee") sets the GEMMs' TF32 use for this call."""
-    with _matmul_precision(precision):
+    with matmul_precision(precision):
         return _precondition_eigen(grads, qa, da, qg, dg, damping)
 
 
@@ -326,7 +312,7 @@ def precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, *, lr
                         precision=None) -> torch.Tensor:
     """In place: .grad <- nu * P, bias grad <- nu * P's last column (reference contract);
     `precision` as `precondition_eigen`. The work is `_precondition_eigen_`'s."""
-    with _matmul_precision(precision):
+    with matmul_precision(precision):
         return _precondition_eigen_(weight_grads, bias_grads, qa, da, qg, dg, damping, lr=lr, kl_clip=kl_clip)
 
 

@@ -8,29 +8,7 @@ import torch.nn.functional as F
 
 from kfac_fast._validate import as_pair
 
-from .._common import Scalar, is_host_zero, layer_scalar, scalar_tensor
-
-
-def decay_(t: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """t <- beta*t in place, BLAS-style: beta == 0 overwrites without reading t, so an
-    uninitialised or NaN-poisoned buffer cannot leak into the first (beta_1 = 0) update.
-    A device beta is compared on the device (torch.where, no sync)."""
-    if is_host_zero(beta):
-        return t.zero_()
-    if beta.device.type == "cpu":
-        return t.mul_(beta)
-    return t.copy_(torch.where(beta == 0, torch.zeros((), dtype=t.dtype, device=t.device), beta * t))
-
-
-def scaled(alpha: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """alpha * term, exactly 0 where alpha == 0 even when term holds NaN/Inf.
-
-    A device alpha is compared on the device (torch.where, no sync).
-    """
-    product = alpha * term
-    if alpha.device.type == "cpu":
-        return product  # alpha != 0 here: the caller skipped the update when it was 0
-    return torch.where(alpha == 0, torch.zeros((), dtype=product.dtype, device=product.device), product)
+from .._common import Scalar, decay_, is_host_zero, layer_scalar, scalar_tensor, scaled
 
 
 def with_ones(rows: torch.Tensor) -> torch.Tensor:

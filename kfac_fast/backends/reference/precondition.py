@@ -7,8 +7,8 @@ import torch
 
 from kfac_fast._ops import nu_dtype
 
-from .._common import eigen_denominator, finite_term, is_host_zero, kl_nu, layer_scalar
-from .factors import decay_, scaled, with_ones
+from .._common import decay_, eigen_denominator, finite_term, is_host_zero, kl_nu, layer_scalar, scaled
+from .factors import with_ones
 
 # Per-example EKFAC sums (L > 1) are formed in chunks of at most this many elements of
 # the (chunk, d_out, n_a) tensor, to bound memory.
