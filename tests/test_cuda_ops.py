@@ -137,7 +137,9 @@ def test_eigh_op_mixed_sizes_against_reference(cuda):
         torchs = _residual(a, td.double().cpu(), tq.double().cpu())
         print(f"n={m.shape[0]}: residual {ours:.2e}, torch.linalg.eigh {torchs:.2e}")
         assert ours <= max(2 * torchs, 1e-6), f"n={m.shape[0]}: residual {ours:.2e} > 2 x torch's {torchs:.2e}"
-        assert _orth(q.double().cpu()) < 1e-4
+        # H200: torch's own fp32 vectors are far from orthogonal above n = 64 (4.4e-4 at n = 130)
+        orth, torch_orth = _orth(q.double().cpu()), _orth(tq.double().cpu())
+        assert orth <= max(2 * torch_orth, 1e-5), f"n={m.shape[0]}: orthogonality {orth:.2e} vs torch {torch_orth:.2e}"
         torch.testing.assert_close(d.double().cpu(), rd, rtol=0, atol=1e-5 * float(rd.abs().max()))
 
 
