@@ -71,6 +71,8 @@ if want tests; then
   # tests/triton (marked interpret, so not selected above) on the GPU itself: the kernels
   # against the reference, e.g. the KL clip with a NaN layer beside finite ones
   run_part triton_tests 120 $PY -m pytest -q tests/triton --timeout=90 -rfE -p no:cacheprovider
+  # the cublas backend's contract tests (not marked gpu: they run on CPU tensors in CI)
+  run_part cublas_tests 60 $PY -m pytest -q tests/test_backend_cublas.py --timeout=60 -rfE -p no:cacheprovider
 fi
 
 # Where a training step's time goes (torch.profiler): kfac_fast against the unfused K-FAC.
