@@ -19,9 +19,57 @@ ratio: no loss specification can disagree with it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Protocol, Sequence
 
 import torch
+
+
+class CurvatureProducts(Protocol):
+    """What `kfac_fast.KFAC` needs from one batch's curvature: the interface the
+    transformer work (issue 19) and the sharded optimizer (issue 20) both build on.
+
+    Attributes:
+        params: the parameters the outputs depend on, in order; every vector is a list
+            with one tensor per entry.
+        gradient: dh/dtheta for those parameters (detached).
+
+    `gram(vectors)` returns the k x k float64 matrix [v_i^T F v_j] of the exact Fisher
+    (GGN) F, on the outputs' device, with no host sync.
+
+    Everything is this process's batch, in the loss's own scale. A distributed
+    implementation wraps a local one. Its `gradient` and `gram` are the sums over ranks of
+    each rank's values weighted by n_rank / n_total, so that N ranks on N shards equal one
+    process on the whole batch. The MC Fisher's samples must not depend on the split: they
+    are drawn per example (issue 20). `FisherProducts` is the local implementation.
+    """
+
+    params: list[torch.Tensor]
+    gradient: list[torch.Tensor]
+
+    def gram(self, vectors: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor: ...
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Run the forward whose graph the products differentiate twice.
+
+    torch's fused attention kernels (flash, memory-efficient and cuDNN on CUDA, flash on
+    the CPU) have no derivative of their backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"),
+    which the double-backward trick takes. Inside this block,
+    `F.scaled_dot_product_attention` (and `nn.MultiheadAttention`, which calls it) uses
+    its math kernel instead. That kernel is made of differentiable ops, so the user's
+    model needs no change, and there is no second forward.
+
+    The cost is the math kernel's speed and its (B, H, T, T) attention matrix in the
+    forward. Only the graph-bearing forward pays it: the closure's no-grad
+    re-evaluations keep the fused kernels.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
