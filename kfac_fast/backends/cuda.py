@@ -169,13 +169,24 @@ def _cold_eigh(matrices: list) -> tuple:
             d, q = _jacobi_bucket(stack, idx)
         else:
             d, q = eigh_stack(stack, idx)
-        # Own storage per matrix: the op's outputs may not alias one another (torch's
-        # custom-op check refuses views of one stack), and `_jacobi_bucket` returns a stack.
-        own = torch.clone if len(idx) > 1 else torch.Tensor.contiguous
-        fmt = torch.contiguous_format
-        for k, i in enumerate(idx):
-            vals[i], vecs[i] = own(d[k], memory_format=fmt), own(q[k], memory_format=fmt)
+        for i, dk, qk in zip(idx, *_own_storage(d, q)):
+            vals[i], vecs[i] = dk, qk
     return vals, vecs
+
+
+def _own_storage(d: torch.Tensor, q: torch.Tensor) -> tuple[list, list]:
+    """A bucket's stacked results as one contiguous tensor per matrix, each with its own
+    storage: the op's outputs may not alias one another (torch's custom-op check refuses
+    views of one stack). Two fused copies for the whole bucket (torch._foreach_copy_),
+    not two launches per matrix: on an H200 those made the op 20 ms slower than the
+    kernel per 512 matrices."""
+    d, q = d.contiguous(), q.contiguous()
+    if d.shape[0] == 1:
+        return [d[0]], [q[0]]
+    d_out, q_out = [torch.empty_like(d[0]) for _ in d], [torch.empty_like(q[0]) for _ in q]
+    torch._foreach_copy_(d_out, list(d.unbind(0)))
+    torch._foreach_copy_(q_out, list(q.unbind(0)))
+    return d_out, q_out
 
 
 def eigh(matrices, *, previous=None, tol=None, clamp=True, return_paths=False) -> tuple:
