@@ -4,7 +4,7 @@
 # check of the Jacobi kernel and the benchmarks; writes JSON, logs and a short table under
 # $OUT (or ./gpu_out). Aim: under 8 minutes in all.
 #
-#   bash bench/gpu_check.sh [all|build|tests|issue17|profile|sanitize|compile|eigh|triton|refresh|step|e2e|integrations|optimizer]
+#   bash bench/gpu_check.sh [all|build|tests|issue17|profile|sanitize|compile|eigh|triton|refresh|step|e2e|attention|integrations|optimizer]
 #   (default: all)
 #
 # Run as one `device.run` call with a timeout that leaves room for a rerun of one part.
@@ -94,6 +94,10 @@ want eigh && bench eigh bench/bench_eigh.py 75
 want triton && bench triton bench/bench_triton.py 90
 want step && bench step bench/bench_step.py 75
 want e2e && bench e2e bench/bench_e2e.py 75
+# The math attention kernel KFAC's graph-bearing forward uses, against the fused default
+if want attention; then
+  run_part attention 60 $PY bench/bench_attention_kernel.py --device cuda --rounds 30
+fi
 # kfac_fast.KFAC's per-step split (the demo row's settings, then the paper's defaults)
 if want optimizer; then
   run_part optimizer-demo 60 $PY bench/bench_optimizer.py --device cuda --settings demo --steps 40
