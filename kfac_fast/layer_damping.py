@@ -9,12 +9,16 @@ Three forms, all read on the host (Python numbers, never a device tensor):
 
 The precondition ops already take one damping per layer, so a per-layer damping costs
 nothing on the device: the frontend hands them a list.
+
+Read as a number (`float(pc.damping)`, as kfac-pytorch users do) it is the shared value at
+the preconditioner's current step; a per-layer damping has no single value and raises a
+TypeError that says to use `for_layers(names, step)`.
 """
 from __future__ import annotations
 
 import inspect
 import re
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from .schedules import Hyperparameter, damping_range
 
@@ -62,6 +66,29 @@ class LayerDamping:
         else:
             self._uniform = Hyperparameter("damping", damping, damping_range)
         self.per_layer = bool(self._rules) or self._by_name is not None
+        self._owner: Any = None
+
+    def bind(self, owner: Any) -> "LayerDamping":
+        """Read the current step from `owner.steps` when used as a number (`float(d)`)."""
+        self._owner = owner
+        if self._uniform is not None:
+            self._uniform.bind(owner)
+        return self
+
+    def __float__(self) -> float:
+        if self.per_layer:
+            raise TypeError("damping is per layer (a dict of layers or a callable of (name, step)): it has "
+                            "no single value; use damping.for_layers(names, step)")
+        assert self._uniform is not None
+        return float(self._uniform)
+
+    def __format__(self, spec: str) -> str:
+        return format(float(self), spec) if spec else repr(self)
+
+    def __repr__(self) -> str:
+        if self.per_layer:
+            return f"LayerDamping(per layer: {[k for k, _, _ in self._rules] or 'f(name, step)'})"
+        return f"LayerDamping({self._uniform!r})"
 
     def resolve(self, names: Iterable[str]) -> None:
         """Bind each registered layer name to its rule (construction time: a dict that

@@ -11,6 +11,11 @@ Every numeric hyperparameter of `KFACPreconditioner` is either a number or a cal
 the callable's value each time it is read, so a bad schedule fails with the name of the
 argument instead of deep inside an op. Everything here runs on the host with Python
 numbers: reading a schedule never touches a device.
+
+A hyperparameter bound to its owner (`bind`, done by KFACPreconditioner) also reads as a
+number, as kfac-pytorch's attributes do: `float(pc.lr)` (and `int(pc.inv_update_steps)`,
+`f"{pc.lr:.3g}"`) is its value at the owner's current step (`pc.steps`); `pc.lr(step)`
+keeps working. An unbound one reads as a number only when it is a constant.
 """
 from __future__ import annotations
 
@@ -39,8 +44,14 @@ class Hyperparameter:
         self.integer = integer
         self.optional = optional
         self.value = value
+        self._owner: Any = None
         if not callable(value):
             self._validate(value, where="")
+
+    def bind(self, owner: Any) -> "Hyperparameter":
+        """Read the current step from `owner.steps` when used as a number (`float(h)`)."""
+        self._owner = owner
+        return self
 
     def _validate(self, v, where: str):
         if v is None:
@@ -68,6 +79,36 @@ class Hyperparameter:
         if callable(self.value):
             return self._validate(self.value(step), where=f"({step}) (schedule value)")
         return self._validate(self.value, where="")
+
+    def current(self):
+        """The value at the owner's current step (`bind`); a constant needs no owner."""
+        if self._owner is not None:
+            return self(self._owner.steps)
+        if callable(self.value):
+            raise TypeError(f"{self.name} is a schedule not bound to a preconditioner: "
+                            f"call it with a step, {self.name}(step)")
+        return self(0)
+
+    def _number(self, kind: str):
+        v = self.current()
+        if v is None:
+            raise TypeError(f"{self.name} is None (turned off): it has no {kind} value")
+        return v
+
+    def __float__(self) -> float:
+        return float(self._number("float"))
+
+    def __int__(self) -> int:
+        if not self.integer:
+            raise TypeError(f"{self.name} is not an integer hyperparameter: use float({self.name})")
+        return int(self._number("int"))
+
+    def __format__(self, spec: str) -> str:
+        return format(self.current(), spec) if spec else repr(self)
+
+    def __repr__(self) -> str:
+        shown = getattr(self.value, "__name__", "schedule") if callable(self.value) else repr(self.value)
+        return f"Hyperparameter({self.name}={shown})"
 
 
 def positive(v: Number) -> Optional[str]:

@@ -64,7 +64,6 @@ are unaffected. Methods "eigen" and "inverse", empirical Fisher.
 """
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -76,6 +75,7 @@ from ..health import Health
 from ..layer_damping import LayerDamping
 from ..layers import KFACLayer, is_layer, make_layer, registry, unsupported_reason
 from ..layers.base import METHODS
+from ..metrics import StepMetrics
 from ..precision import check_precision
 from ..schedules import (
     Hyperparameter,
@@ -88,18 +88,27 @@ from ..schedules import (
     require_int,
     require_number,
 )
+from .args import (
+    FISHERS,
+    LOSS_AVERAGES,
+    check_arguments,
+    compile_skip,
+    default_factor_dtype,
+    refuses_kfac_pytorch_keywords,
+)
 from .capture import CaptureMixin
 from .extension import Curvature
 from .factors import FactorUpdateMixin
+from .observe import ObserveMixin
 from .precondition import PreconditionMixin
 from .refresh import RefreshMixin
 from .state import StateMixin
 
-FISHERS = ("empirical", "mc")
-LOSS_AVERAGES = ("batch", "tokens", "sum")
+__all__ = ["FISHERS", "LOSS_AVERAGES", "METHODS", "KFACPreconditioner"]
 
 
-class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, PreconditionMixin, StateMixin):
+class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, PreconditionMixin, StateMixin,
+                         ObserveMixin):
     """K-FAC preconditioner for the nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding layers
     of a model (the kinds `kfac_fast.layers` registers).
 
@@ -126,8 +135,8 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
             a number (S itself, taken literally). With `accumulation_steps=k` the loss
             of each micro-batch is assumed divided by k for "batch" and "tokens".
         skip_layers: regexes (re.search) on module names and class names; a match on a
-            module or any of its ancestors skips it.
-        factor_dtype: torch.float32 or torch.float64.
+            module or any of its ancestors skips it (None: none, as kfac-pytorch's default).
+        factor_dtype: torch.float32 or torch.float64 (None, kfac-pytorch's default: float32).
         grad_scaler: a torch.amp.GradScaler whose scale the output gradients carry.
         accumulation_steps: micro-batches per `step()` (each loss divided by k). Held
             captures give exactly one k-times larger batch; with
@@ -181,7 +190,16 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
             factors dominate; see `kfac_fast.precision`).
 
     Every numeric hyperparameter also accepts a callable of the step count (the number
-    of `step()` calls before the current one).
+    of `step()` calls before the current one). Read back, each is a `Hyperparameter`:
+    `precond.lr(step)` is its value at a step, `float(precond.lr)` (`int(...)` for the
+    step intervals) its value at the current step, as kfac-pytorch's attributes;
+    `float(precond.damping)` raises a TypeError for a per-layer damping (use
+    `precond.damping.for_layers(names, step)`).
+
+    kfac-pytorch's keywords that kfac_fast does not have (`compute_method`,
+    `update_factors_in_hook`, `inv_dtype`, ...) raise a TypeError naming the equivalent
+    here (`kfac_fast.preconditioner.args.KFAC_PYTORCH_KEYWORDS`,
+    docs/migration-kfac-pytorch.md).
 
     Attributes:
         layers: dict from module name to its `KFACLayer` (a_factor, g_factor, counts,
@@ -190,32 +208,26 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         last_nu: the KL-clip factor of the last step (0-dim device tensor) or None.
         refresh_stats: eigenbasis refreshes so far, counted per factor: {"kept",
             "refined", "full"} (see `eigh_tol`; without it every factor is "full").
+        last_metrics: the `kfac_fast.metrics.StepMetrics` of the last step (None before
+            the first): hyperparameters, whether factors were updated and a refresh ran,
+            nu and the health() counters, recorded without a host sync
+            (`kfac_fast.preconditioner.observe`); `last_metrics.as_dict()` reads them.
     """
 
+    @refuses_kfac_pytorch_keywords
     def __init__(self, model: nn.Module, *, factor_update_steps: Schedule = 1, inv_update_steps: Schedule = 10,
                  damping: Union[Schedule, dict, Callable[[str, int], float]] = 1e-3,
                  factor_decay: Schedule = 0.95, kl_clip: Optional[Schedule] = 1e-3, lr: Schedule = 0.1,
                  method: str = "eigen", fisher: str = "empirical", loss_average: Union[str, float] = "batch",
-                 skip_layers: Union[str, Iterable[str]] = (), factor_dtype: torch.dtype = torch.float32,
+                 skip_layers: Union[None, str, Iterable[str]] = (), factor_dtype: Optional[torch.dtype] = torch.float32,
                  grad_scaler: Any = None, accumulation_steps: int = 1,
                  update_factors_in_hooks: bool = False, process_group: Any = None,
                  distributed: Union[None, bool, data_parallel.DistributedOptions] = None,
                  max_factor_dim: Optional[int] = None, guard_nonfinite: bool = True,
                  eigh_tol: Optional[float] = None, precision: str = "fp32") -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if not (isinstance(loss_average, str) and loss_average in LOSS_AVERAGES):
-            require_number("loss_average", loss_average, alternatives=f"one of {LOSS_AVERAGES} or ")
-        if factor_dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype}")
-        if grad_scaler is not None and not (hasattr(grad_scaler, "scale") and hasattr(grad_scaler, "unscale_")):
-            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-        require_int("accumulation_steps", accumulation_steps)
-        require_bool("update_factors_in_hooks", update_factors_in_hooks)
+        factor_dtype = default_factor_dtype(factor_dtype)
+        check_arguments(model, method, fisher, loss_average, factor_dtype, grad_scaler, accumulation_steps,
+                        update_factors_in_hooks)
 
         self.factor_update_steps = Hyperparameter("factor_update_steps", factor_update_steps,
                                                   at_least_one, integer=True)
@@ -251,8 +263,13 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         # this step's flag per cause of a dropped step (health.CAUSES), counted by step()
         self._step_causes: dict[str, torch.Tensor] = {}
         self._curvatures: list[Curvature] = []
+        self.last_metrics: Optional[StepMetrics] = None
+        self._skips_logged: dict[str, int] = {}
+        for hyperparameter in (self.factor_update_steps, self.inv_update_steps, self.damping, self.factor_decay,
+                               self.kl_clip, self.lr):
+            hyperparameter.bind(self)  # float(pc.lr): the value at the current step
 
-        self._skip = _compile_skip(skip_layers)
+        self._skip = compile_skip(skip_layers)
         self.layers: dict[str, KFACLayer] = {}
         self._register(model)
         if not self.layers:
@@ -344,8 +361,7 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
                 stale = have_factors
             else:
                 stale = [layer for layer in have_factors if not self._has_inverse_state(layer, self.method)]
-            if stale:
-                self._refresh(stale)
+            refresh = self._timed_refresh(stale) if stale else None
             if self.method == "ekfac" and factor_step:
                 # hooks mode holds pairs only on steps that refresh the basis
                 self._update_scales([layer for layer in fired if layer.inputs and layer.grads and layer.qa is not None])
@@ -360,6 +376,7 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
             self._step_causes = {}
             self._row_mask = None  # a mask describes one batch
             self.steps += 1
+        self._record_step(step, factor_step and bool(fired), refresh)
 
     def health(self) -> dict:
         """How often the safety nets fired, as Python ints (reads a device counter: one
@@ -373,23 +390,3 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
         (the preconditioned gradient was not finite: the plain gradient is kept),
         kfac_nonfinite_update (`KFAC` only)."""
         return self._health.report()
-
-
-def _compile_skip(skip_layers: Union[str, Iterable[str]]) -> list:
-    if isinstance(skip_layers, str):
-        skip_layers = (skip_layers,)
-    try:
-        patterns = list(skip_layers)
-    except TypeError:
-        raise TypeError(f"skip_layers must be a regex or an iterable of regexes, "
-                        f"got {type(skip_layers).__name__}") from None
-    out = []
-    for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"skip_layers entries must be strings, got {p!r}")
-        try:
-            out.append(re.compile(p))
-        except re.error as exc:
-            raise ValueError(f"skip_layers: bad regex {p!r}: {exc}") from None
-    return out
-

@@ -12,6 +12,14 @@ tensor, a non-finite tensor are refused with the layer named; floating tensors a
 converted to this preconditioner's `factor_dtype` (a float32 checkpoint loads into a
 float64 preconditioner as float64) and moved to the layer's device.
 
+`state_dict(include_factors=False)` (kfac-pytorch's keyword) leaves out the factors, the
+decompositions, the EKFAC scales and the curvature extensions' state: a small state of the
+step count, the layers' identities (`kind`, `has_bias`), the health counters and
+refresh_stats, marked `"include_factors": False`. Loading it checks the layers as usual and
+then starts every factor fresh (k = 0, no decomposition): the first factor-update step after
+it builds the factors from that batch alone and refreshes them, and until then `.grad` is
+left as the plain gradient. Checkpoint files (`kfac_fast.checkpoint`, format v2) hold either.
+
 Data-parallel: `state_dict()` is not a collective: it is this rank's state (under
 factor_sync="inverse" its local factors since the last inversion; under "memory" only the
 decompositions it owns, the others are recomputed after a load). `synced_state_dict()` is
@@ -38,15 +46,20 @@ class StateMixin(PreconditionerBase):
 
     _COUNTS = ("a_count", "g_count", "scale_count")
 
-    def state_dict(self) -> dict:
+    def state_dict(self, include_factors: bool = True) -> dict:
         """Everything needed to continue bit-identically: step count, and per layer the
         factors, their k, and the decompositions (or EKFAC scales) in use.
+
+        include_factors=False: without factors, decompositions and scales (small; see the
+        module docstring: loading it restarts the factors).
 
         Never a collective: safe to call on one rank only (`if rank == 0: ...`).
         Data-parallel it holds this rank's view (see the module docstring, and the
         "distributed" entry it adds); `synced_state_dict()` is the exact, global one.
         """
-        out = self._state_dict()
+        if not isinstance(include_factors, bool):
+            raise TypeError(f"state_dict: include_factors must be a bool, got {include_factors!r}")
+        out = self._state_dict(include_factors)
         if self.distributed is not None:
             out["distributed"] = self.distributed.describe_state(synced=False)
         return out
@@ -65,16 +78,21 @@ class StateMixin(PreconditionerBase):
         out["distributed"] = self.distributed.describe_state(synced=True)
         return out
 
-    def _state_dict(self) -> dict:
+    def _state_dict(self, include_factors: bool = True) -> dict:
         layers = {}
         for name, layer in self.layers.items():
-            entry: dict[str, Any] = {c: getattr(layer, c) for c in self._COUNTS}
-            entry.update({t: getattr(layer, t).clone() for t in KFACLayer.STATE_TENSORS
-                          if getattr(layer, t) is not None})
+            entry: dict[str, Any] = {}
+            if include_factors:
+                entry.update({c: getattr(layer, c) for c in self._COUNTS})
+                entry.update({t: getattr(layer, t).clone() for t in KFACLayer.STATE_TENSORS
+                              if getattr(layer, t) is not None})
             entry.update(kind=layer.kind, has_bias=bool(layer.has_bias))
             layers[name] = entry
         out = {"steps": self.steps, "method": self.method, "layers": layers,
                "health": self._health.state_dict(), "refresh_stats": dict(self.refresh_stats)}
+        if not include_factors:
+            out["include_factors"] = False
+            return out
         for curvature in self._curvatures:
             out[curvature.state_key] = curvature.state_dict()
         return out
@@ -137,6 +155,7 @@ class StateMixin(PreconditionerBase):
         convert to `factor_dtype`. Everything is checked first (see the module
         docstring): a refused state leaves this preconditioner unchanged.
 
+        A state from `state_dict(include_factors=False)` starts every factor fresh.
         Not a collective. Data-parallel: load the same state (rank 0's) on every rank.
         """
         self._check_state(state)
