@@ -21,7 +21,7 @@ LINT_DEPS := ruff==0.17.6 mypy==2.4.1
 DEPS := "setuptools>=77" wheel cmake ninja "pybind11>=2.12" numpy pytest pytest-benchmark \
         hypothesis matplotlib tqdm "triton==3.9.0" heavyball $(LINT_DEPS)
 
-.PHONY: all install lint test test-fast test-interpret demo bench compile-check clean
+.PHONY: all install lint test test-fast test-interpret demo demo-lm bench compile-check clean
 all: test
 
 $(PYTHON):
@@ -60,6 +60,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m kfac_fast.demo
+
+# The transformer demo (issue 19): K-FAC against AdamW, SOAP and Muon; not part of `make test`.
+demo-lm: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PYTHON) -m kfac_fast.demo_lm
 
 # Extra pytest arguments: make bench BENCH_ARGS="--benchmark-autosave" (or "-k eigh",
 # "--benchmark-compare", ...).

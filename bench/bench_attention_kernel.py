@@ -14,39 +14,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from kfac_fast.demo_lm.model import CharTransformer
 from kfac_fast.fvp import twice_differentiable
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        n, t, d = z.shape
-        q, k, v = self.qkv(self.ln1(z)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        z = z + self.proj(a.transpose(1, 2).reshape(n, t, d))
-        return z + self.mlp(self.ln2(z))
-
-
-def model(vocab: int, d: int, heads: int, blocks: int, context: int) -> nn.Module:
-    class LM(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
-            self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(blocks)])
-            self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            z = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
-            return self.head(self.ln(self.blocks(z)))
-    return LM()
 
 
 def main() -> None:
@@ -59,7 +29,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    lm = model(65, args.d, 4, 2, args.context).to(device)
+    lm = CharTransformer(65, d=args.d, heads=4, blocks=2, context=args.context).to(device)
     x = torch.randint(0, 65, (args.batch, args.context), device=device)
     y = torch.randint(0, 65, (args.batch, args.context), device=device)
 

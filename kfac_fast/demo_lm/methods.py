@@ -1,0 +1,94 @@
+"""The optimisers the transformer demo compares, each with a two-point grid.
+
+Every grid has the same size (two points) and every method runs the same steps on the
+same batches per seed. The grids hold the values issue 19 reported on a larger version of
+this model (d=128, context 64: AdamW lr 3e-3, Muon lr 0.02, K-FAC damping 0.1) and one
+neighbour each; they are not yet tuned at the demo's own size.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..optimizer import KFAC
+from ..preconditioner import KFACPreconditioner
+
+
+@dataclasses.dataclass
+class Method:
+    """An optimiser under test: its grid (over `knob`) and how to build it."""
+
+    name: str
+    grid: tuple
+    make: Callable  # (model, value) -> (torch optimizer or KFAC, preconditioner or None)
+    note: str
+    knob: str = "lr"
+
+
+def _adamw(model: nn.Module, lr: float) -> tuple:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), None
+
+
+def _soap(model: nn.Module, lr: float) -> tuple:
+    import heavyball
+
+    heavyball.utils.compile_mode = None  # eager: torch.compile's warm-up would dominate on CPU
+    soap = getattr(heavyball, "ForeachSOAP", None) or heavyball.SOAP
+    return soap(model.parameters(), lr=lr, weight_decay=0.0, precondition_frequency=10), None
+
+
+class _Pair(torch.optim.Optimizer):
+    """Muon on the hidden weight matrices, AdamW on everything else (embeddings, head,
+    LayerNorm, biases): Muon's usual split. One optimizer so the loop treats it as any."""
+
+    def __init__(self, model: nn.Module, lr: float, adam_lr: float) -> None:
+        hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")]
+        ids = {id(p) for p in hidden}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        self.muon = torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(rest, lr=adam_lr, weight_decay=0.0)
+        super().__init__([*hidden, *rest], {})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        self.muon.step()
+        self.adamw.step()
+
+
+ADAMW_LR = 3e-3
+
+
+def _muon(model: nn.Module, lr: float) -> tuple:
+    return _Pair(model, lr, ADAMW_LR), None
+
+
+KFAC_SETTINGS: dict[str, Any] = dict(method="eigen", factor_update_steps=1, inv_update_steps=10,
+                                     factor_decay=0.95, kl_clip=None, loss_average="tokens")
+
+
+def _kfac_adamw(model: nn.Module, damping: float) -> tuple:
+    """KFACPreconditioner's preconditioned gradient into AdamW (issue 19's best K-FAC row)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, weight_decay=0.0)
+    return opt, KFACPreconditioner(model, lr=ADAMW_LR, damping=damping, **KFAC_SETTINGS)
+
+
+def _kfac_paper(model: nn.Module, damping: float) -> tuple:
+    """The paper's optimizer (MC Fisher, quadratic-model step, adaptive lambda)."""
+    return KFAC(model, loss="cross_entropy", method="eigen", damping=damping, inv_update_steps=10), None
+
+
+METHODS = {
+    "adamw": Method("AdamW", (1e-3, 3e-3), _adamw, "weight decay 0"),
+    "soap": Method("SOAP", (1e-3, 3e-3), _soap, "heavyball, precondition_frequency=10"),
+    "muon": Method("Muon", (0.01, 0.02), _muon, f"torch.optim.Muon on hidden matrices, AdamW lr {ADAMW_LR} else"),
+    "kfac": Method("K-FAC + AdamW", (0.03, 0.1), _kfac_adamw,
+                   f"KFACPreconditioner eigen, then AdamW lr {ADAMW_LR}", knob="damping"),
+    "kfac-opt": Method("KFAC (paper)", (1.0, 10.0), _kfac_paper, "kfac_fast.KFAC, eigen, MC Fisher",
+                       knob="lambda0"),
+}
