@@ -154,3 +154,39 @@ def test_log_lines(caplog):
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert debug == ["step 3: lr=0.1 kl_clip=0.001 damping=0.001 factor_decay=0.95 factor_update=True "
                      "refresh=False kfac_nonfinite_update=0 fp64_retries=0 damped_retries=0 kept_previous=0"]
+
+
+# ---------------------------------------------------------------------------------------
+# examples/tensorboard_metrics.py
+# ---------------------------------------------------------------------------------------
+def _example():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tensorboard_metrics.py"
+    spec = importlib.util.spec_from_file_location("tensorboard_metrics_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_prints_the_metrics(capsys):
+    assert _example().main(["--steps", "12", "--every", "5", "--print"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("'step': ")[1].split(",")[0] for line in lines] == ["0", "5", "10", "11"]
+    assert "'refresh': True" in lines[0] and "'refresh': True" in lines[2] and "'refresh': False" in lines[1]
+    assert all("'nu': " in line and "'nonfinite_steps': 0" in line for line in lines)
+
+
+def test_example_without_tensorboard_says_so_and_prints(capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    assert _example().main(["--steps", "3", "--every", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("tensorboard is not installed") and len(lines) == 3
+
+
+def test_example_writes_tensorboard_events(tmp_path, capsys):
+    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is not installed (optional)")
+    assert _example().main(["--steps", "12", "--every", "5", "--logdir", str(tmp_path)]) == 0
+    assert "wrote 12 steps" in capsys.readouterr().out
+    assert list(tmp_path.glob("events.out.tfevents.*"))
