@@ -64,7 +64,6 @@ are unaffected. Methods "eigen" and "inverse", empirical Fisher.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -73,7 +72,7 @@ from torch import nn
 from .. import distributed as data_parallel
 from ..health import Health
 from ..layer_damping import LayerDamping
-from ..layers import KFACLayer, is_layer, make_layer, registry, unsupported_reason
+from ..layers import KFACLayer, registry
 from ..layers.base import METHODS
 from ..metrics import StepMetrics
 from ..precision import check_precision
@@ -102,13 +101,14 @@ from .factors import FactorUpdateMixin
 from .observe import ObserveMixin
 from .precondition import PreconditionMixin
 from .refresh import RefreshMixin
+from .registration import RegistrationMixin
 from .state import StateMixin
 
 __all__ = ["FISHERS", "LOSS_AVERAGES", "METHODS", "KFACPreconditioner"]
 
 
-class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, PreconditionMixin, StateMixin,
-                         ObserveMixin):
+class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, RefreshMixin, PreconditionMixin,
+                         StateMixin, ObserveMixin):
     """K-FAC preconditioner for the nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding layers
     of a model (the kinds `kfac_fast.layers` registers).
 
@@ -290,36 +290,6 @@ class KFACPreconditioner(CaptureMixin, FactorUpdateMixin, RefreshMixin, Precondi
                              f"pass skip_layers='{what}'")
         for layer in self.layers.values():
             layer.install(self)
-
-    # ------------------------------------------------------------------------------------
-    # registration
-    # ------------------------------------------------------------------------------------
-    def _register(self, model: nn.Module) -> None:
-        def visit(module: nn.Module, name: str, skipped: bool) -> None:
-            skipped = skipped or any(p.search(name) or p.search(type(module).__name__)
-                                     for p in self._skip)
-            if is_layer(module) and not skipped:
-                why = unsupported_reason(module, self.method) or self._too_large(name, module)
-                if why is None:
-                    self.layers[name] = make_layer(name, module)
-                else:
-                    warnings.warn(f"KFACPreconditioner: skipping layer {name!r}: {why}", stacklevel=4)
-            for child_name, child in module.named_children():
-                visit(child, f"{name}.{child_name}" if name else child_name, skipped)
-
-        visit(model, "", False)
-
-    def _too_large(self, name: str, module: nn.Module) -> Optional[str]:
-        """Why max_factor_dim skips the layer (None when it fits or there is no limit)."""
-        if self.max_factor_dim is None:
-            return None
-        layer = make_layer(name, module)
-        # a diagonal A is a vector: only G is quadratic in memory
-        a_dim = 0 if layer.diagonal_a else layer.a_dim
-        if max(a_dim, layer.g_dim) <= self.max_factor_dim:
-            return None
-        return (f"factor dims {layer.a_dim} (A) and {layer.g_dim} (G) exceed max_factor_dim="
-                f"{self.max_factor_dim} (its gradient is left to the optimizer)")
 
     def remove_hooks(self) -> None:
         """Remove every hook this preconditioner installed (it stops capturing)."""

@@ -1,0 +1,50 @@
+"""Registration: which modules of a model KFACPreconditioner preconditions.
+
+Every module of a kind `kfac_fast.layers` knows becomes a `KFACLayer`, unless
+`skip_layers` matches it or an ancestor (module name or class name, `re.search`), its
+kind does not support the method, or a factor dimension exceeds `max_factor_dim`; each
+skipped layer is warned once, by name, with the reason.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Optional
+
+from torch import nn
+
+from ..layers import is_layer, make_layer, unsupported_reason
+from .base import PreconditionerBase
+
+
+class RegistrationMixin(PreconditionerBase):
+    """The registration job of KFACPreconditioner."""
+
+    _skip: list[re.Pattern]
+
+    def _register(self, model: nn.Module) -> None:
+        def visit(module: nn.Module, name: str, skipped: bool) -> None:
+            skipped = skipped or any(p.search(name) or p.search(type(module).__name__)
+                                     for p in self._skip)
+            if is_layer(module) and not skipped:
+                why = unsupported_reason(module, self.method) or self._too_large(name, module)
+                if why is None:
+                    self.layers[name] = make_layer(name, module)
+                else:
+                    warnings.warn(f"KFACPreconditioner: skipping layer {name!r}: {why}", stacklevel=4)
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name, skipped)
+
+        visit(model, "", False)
+
+    def _too_large(self, name: str, module: nn.Module) -> Optional[str]:
+        """Why max_factor_dim skips the layer (None when it fits or there is no limit)."""
+        if self.max_factor_dim is None:
+            return None
+        layer = make_layer(name, module)
+        # a diagonal A is a vector: only G is quadratic in memory
+        a_dim = 0 if layer.diagonal_a else layer.a_dim
+        if max(a_dim, layer.g_dim) <= self.max_factor_dim:
+            return None
+        return (f"factor dims {layer.a_dim} (A) and {layer.g_dim} (G) exceed max_factor_dim="
+                f"{self.max_factor_dim} (its gradient is left to the optimizer)")
