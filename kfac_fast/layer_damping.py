@@ -83,7 +83,7 @@ class LayerDamping:
         return float(self._uniform)
 
     def __format__(self, spec: str) -> str:
-        return format(float(self), spec) if spec else repr(self)
+        return repr(self) if self.per_layer else format(self._uniform, spec)
 
     def __repr__(self) -> str:
         if self.per_layer:

@@ -104,7 +104,13 @@ class Hyperparameter:
         return int(self._number("int"))
 
     def __format__(self, spec: str) -> str:
-        return format(self.current(), spec) if spec else repr(self)
+        """The current value formatted (f"{pc.lr:.3g}", f"{pc.lr}"); an unbound schedule
+        or None: the repr."""
+        try:
+            value = self.current()
+        except TypeError:
+            value = None
+        return repr(self) if value is None else format(value, spec)
 
     def __repr__(self) -> str:
         shown = getattr(self.value, "__name__", "schedule") if callable(self.value) else repr(self.value)

@@ -112,6 +112,7 @@ def test_float_of_hyperparameters_is_the_value_at_the_current_step():
     assert int(pc.inv_update_steps) == 5
     assert pc.lr(0) == 0.5 and pc.damping(1) == pytest.approx(2e-2)  # calling keeps working
     assert f"{pc.lr:.3f}" == "0.167" and f"{pc.damping:.2f}" == "0.03"
+    assert f"{pc.lr}" == str(0.5 / 3) and f"{pc.factor_decay}" == "0.9" and f"{pc.kl_clip}" == repr(pc.kl_clip)
     with pytest.raises(TypeError, match="kl_clip is None"):
         float(pc.kl_clip)
     with pytest.raises(TypeError, match="not an integer hyperparameter"):
@@ -122,6 +123,7 @@ def test_float_of_per_layer_damping_says_use_for_layers():
     pc = KFACPreconditioner(mlp(), damping={"0": 1e-2, "default": 1e-3})
     with pytest.raises(TypeError, match="per layer.*for_layers"):
         float(pc.damping)
+    assert f"{pc.damping}" == "LayerDamping(per layer: ['0'])"
     assert pc.damping.for_layers(["0", "2"], 0) == [1e-2, 1e-3]
 
 
