@@ -263,7 +263,8 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
         # this step's flag per cause of a dropped step (health.CAUSES), counted by step()
         self._step_causes: dict[str, torch.Tensor] = {}
         self._curvatures: list[Curvature] = []
-        self.last_metrics: Optional[StepMetrics] = None
+        self._metrics: Optional[StepMetrics] = None  # last_metrics, built when read
+        self._pending_metrics: Optional[tuple] = None
         self._skips_logged: dict[str, int] = {}
         for hyperparameter in (self.factor_update_steps, self.inv_update_steps, self.damping, self.factor_decay,
                                self.kl_clip, self.lr):

@@ -52,7 +52,8 @@ def _value(h: Callable[[int], Any], step: int) -> Any:
 class ObserveMixin(PreconditionerBase):
     """The metrics record and logging of KFACPreconditioner."""
 
-    last_metrics: Optional[StepMetrics]
+    _metrics: Optional[StepMetrics]
+    _pending_metrics: Optional[tuple]
     _skips_logged: dict[str, int]
 
     def _timed_refresh(self, layers: list[KFACLayer]) -> dict[str, Any]:
@@ -81,48 +82,64 @@ class ObserveMixin(PreconditionerBase):
             logger.info("step %d: since the last refresh: %s", self.steps,
                         ", ".join(f"{k} +{v}" for k, v in new.items()))
 
+    @property
+    def last_metrics(self) -> Optional[StepMetrics]:
+        """The `StepMetrics` of the last step (None before the first), built on first access
+        from what `step()` kept: a step only stores references and one counter copy."""
+        pending = self._pending_metrics
+        if pending is not None:
+            step, host, nu, counter_names, counters, solver = pending
+            m = StepMetrics(step)
+            for k, v in host.items():
+                m.record(k, v)
+            if nu is not None:
+                m.record("nu", nu)
+            values = [*counters[0].unbind(), *counters[1]] if isinstance(counters, tuple) else counters
+            for k, v in zip(counter_names, values):
+                m.record(k, v)
+            for k, v in solver.items():
+                m.record(k, v)
+            self._metrics, self._pending_metrics = m, None
+        return self._metrics
+
     def _record_step(self, step: int, factor_update: bool, refresh: Optional[dict[str, Any]]) -> None:
-        """Fill `last_metrics` for `step` (no host sync) and log it at DEBUG."""
-        m = StepMetrics(step)
+        """Keep what `last_metrics` shows for `step` (no host sync; the record itself is
+        built when read) and log it at DEBUG."""
+        host: dict[str, Any] = {}
         kl_clip = _value(self.kl_clip, step)
         if kl_clip is not None:
             lr = _value(self.lr, step)
             if lr is not None:
-                m.record("lr", lr)
-            m.record("kl_clip", kl_clip)
+                host["lr"] = lr
+            host["kl_clip"] = kl_clip
         if not self.damping.per_layer:
             damping = _value(self.damping, step)
             if damping is not None:
-                m.record("damping", damping)
+                host["damping"] = damping
         decay = _value(self.factor_decay, step)
         if decay is not None:
-            m.record("factor_decay", decay)
-        m.record("factor_update", bool(factor_update))
-        m.record("refresh", refresh is not None)
+            host["factor_decay"] = decay
+        host["factor_update"] = bool(factor_update)
+        host["refresh"] = refresh is not None
         for k, v in (refresh or {}).items():
-            m.record(f"refresh_{k}", v)
-        if self.last_nu is not None:
-            m.record("nu", self.last_nu)
-        self._record_counters(m)
-        self.last_metrics = m
+            host[f"refresh_{k}"] = v
+        names, counters = self._counter_snapshot()
+        solver = {k: self._health.solver[k] for k in SOLVER_COUNTERS}
+        self._pending_metrics = (step, host, self.last_nu, names, counters, solver)
         if logger.isEnabledFor(logging.DEBUG):
-            host = {k: v for k, v in m._values.items() if not isinstance(v, torch.Tensor)}
-            logger.debug("step %d: %s", step, " ".join(f"{k}={v}" for k, v in host.items()))
+            shown = {**host, **solver}
+            logger.debug("step %d: %s", step, " ".join(f"{k}={v}" for k, v in shown.items()))
 
-    def _record_counters(self, m: StepMetrics) -> None:
-        """health()'s counters: the device ones copied in one launch (they grow in place)."""
+    def _counter_snapshot(self) -> tuple[list[str], Any]:
+        """health()'s device counters by name, copied (they grow in place): those created
+        so far as one stacked tensor when they share a device (one launch), else a list of
+        copies; the names of counters not created yet follow, with 0."""
         health = self._health
         live = {"nonfinite_steps": health.nonfinite_steps, **{k: health.causes.get(k) for k in CAUSES},
                 **{k: v for k, v in health.causes.items() if k not in CAUSES}}
-        on_device = {k: v for k, v in live.items() if v is not None}
-        devices = {v.device for v in on_device.values()}
-        snapshot: dict[str, Any] = {}
-        if len(devices) == 1:
-            stacked = torch.stack(list(on_device.values()))
-            snapshot = dict(zip(on_device, stacked.unbind()))
-        else:  # counters on several devices (a model moved mid-run): one copy per counter
-            snapshot = {k: v.clone() for k, v in on_device.items()}
-        for k in live:
-            m.record(k, snapshot.get(k, 0))
-        for k in SOLVER_COUNTERS:
-            m.record(k, health.solver[k])
+        present = {k: v for k, v in live.items() if v is not None}
+        names = [*present, *(k for k in live if k not in present)]
+        zeros = [0] * (len(live) - len(present))
+        if present and len({v.device for v in present.values()}) == 1:
+            return names, (torch.stack(list(present.values())), zeros)
+        return names, [*(v.clone() for v in present.values()), *zeros]
