@@ -67,6 +67,12 @@ class KFACLayer:
         row_maskable: `set_row_mask` applies to it (its inputs are (N, T, d) token rows).
         methods: the preconditioner methods it supports.
         data_parallel: data-parallel K-FAC supports it.
+        owns_block: its Fisher block is not A (x) G but its own (a norm's per-feature
+            scale-and-shift blocks, kept in a_factor): built from each capture's paired
+            input and output gradient (`block_grads`, `update_block_`), applied from the
+            current block at every step (`precondition_alone`), never refreshed.
+        opt_in: registered only when the preconditioner is asked for it by `kind`
+            (`registry.check_extra_kinds`); its parameters are otherwise not K-FAC's.
     """
 
     kind: ClassVar[str] = "layer"
@@ -74,6 +80,8 @@ class KFACLayer:
     row_maskable: ClassVar[bool] = False
     methods: ClassVar[tuple[str, ...]] = METHODS
     data_parallel: ClassVar[bool] = True
+    owns_block: ClassVar[bool] = False
+    opt_in: ClassVar[bool] = False
     # the names of the persistent state tensors above (every kind has the same), in the order
     # `state_tensors()` and the preconditioner's state_dict list them
     STATE_TENSORS: ClassVar[tuple[str, ...]] = ("a_factor", "g_factor", "qa", "da", "qg", "dg",
@@ -183,6 +191,29 @@ class KFACLayer:
     def precondition_eigen(self, grad: Tensor, damping: Any) -> Tensor:
         """P of a `diagonal_a` layer from its own eigendecomposition (out of place)."""
         raise NotImplementedError(f"{type(self).__name__} is preconditioned by the grouped ops")
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the grouped ops precondition it (not a diagonal A, not its own block)."""
+        return not (self.diagonal_a or self.owns_block)
+
+    @property
+    def appends_ones(self) -> bool:
+        """Whether a row-masked input gets the ones-column of the bias (the A rows' own)."""
+        return self.has_bias
+
+    def precondition_alone(self, grad: Tensor, damping: Any) -> Tensor:
+        """P of a layer the grouped ops do not serve (out of place, `grad_bar`'s layout)."""
+        return self.precondition_eigen(grad, damping)
+
+    def block_grads(self, x: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
+        """An `owns_block` layer's per-example parameter gradients from one capture's
+        batched input and output-gradient rows, unscaled (times S: the v of its block)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps A (x) G")
+
+    def update_block_(self, v: Tensor, beta: Any, alpha: Any) -> None:
+        """An `owns_block` layer's block <- beta block + alpha (statistics of v)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps A (x) G")
 
     # ---- gradients -----------------------------------------------------------------------
     def has_grads(self) -> bool:
