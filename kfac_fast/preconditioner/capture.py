@@ -8,7 +8,7 @@ backward to the captured outputs.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -21,6 +21,10 @@ from .base import PreconditionerBase
 
 class CaptureMixin(PreconditionerBase):
     """The hooks' side of KFACPreconditioner."""
+
+    if TYPE_CHECKING:  # the factor-update job's (FactorUpdateMixin)
+        def _capture_block(self, layer: KFACLayer, x: Optional[torch.Tensor], rows: torch.Tensor,
+                           tokens: Optional[torch.Tensor]) -> None: ...
 
     def _is_factor_step(self) -> bool:
         step, cached = self._factor_step_cache
@@ -47,20 +51,20 @@ class CaptureMixin(PreconditionerBase):
             x = layer.batched_input(x)
             mask = row_masks.mask_for(self._row_mask, x) if layer.row_maskable else None
             if mask is not None:  # x_bar with padding rows zeroed: its own ones-column
-                x, rows = row_masks.masked_input(x, mask, layer.has_bias), row_masks.real_rows(mask)
+                x, rows = row_masks.masked_input(x, mask, layer.appends_ones), row_masks.real_rows(mask)
             if self.update_factors_in_hooks:
-                if not empirical:  # MC: its sampled backward is explicit (sample_fisher)
-                    self._hook_update_a(layer, x, rows)
+                if empirical:  # checked now, as every capture of the step: a bad one drops the rest
+                    self._check_captures([x])
+                elif not layer.owns_block:  # MC: its sampled backward is explicit (sample_fisher);
+                    self._hook_update_a(layer, x, rows)  # a block waits for its gradient
                     if self.method == "ekfac":
                         layer.inputs.append(x)
-                else:  # checked now, as every capture of the step: a bad one drops the rest
-                    self._check_captures([x])
             elif not empirical or wants_grad:
                 slot = layer.hold_input(x, rows, paired=not empirical)
         if not wants_grad:
             return
-        if capture and self.fisher == "mc":
-            layer.edges.append(torch.autograd.graph.get_gradient_edge(output))
+        if capture and self.fisher == "mc":  # with its input: a block pairs the two
+            layer.edges.append((torch.autograd.graph.get_gradient_edge(output), x))
         generation = layer.generation
 
         def grad_hook(g: torch.Tensor) -> None:
@@ -73,7 +77,10 @@ class CaptureMixin(PreconditionerBase):
             tokens = None
             if mask is not None:
                 g_rows, tokens = row_masks.masked_rows(g_rows, mask), row_masks.real_rows(mask)
-            if self.update_factors_in_hooks:
+            if layer.owns_block:
+                layer.pair_input(slot)
+                self._on_grad(layer, g_rows, tokens, x)
+            elif self.update_factors_in_hooks:
                 ok = self._hook_update_a(layer, x, rows, grad_rows=g_rows)
                 if self.method == "ekfac":
                     layer.inputs.append(x)
@@ -84,9 +91,14 @@ class CaptureMixin(PreconditionerBase):
 
         output.register_hook(grad_hook)
 
-    def _on_grad(self, layer: KFACLayer, rows: torch.Tensor,
-                 tokens: Optional[torch.Tensor] = None) -> None:
-        """tokens: the real rows of a masked capture (0-dim device tensor), else None."""
+    def _on_grad(self, layer: KFACLayer, rows: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                 x: Optional[torch.Tensor] = None) -> None:
+        """tokens: the real rows of a masked capture (0-dim device tensor), else None. x:
+        the capture's (batched) input, which an `owns_block` layer pairs with the rows
+        into its per-example gradients v (times S, so they are kept as they are)."""
+        if layer.owns_block:
+            self._capture_block(layer, x, rows, tokens)
+            return
         if self.update_factors_in_hooks:
             self._hook_update_g(layer, rows, tokens)
         else:
@@ -96,7 +108,8 @@ class CaptureMixin(PreconditionerBase):
     def set_row_mask(self, mask: Optional[torch.Tensor]) -> None:
         """The real-token mask of the next forward (see the package docstring): a bool
         (N, T) tensor, True for real tokens, applied to every nn.Linear whose input has
-        leading dims exactly (N, T). It holds until `step()` (which clears it) or the next
+        leading dims exactly (N, T), and to every registered norm (extra_kinds) whose
+        input rows are (N, T, d). It holds until `step()` (which clears it) or the next
         call; None clears it. Methods "eigen"/"inverse" with fisher="empirical"."""
         mask = row_masks.check_row_mask(mask)
         if mask is not None and (self.method == "ekfac" or self.fisher == "mc"):
@@ -130,15 +143,15 @@ class CaptureMixin(PreconditionerBase):
         require_int("num_samples", num_samples)
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise ValueError("output must be a tensor that requires grad (the model's output)")
-        pending = [(layer, edge) for layer in self.layers.values() for edge in layer.edges]
+        pending = [(layer, edge, x) for layer in self.layers.values() for edge, x in layer.edges]
         for layer in self.layers.values():
             layer.edges.clear()  # a later micro-batch must not revisit a freed graph
         if not pending:
             return
         for _ in range(num_samples):
             grad_out = sampled_output_grad(output, loss, generator=generator, variance=variance)
-            grads = torch.autograd.grad([output], [e for _, e in pending], [grad_out],
+            grads = torch.autograd.grad([output], [e for _, e, _ in pending], [grad_out],
                                         retain_graph=True, allow_unused=True)
-            for (layer, _), g in zip(pending, grads):
+            for (layer, _, x), g in zip(pending, grads):
                 if g is not None:
-                    self._on_grad(layer, layer.grad_rows(g))
+                    self._on_grad(layer, layer.grad_rows(g), x=x)

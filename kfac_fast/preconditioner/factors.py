@@ -6,6 +6,8 @@ factor inside its hook (`update_factors_in_hooks=True`). The host-side weights (
 1/R, the loss scale S) are Python numbers, or 0-dim device tensors under a row mask;
 the non-finite guard and a GradScaler's 1/s^2 are folded into them on the device.
 Curvature extensions update their own factors after the layers' (`UpdateContext`).
+A layer that owns its block (a norm) is updated from its per-example gradients v, which
+its capture already paired and scaled by S (`_block_update`), outside the grouped call.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ class FactorUpdateMixin(PreconditionerBase):
         # zeros, not empty: beta_1 = 0 multiplies the old value, and 0 * NaN is NaN
         if layer.a_factor is None:
             layer.a_factor = torch.zeros(layer.a_shape(), dtype=self.factor_dtype, device=device)
-        if layer.g_factor is None:
+        if layer.g_factor is None and not layer.owns_block:  # a block lives in a_factor alone
             layer.g_factor = torch.zeros(layer.g_dim, layer.g_dim, dtype=self.factor_dtype, device=device)
 
     def _next_weights(self, layer: KFACLayer, which: str) -> tuple[float, float]:
@@ -109,6 +111,29 @@ class FactorUpdateMixin(PreconditionerBase):
         setattr(layer, attr, k)
         return running_average_weights(self.factor_decay(self.steps), k)
 
+    def _next_block_weights(self, layer: KFACLayer) -> tuple[float, float]:
+        """(beta_k, 1 - beta_k) of an `owns_block` layer's block; its k counts as both a_count
+        and g_count (the step's "has factors" tests read both)."""
+        beta, w = self._next_weights(layer, "a")
+        layer.g_count = layer.a_count
+        return beta, w
+
+    def _block_update(self, layer: KFACLayer, vs: list, betas: list, alphas: list,
+                      ok: Optional[torch.Tensor]) -> None:
+        """An `owns_block` layer's block from its v captures, with G's AMP correction (v
+        carries the GradScaler's scale once) and the step's guard, on the device."""
+        device = layer.a_factor.device
+        weights: tuple = (betas, alphas)
+        terms = self._scaler_terms(vs)
+        if terms is not None:
+            inv_s2, finite = terms
+            weights = (torch.where(finite, as_device_tensor(betas, device), torch.ones((), dtype=torch.float64,
+                                                                                       device=device)),
+                       as_device_tensor(alphas, device) * (inv_s2 * finite))
+        betas_, alphas_ = guard_weights(ok, weights[0], weights[1], device)
+        for j, v in enumerate(vs):
+            layer.update_block_(v, betas_[j], alphas_[j])
+
     def _update_factors(self, layers: list[KFACLayer]) -> None:
         """Held-capture path: all factor updates of the step.
 
@@ -116,11 +141,14 @@ class FactorUpdateMixin(PreconditionerBase):
         later rounds (accumulation micro-batches) beta = 1, all normalised by the totals
         over the step, so k micro-batches equal one k-times larger batch. Round 0 is a
         single `update_factors_` call for every grouped A (`a_group_entry`) and every G;
-        the other kinds update their A alone (`update_a_`). Curvature extensions follow.
+        the other kinds update their A alone (`update_a_`); a block (`owns_block`) is updated
+        from its v captures, scaled and paired already. Curvature extensions follow.
         """
-        rounds = max(max(len(layer.inputs), len(layer.grads)) for layer in layers)
+        blocks = [layer for layer in layers if layer.owns_block]
+        kron = [layer for layer in layers if not layer.owns_block] if blocks else layers
+        rounds = max((max(len(layer.inputs), len(layer.grads)) for layer in kron), default=0)
         plan = []
-        for layer in layers:
+        for layer in kron:
             self._ensure_factors(layer, layer.inputs[0].device)
             beta_a, w_a = self._next_weights(layer, "a")
             beta_g, w_g = self._next_weights(layer, "g")
@@ -131,6 +159,12 @@ class FactorUpdateMixin(PreconditionerBase):
             plan.append((layer, beta_a, row_masks.per_row(w_a, rows_a), beta_g, w_g / max(n_g, 1)))
         # one flag for the whole step: a non-finite capture anywhere drops every update
         ok = self._check_captures([t for layer in layers for t in layer.inputs + layer.grads])
+        for layer in blocks:
+            self._ensure_factors(layer, layer.grads[0].device)
+            beta, w = self._next_block_weights(layer)
+            alpha = w / max(sum(KFACLayer.batch_size(v) for v in layer.grads), 1)
+            self._block_update(layer, layer.grads, [beta] + [1.0] * (len(layer.grads) - 1),
+                               [alpha] * len(layer.grads), ok)
 
         for j in range(rounds):
             a_fac, a_x, a_beta, a_alpha, a_ones = [], [], [], [], []
@@ -220,6 +254,35 @@ class FactorUpdateMixin(PreconditionerBase):
         beta, alpha = self._guarded(ok, beta, alpha, layer.a_factor.device)
         layer.update_a_(x, beta, alpha, masked=rows is not None)
         return ok
+
+    def _capture_block(self, layer: KFACLayer, x: Optional[torch.Tensor], rows: torch.Tensor,
+                       tokens: Optional[torch.Tensor]) -> None:
+        """An `owns_block` layer's output-gradient rows, paired with the capture's (batched)
+        input x into v = S * its per-example gradients: folded into the block now (hooks
+        mode) or kept as the capture's gradient until step()."""
+        if x is None:
+            raise RuntimeError(f"K-FAC: layer {layer.name!r} builds its block from each capture's input, "
+                               "and this gradient came without one")
+        v = layer.block_grads(x, rows, self.factor_dtype) * self._loss_scale(rows, tokens)
+        if self.update_factors_in_hooks:
+            self._hook_update_block(layer, v)
+        else:
+            layer.grads.append(v)
+            layer.grad_tokens.append(None)
+
+    def _hook_update_block(self, layer: KFACLayer, v: torch.Tensor) -> None:
+        """In-hook update of an `owns_block` layer from one capture's v (already times S);
+        the first capture of a step applies beta_k, micro-batches weigh equally (as G)."""
+        self._ensure_factors(layer, v.device)
+        if layer._a_step != self.steps:
+            layer._a_step = self.steps
+            layer._a_beta, layer._a_w = self._next_block_weights(layer)
+            beta = layer._a_beta
+        else:
+            beta = 1.0
+        n = KFACLayer.batch_size(v) * self.accumulation_steps
+        self._block_update(layer, [v], [beta], [layer._a_w / max(n, 1)], self._check_captures([v]))
+        layer.fired_backward = True
 
     def _hook_update_g(self, layer: KFACLayer, rows: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                        ok: Optional[torch.Tensor] = None) -> None:

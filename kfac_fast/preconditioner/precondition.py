@@ -2,7 +2,7 @@
 
 The usual path is one fused in-place op for every layer (`ops.precondition_eigen_`,
 `_inverse_`, `_ekfac_`), which also applies the KL clip. When some layer is not served
-by the grouped ops (a diagonal A), with precision="bf16", or with a curvature
+by the grouped ops (a diagonal A, a block of its own), with precision="bf16", or with a curvature
 extension, each P is formed out of place (`_precondition_out_of_place`), nu reduced on
 the device, and nu * P written back by the layers. A step with a non-finite capture or
 gradient leaves `.grad` as it was, decided on the device.
@@ -107,7 +107,7 @@ class PreconditionMixin(PreconditionerBase):
             return ops.precondition_ekfac_(wgs, bgs, qa, qg, [layer.scales for layer in chosen],
                                            self._layer_damping(chosen), **kw)
 
-        if self.precision == "bf16" or self._curvatures or any(layer.diagonal_a for layer in chosen):
+        if self.precision == "bf16" or self._curvatures or not all(layer.grouped for layer in chosen):
             self.last_nu = self._precondition_out_of_place(chosen, kl_clip)
         elif self.distributed is None:
             with tf32_products(chosen[0].module.weight.grad.device) if self.precision == "tf32" \
@@ -145,14 +145,14 @@ class PreconditionMixin(PreconditionerBase):
         """Each P formed out of place, then nu * P written into `.grad`.
 
         The KL clip needs one sum over every layer, and the fused in-place op cannot
-        take a diagonal A or a curvature extension's coupled layers, so this path forms
-        P per layer (curvature extensions first, for the layers they take; then the
-        functional op for the rest of the dense layers; `precondition_eigen` of the
-        diagonal-A layers), reduces nu on the device and lets each layer write nu * P:
-        one extra gradient-sized buffer.
+        take a diagonal A, a block of its own or a curvature extension's coupled layers,
+        so this path forms P per layer (curvature extensions first, for the layers they
+        take; then the functional op for the rest of the dense layers; each other layer's
+        own `precondition_alone`, with its damping under every method), reduces nu on the
+        device and lets each layer write nu * P: one extra gradient-sized buffer.
         """
-        ordered = [layer for layer in chosen if not layer.diagonal_a]
-        ordered += [layer for layer in chosen if layer.diagonal_a]
+        ordered = [layer for layer in chosen if layer.grouped]
+        ordered += [layer for layer in chosen if not layer.grouped]
         grads = [layer.grad_bar() for layer in ordered]
         ps: dict[str, torch.Tensor] = {}
         if self._curvatures:
@@ -164,14 +164,19 @@ class PreconditionMixin(PreconditionerBase):
         if self.method != "inverse":  # "inverse" baked its damping into the inverses
             damping = self._layer_damping(ordered)
             per = damping if isinstance(damping, list) else [damping] * len(ordered)
-        rest = [i for i, layer in enumerate(ordered) if not layer.diagonal_a and layer.name not in ps]
+        rest = [i for i, layer in enumerate(ordered) if layer.grouped and layer.name not in ps]
         if rest:
             rest_damping = [per[i] for i in rest] if isinstance(damping, list) else damping
             products = self._dense_products([ordered[i] for i in rest], [grads[i] for i in rest], rest_damping)
             ps.update((ordered[i].name, p) for i, p in zip(rest, products))
-        for i, layer in enumerate(ordered):
-            if layer.diagonal_a:
-                ps[layer.name] = layer.precondition_eigen(grads[i], per[i])
+        alone = [i for i, layer in enumerate(ordered) if not layer.grouped and layer.name not in ps]
+        if alone and damping is None:  # "inverse": these layers still take lambda at each step
+            own = self._layer_damping([ordered[i] for i in alone])
+            per = [None] * len(ordered)
+            for k, i in enumerate(alone):
+                per[i] = own[k] if isinstance(own, list) else own
+        for i in alone:
+            ps[ordered[i].name] = ordered[i].precondition_alone(grads[i], per[i])
         products = [ps[layer.name] for layer in ordered]
         if kl_clip is None:
             nu = torch.ones((), dtype=torch.float32, device=chosen[0].module.weight.grad.device)

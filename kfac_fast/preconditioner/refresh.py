@@ -4,7 +4,8 @@ Run on inverse-update steps and for layers without a decomposition yet (host syn
 allowed here). Solves go through `Health`'s fallback chain; a warm refresh (`eigh_tol`)
 reports per factor whether it kept, refined or fully solved the previous basis, counted
 in `refresh_stats`. Data-parallel, the owner ranks refresh and share the results.
-Curvature extensions refresh after the layers, with the same per-layer damping.
+Curvature extensions refresh after the layers, with the same per-layer damping. A layer
+that owns its block (a norm) has nothing to refresh: it is applied from its current block.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class RefreshMixin(PreconditionerBase):
             if self.method != "inverse" and solved:
                 self._count_refresh(paths, solved)
             return
+        if any(layer.owns_block for layer in layers):
+            layers = [layer for layer in layers if not layer.owns_block]
         if not layers:
             return
         if self.method == "inverse":
@@ -87,6 +90,8 @@ class RefreshMixin(PreconditionerBase):
         if self.distributed is not None:
             # rank-identical (under "memory" only the owner holds the decomposition)
             return self.distributed.is_ready(layer)
+        if layer.owns_block:  # applied from its current block: ready once it has one
+            return layer.a_count > 0
         if method == "inverse":
             return layer.a_inv is not None
         if method == "ekfac":
