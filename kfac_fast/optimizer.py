@@ -55,9 +55,11 @@ from torch import nn
 
 from .fisher import canonical_loss
 from .fvp import FisherProducts, dot
-from .health import all_finite
-from .optimizer_args import check_single_process, positive_float, positive_int, unit_interval
+from .metrics import StepMetrics
+from .optimizer_args import check_single_process, learning_rate, positive_float, positive_int, step_lr, unit_interval
 from .optimizer_damping import adapt_lambda, search_gamma
+from .optimizer_metrics import record_step
+from .optimizer_update import guard_update
 from .preconditioner import KFACPreconditioner
 from .quadratic import step_coefficients
 
@@ -84,6 +86,12 @@ class KFAC(torch.optim.Optimizer):
             same alpha).
         loss: the predictive distribution behind the loss, for the MC Fisher:
             "cross_entropy", "bce_with_logits" or "gaussian" (alias "mse").
+        lr: a multiplier on the quadratic model's step (default 1: the paper's step):
+            theta += lr * (alpha Delta + mu delta0), (alpha, mu) the model's minimiser and
+            delta0 the previous update as applied; rho is measured for the step taken
+            (the model change at lr * (alpha, mu)). Kept in param_groups[0]["lr"], so
+            torch's lr schedulers drive it; a scheduler may set 0 (no update, no damping
+            adaptation that step). docs/optimizer.md says which schedulers work.
         damping: lambda's initial value (paper: 150).
         l2_reg: eta, the l2 coefficient; the objective is h + eta/2 |theta|^2 (paper 1e-5).
         damping_interval: T1, steps between Levenberg-Marquardt adaptations (paper 5).
@@ -125,12 +133,15 @@ class KFAC(torch.optim.Optimizer):
 
     Attributes:
         preconditioner: the KFACPreconditioner that owns the factors.
-        last: diagnostics of the last step: "alpha", "mu" (0-dim tensors), and on
-            adaptation steps "rho" (float), "loss_after" (float).
-    `damping` and `gamma` are kept in `param_groups[0]` (saved by `state_dict`).
+        last: diagnostics of the last step: "alpha", "mu" (0-dim tensors, before lr),
+            and on adaptation steps "rho" (float), "loss_after" (float).
+        last_metrics: the last step's `kfac_fast.metrics.StepMetrics` (loss, lr, lambda,
+            gamma, rho, alpha, mu, adaptation flags, skipped updates; no host sync to
+            record; `kfac_fast.optimizer_metrics` lists the names), None before the first.
+    `lr`, `damping` and `gamma` are kept in `param_groups[0]` (saved by `state_dict`).
     """
 
-    def __init__(self, model: nn.Module, loss: str = "cross_entropy", *, damping: float = 150.0,
+    def __init__(self, model: nn.Module, loss: str = "cross_entropy", *, lr: float = 1.0, damping: float = 150.0,
                  l2_reg: float = 1e-5, damping_interval: int = 5,
                  inv_update_steps: Union[int, Callable[[int], int]] = 20,
                  gamma_interval: Optional[int] = 20, omega1: Optional[float] = None,
@@ -157,7 +168,7 @@ class KFAC(torch.optim.Optimizer):
         t3 = None if gamma_interval is None else positive_int("gamma_interval", gamma_interval, optional=True)
         params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(
-            damping=positive_float("damping", damping),
+            lr=learning_rate(lr), damping=positive_float("damping", damping),
             l2_reg=positive_float("l2_reg", l2_reg, allow_zero=True),
             damping_interval=t1, gamma_interval=t3,
             omega1=unit_interval("omega1", (19 / 20) ** t1 if omega1 is None else omega1),
@@ -173,6 +184,8 @@ class KFAC(torch.optim.Optimizer):
         self.variance = positive_float("variance", variance)
         self.generator = generator
         self.last: dict = {}
+        self.last_metrics: Optional[StepMetrics] = None
+        self._nonfinite_seen = (0, 0)  # (count, from step) the log has reported
         # the preconditioner reads its damping through this callable: gamma^2 is the
         # exact damping of "eigen" and, via ops.pi_damping's sqrt, the factored
         # Tikhonov gamma of "inverse"
@@ -221,6 +234,7 @@ class KFAC(torch.optim.Optimizer):
               loss: torch.Tensor) -> torch.Tensor:
         """Everything after the backward: directions, the model solve, the update."""
         step = group["step"]
+        lr = step_lr(group)  # a scheduler may have written lr (and, refused, momentum)
         live = fisher.params
         if not live:
             raise RuntimeError("the closure's outputs do not depend on any parameter of the model")
@@ -236,8 +250,10 @@ class KFAC(torch.optim.Optimizer):
 
         previous = [self.state[p].get("prev_update") for p in live]
         prev = previous if group["momentum"] and all(d is not None for d in previous) else None
-        adapt = step % group["damping_interval"] == 0
-        search = group["gamma_interval"] is not None and step % group["gamma_interval"] == 0
+        # lr 0 (a scheduler's end point) moves nothing: no rho to measure, no gamma to choose
+        adapt = step % group["damping_interval"] == 0 and lr > 0
+        search = group["gamma_interval"] is not None and step % group["gamma_interval"] == 0 and lr > 0
+        damping, gamma_before = group["damping"], group["gamma"]
         # theta and h(theta) before the update: only the search and the adaptation read them
         theta = [p.detach().clone() for p in live] if search or adapt else []
         h_old = self._loss_value(loss) if adapt else math.nan
@@ -245,7 +261,8 @@ class KFAC(torch.optim.Optimizer):
         solved = self._solve(fisher, grads, directions, prev, group["damping"] + eta)
         if search:
             solved = search_gamma(self, closure, fisher, live, grads, prev, theta, solved)
-        x, update = self._guard_update(solved)
+        gamma = group["gamma"]
+        x, update = guard_update(self, solved)
         torch._foreach_add_(live, update)
         self.last = {"alpha": x[0], "mu": x[1] if x.shape[0] > 1 else torch.zeros_like(x[0])}
 
@@ -255,6 +272,8 @@ class KFAC(torch.optim.Optimizer):
             self.state[p]["prev_update"] = d
         self._average(live)
         group["step"] = step + 1
+        self.last_metrics = record_step(self, step, loss, solved, adapted=adapt, searched=search,
+                                        damping=damping, gamma=gamma, gamma_before=gamma_before)
         return loss.detach()
 
     @contextlib.contextmanager
@@ -281,6 +300,11 @@ class KFAC(torch.optim.Optimizer):
         precond = state_dict.pop("preconditioner", None)
         if precond is None:
             raise ValueError("state_dict has no 'preconditioner' entry (not from KFAC.state_dict())")
+        # a state from before `lr` existed ran at lr 1
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        for g in groups:
+            g["lr"] = learning_rate(g.get("lr", 1.0), name="state_dict's param_groups[0]['lr']", allow_zero=True)
+        state_dict["param_groups"] = groups
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(precond)
 
@@ -334,7 +358,8 @@ class KFAC(torch.optim.Optimizer):
         return self._take_directions(live, grads)
 
     def _solve(self, fisher: FisherProducts, grads: list, directions: list, prev: Optional[list], c: float) -> dict:
-        """alpha (and mu) minimising the damped model, and the update they give."""
+        """alpha (and mu) minimising the damped model, and the update they give times lr
+        (`coeffs`: lr * x, or x itself at lr 1, so the default step is the paper's bit for bit)."""
         vectors = [directions] if prev is None else [directions, prev]
         k = len(vectors)
         gram_f = fisher.gram(vectors)
@@ -344,26 +369,13 @@ class KFAC(torch.optim.Optimizer):
                 gram_i[i, j] = gram_i[j, i] = dot(vectors[i], vectors[j])
         b = torch.stack([dot(grads, v) for v in vectors]).to(gram_f.device)
         x = step_coefficients(b, gram_f, gram_i, c)
-        update = [d * x[0].to(d.dtype) for d in directions]
+        lr = self.param_groups[0]["lr"]
+        coeffs = x if lr == 1 else x * lr
+        update = [d * coeffs[0].to(d.dtype) for d in directions]
         if prev is not None:
-            torch._foreach_add_(update, [d * x[1].to(d.dtype) for d in prev])
-        return {"x": x, "b": b, "gram_f": gram_f, "gram_i": gram_i, "update": update,
+            torch._foreach_add_(update, [d * coeffs[1].to(d.dtype) for d in prev])
+        return {"x": x, "coeffs": coeffs, "b": b, "gram_f": gram_f, "gram_i": gram_i, "update": update,
                 "directions": directions}
-
-    def _guard_update(self, solved: dict) -> tuple:
-        """(x, update) of `solved`, zeroed on the device when any entry is not finite (a
-        NaN/Inf batch on a step that does not adapt damping would otherwise poison every
-        parameter); counted as health()["kfac_nonfinite_update"]. No host sync; a finite
-        step is returned unchanged (torch.where picks the same values)."""
-        x, update = solved["x"], solved["update"]
-        ok = all_finite([x, *update])
-        if ok is None:
-            return x, update
-        x = torch.where(ok.to(x.device), x, torch.zeros_like(x))
-        update = [torch.where(ok.to(u.device), u, torch.zeros_like(u)) for u in update]
-        solved["x"], solved["update"] = x, update
-        self.preconditioner._health.count("kfac_nonfinite_update", ok)
-        return x, update
 
     def _average(self, live: list) -> None:
         decay = self.param_groups[0]["average_decay"]

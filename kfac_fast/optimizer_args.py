@@ -20,6 +20,27 @@ def positive_float(name: str, v: Any, *, allow_zero: bool = False) -> float:
     return float(v)
 
 
+def learning_rate(v: Any, *, name: str = "lr", allow_zero: bool = False) -> float:
+    """KFAC's lr as a float: a Python number (not a bool, string or tensor), finite and > 0
+    (>= 0 with allow_zero: a scheduler may anneal it to 0 between steps)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+    return float(v)
+
+
+def step_lr(group: dict) -> float:
+    """The lr of a step from KFAC's param group, after a scheduler may have written to it;
+    its `momentum` must still be the bool KFAC was built with."""
+    if not isinstance(group["momentum"], bool):
+        raise TypeError(
+            f"param_groups[0]['momentum'] must be a bool (use delta0 in the 2x2 solve or not), got "
+            f"{group['momentum']!r}: KFAC's momentum coefficient mu is solved each step, not scheduled; "
+            "OneCycleLR and CyclicLR write a coefficient there unless built with cycle_momentum=False")
+    return learning_rate(group["lr"], name="param_groups[0]['lr']", allow_zero=True)
+
+
 def unit_interval(name: str, v: Any) -> float:
     """v as a float strictly between 0 and 1 (a decay or an adaptation factor)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:

@@ -77,13 +77,15 @@ def adapt_lambda(opt: KFAC, closure: Callable, h_old: float, live: list, theta: 
     if h_new is None:
         h_new = opt._loss_value(opt._evaluate_no_grad(closure))
     c = group["damping"] + eta if group["damping_in_rho"] else eta
-    change = model_change(solved["x"], solved["b"], solved["gram_f"], solved["gram_i"], c).item()
+    # the model change of the step taken: at lr * (alpha, mu) (solved["coeffs"])
+    change = model_change(solved["coeffs"], solved["b"], solved["gram_f"], solved["gram_i"], c).item()
     rho = reduction_ratio(h_new, h_old, change)
-    if not math.isfinite(h_new):
+    undone = not math.isfinite(h_new)
+    if undone:
         # a step into overflow is undone; more damping shortens the next one
         restore_(live, theta)
         torch._foreach_zero_(solved["update"])
     group["damping"] = adapt_damping(group["damping"], rho, group["omega1"])
     if group["gamma_interval"] is None:
         group["gamma"] = math.sqrt(group["damping"] + eta)
-    opt.last.update(rho=rho, loss_after=h_new)
+    opt.last.update(rho=rho, loss_after=h_new, undone=undone)
