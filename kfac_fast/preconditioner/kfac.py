@@ -110,7 +110,8 @@ __all__ = ["FISHERS", "LOSS_AVERAGES", "METHODS", "KFACPreconditioner"]
 class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, RefreshMixin, PreconditionMixin,
                          StateMixin, ObserveMixin):
     """K-FAC preconditioner for the nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding layers
-    of a model (the kinds `kfac_fast.layers` registers).
+    of a model, and opt-in (`extra_kinds`) nn.LayerNorm and nn.RMSNorm (the kinds
+    `kfac_fast.layers` registers).
 
     Args:
         model: the nn.Module whose layers are preconditioned (registered at construction).
@@ -153,6 +154,9 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
             rank must build the same model with the same settings (checked);
             `state_dict()` is this rank's view, `synced_state_dict()` the collective exact
             one (docs/distributed.md).
+        extra_kinds: opt-in layer kinds to precondition as well, by name: 'layernorm'
+            (nn.LayerNorm with elementwise_affine), 'rmsnorm' (nn.RMSNorm); their parameters
+            are otherwise left to the user's optimizer (docs/design.md, "Normalisation layers").
         max_factor_dim: memory guard: a layer with a factor dimension (a_dim or g_dim)
             above it is skipped (left to the user's optimizer), warned once by name.
         guard_nonfinite: a step with a non-finite capture (e.g. an AMP overflow), or with
@@ -224,7 +228,8 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
                  update_factors_in_hooks: bool = False, process_group: Any = None,
                  distributed: Union[None, bool, data_parallel.DistributedOptions] = None,
                  max_factor_dim: Optional[int] = None, guard_nonfinite: bool = True,
-                 eigh_tol: Optional[float] = None, precision: str = "fp32") -> None:
+                 eigh_tol: Optional[float] = None, precision: str = "fp32",
+                 extra_kinds: Union[str, Iterable[str]] = ()) -> None:
         factor_dtype = default_factor_dtype(factor_dtype)
         check_arguments(model, method, fisher, loss_average, factor_dtype, grad_scaler, accumulation_steps,
                         update_factors_in_hooks)
@@ -271,6 +276,7 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
             hyperparameter.bind(self)  # float(pc.lr): the value at the current step
 
         self._skip = compile_skip(skip_layers)
+        self._extra_kinds = registry.check_extra_kinds(extra_kinds)
         self.layers: dict[str, KFACLayer] = {}
         self._register(model)
         if not self.layers:

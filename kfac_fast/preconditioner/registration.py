@@ -1,9 +1,10 @@
 """Registration: which modules of a model KFACPreconditioner preconditions.
 
-Every module of a kind `kfac_fast.layers` knows becomes a `KFACLayer`, unless
-`skip_layers` matches it or an ancestor (module name or class name, `re.search`), its
-kind does not support the method, or a factor dimension exceeds `max_factor_dim`; each
-skipped layer is warned once, by name, with the reason.
+Every module of a kind `kfac_fast.layers` knows (an opt-in kind only when named in
+`extra_kinds`) becomes a `KFACLayer`, unless `skip_layers` matches it or an ancestor
+(module name or class name, `re.search`), its kind does not support the method, or a
+factor dimension exceeds `max_factor_dim`; each skipped layer is warned once, by name,
+with the reason.
 """
 from __future__ import annotations
 
@@ -21,15 +22,16 @@ class RegistrationMixin(PreconditionerBase):
     """The registration job of KFACPreconditioner."""
 
     _skip: list[re.Pattern]
+    _extra_kinds: tuple[str, ...]  # opt-in layer kinds named by the user (e.g. "layernorm")
 
     def _register(self, model: nn.Module) -> None:
         def visit(module: nn.Module, name: str, skipped: bool) -> None:
             skipped = skipped or any(p.search(name) or p.search(type(module).__name__)
                                      for p in self._skip)
-            if is_layer(module) and not skipped:
-                why = unsupported_reason(module, self.method) or self._too_large(name, module)
+            if is_layer(module, self._extra_kinds) and not skipped:
+                why = unsupported_reason(module, self.method, self._extra_kinds) or self._too_large(name, module)
                 if why is None:
-                    self.layers[name] = make_layer(name, module)
+                    self.layers[name] = make_layer(name, module, self._extra_kinds)
                 else:
                     warnings.warn(f"KFACPreconditioner: skipping layer {name!r}: {why}", stacklevel=4)
             for child_name, child in module.named_children():
@@ -41,7 +43,7 @@ class RegistrationMixin(PreconditionerBase):
         """Why max_factor_dim skips the layer (None when it fits or there is no limit)."""
         if self.max_factor_dim is None:
             return None
-        layer = make_layer(name, module)
+        layer = make_layer(name, module, self._extra_kinds)
         # a diagonal A is a vector: only G is quadratic in memory
         a_dim = 0 if layer.diagonal_a else layer.a_dim
         if max(a_dim, layer.g_dim) <= self.max_factor_dim:
