@@ -13,7 +13,8 @@ loss re-evaluations of the damping adaptation and gamma search), factor statisti
 backward, Fisher-vector products (their backward also yields the gradient), inversion,
 preconditioning, and the rest. Phases are
 timed by wrapping the preconditioner's and the Fisher products' methods (on a GPU the
-wrappers synchronise, which costs a little overlap).
+wrappers synchronise, which costs a little overlap). It ends with the last step's
+`opt.last_metrics` (docs/optimizer.md), read once after the timing.
 """
 from __future__ import annotations
 
@@ -112,6 +113,10 @@ class PhaseTimer:
         setattr(obj, attr, wrapped)
 
 
+# the last step's record, set by split() (kept out of its return value, which sums to the step)
+LAST_METRICS: dict = {}
+
+
 def split(steps: int, batch: int, device, method: str = "inverse", settings: str = "paper") -> dict:
     """Mean seconds per step by phase for `steps` KFAC steps (after 2 warm-up steps).
 
@@ -153,6 +158,8 @@ def split(steps: int, batch: int, device, method: str = "inverse", settings: str
     finally:
         FisherProducts.__init__, FisherProducts.gram = original_init, original_gram
     out = {k: v / steps for k, v in timer.total.items()}
+    LAST_METRICS.clear()
+    LAST_METRICS.update(opt.last_metrics.as_dict())
     # "step total" holds only what no named phase covered
     out["other (2x2 solve, updates, bookkeeping)"] = out.pop("step total")
     return out
@@ -193,6 +200,8 @@ def main(argv=None) -> None:
         print(f"{name:<42}{1e3 * sec:>9.2f}{sec / total:>8.1%}")
     print(f"{'KFAC step':<42}{1e3 * total:>9.2f}")
     print(f"{'SGD step (forward+backward+update)':<42}{1e3 * sgd:>9.2f}   KFAC/SGD = {total / sgd:.2f}")
+    print("last step's opt.last_metrics: " + ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in LAST_METRICS.items()))
 
 
 if __name__ == "__main__":
