@@ -218,6 +218,7 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("KFAC.step needs a closure returning (loss, outputs); see the "
                              "kfac_fast.optimizer docstring")
         group = self.param_groups[0]
+        step_lr(group)  # what a scheduler wrote is checked before anything runs
         params = [p for p in group["params"] if p.requires_grad]
         for p in params:
             p.grad = None
@@ -234,7 +235,7 @@ class KFAC(torch.optim.Optimizer):
               loss: torch.Tensor) -> torch.Tensor:
         """Everything after the backward: directions, the model solve, the update."""
         step = group["step"]
-        lr = step_lr(group)  # a scheduler may have written lr (and, refused, momentum)
+        lr = group["lr"]
         live = fisher.params
         if not live:
             raise RuntimeError("the closure's outputs do not depend on any parameter of the model")
@@ -307,6 +308,8 @@ class KFAC(torch.optim.Optimizer):
         state_dict["param_groups"] = groups
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(precond)
+        count = self.preconditioner._health.causes.get("kfac_nonfinite_update")  # (a read: load time)
+        self._nonfinite_seen = (0 if count is None else int(count), self.param_groups[0]["step"])
 
     # ------------------------------------------------------------------------ internals
     @staticmethod

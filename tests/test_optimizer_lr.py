@@ -308,8 +308,18 @@ def test_bad_lr_is_refused_naming_lr(bad, error):
 def test_bad_lr_written_between_steps_is_refused_naming_it(bad, error):
     model = net()
     opt = make(model)
+    opt.step(closure_of(model, batches(1)[0]))
     opt.param_groups[0]["lr"] = bad
     before = flat(model).clone()
+    factors = [layer.a_factor.clone() for layer in opt.preconditioner.layers.values()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return closure_of(model, batches(1)[0])()
+
     with pytest.raises(error, match=r"param_groups\[0\]\['lr'\]"):
-        opt.step(closure_of(model, batches(1)[0]))
-    assert torch.equal(flat(model), before)
+        opt.step(closure)
+    # refused before the closure ran: no parameter, factor or step count moved
+    assert calls == [] and torch.equal(flat(model), before) and opt.param_groups[0]["step"] == 1
+    assert all(torch.equal(layer.a_factor, f) for layer, f in zip(opt.preconditioner.layers.values(), factors))

@@ -206,3 +206,23 @@ def test_write_to_a_tensorboard_style_writer():
     # step 1 adapts nothing: rho and loss_after are NaN and left out
     assert set(w.calls) == {f"kfac/{n}" for n in NAMES} - {"kfac/rho", "kfac/loss_after"}
     assert w.calls["kfac/lr"] == (1.0, 1) and w.calls["kfac/damping"] == (opt.damping, 1)
+
+
+def test_a_resumed_run_reports_only_its_own_skips(caplog):
+    model = net()
+    opt = make(model, damping_interval=2, gamma_interval=None)
+    xs = data(3)
+    xs[1] = xs[1].clone()
+    xs[1][0, 0] = float("nan")
+    for x in xs:
+        opt.step(closure_of(model, x))
+    state = opt.state_dict()
+    model2 = net()
+    model2.load_state_dict(model.state_dict())
+    opt2 = make(model2, damping_interval=2, gamma_interval=None)
+    opt2.load_state_dict(state)
+    caplog.set_level(logging.INFO, logger="kfac_fast")
+    opt2.step(closure_of(model2, data(1)[0]))  # step 3: no adaptation
+    opt2.step(closure_of(model2, data(1)[0]))  # step 4: adaptation, nothing new skipped
+    assert opt2.preconditioner.health()["kfac_nonfinite_update"] == 1
+    assert not any("non-finite" in r.getMessage() for r in caplog.records), caplog.text
