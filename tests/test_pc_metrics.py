@@ -195,3 +195,29 @@ def test_example_writes_tensorboard_events(tmp_path, capsys):
     assert _example().main(["--steps", "12", "--every", "5", "--logdir", str(tmp_path)]) == 0
     assert "wrote 12 steps" in capsys.readouterr().out
     assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_recording_and_building_never_sync():
+    model = mlp().cuda()
+    pc = KFACPreconditioner(model, inv_update_steps=4, kl_clip=1e-2, lr=0.1)
+    x, y = torch.randn(6, 5, device="cuda"), torch.randint(0, 3, (6,), device="cuda")
+
+    def step():
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pc.step()
+
+    step()  # step 0 refreshes (host syncs allowed there)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step()
+            m = pc.last_metrics
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert m._values["nu"].device.type == "cuda" and m._values["nonfinite_steps"].device.type == "cuda"
+    d = m.as_dict()
+    assert d["step"] == 2 and d["nonfinite_steps"] == 0 and d["nu"] == float(pc.last_nu)

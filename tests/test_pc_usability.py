@@ -203,3 +203,11 @@ def test_state_without_factors_still_checks_the_layers():
         KFACPreconditioner(other).load_state_dict(state)
     with pytest.raises(TypeError, match="include_factors must be a bool"):
         KFACPreconditioner(mlp()).state_dict(include_factors="no")
+
+
+def test_migration_guide_maps_every_kfac_pytorch_keyword():
+    import pathlib
+    guide = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "migration-kfac-pytorch.md").read_text()
+    table = guide.split("## Constructor keywords")[1].split("## Methods and attributes")[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("=")[0].strip("`") for row in rows] == _kfac_pytorch_keywords()
