@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .fisher import canonical_loss
-from .fvp import FisherProducts, dot
+from .fvp import FisherProducts, dot, twice_differentiable
 from .metrics import StepMetrics
 from .optimizer_args import check_single_process, learning_rate, positive_float, positive_int, step_lr, unit_interval
 from .optimizer_damping import adapt_lambda, search_gamma
@@ -222,7 +222,9 @@ class KFAC(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.requires_grad]
         for p in params:
             p.grad = None
-        with torch.enable_grad():
+        # the graph-bearing forward: attention's math kernel, since the products
+        # differentiate its backward (fvp.twice_differentiable)
+        with torch.enable_grad(), twice_differentiable():
             loss, outputs = self._evaluate(closure)
             self.preconditioner.sample_fisher(outputs, self.loss, generator=self.generator,
                                               variance=self.variance)
