@@ -55,7 +55,8 @@ class StepMetrics:
 
     def as_dict(self) -> dict[str, Any]:
         """Every value as a Python number (or string): one device-to-host transfer per
-        device holding recorded tensors. `step` is included."""
+        device holding recorded tensors; integer and bool tensors give ints. `step` is
+        included."""
         out: dict[str, Any] = {"step": self.step}
         by_device: dict[torch.device, list[str]] = {}
         for name, value in self._values.items():
@@ -66,7 +67,10 @@ class StepMetrics:
         for names in by_device.values():
             stacked = torch.stack([self._values[n].to(torch.float64) for n in names])  # type: ignore[union-attr]
             for name, number in zip(names, stacked.tolist()):
-                out[name] = number
+                value = self._values[name]
+                # integer and bool tensors (counters, flags) come back as Python ints
+                floating = value.is_floating_point()  # type: ignore[union-attr]
+                out[name] = number if floating else int(number)
         return {name: out[name] for name in ["step", *self._values]}
 
     def write_to(self, writer: Any, prefix: str = "kfac/") -> None:

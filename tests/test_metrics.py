@@ -25,7 +25,10 @@ def test_record_keeps_tensors_unread_and_as_dict_reads_them_in_order():
     m.record("path", "refresh")
     m.record("skipped", torch.tensor(True))
     assert m._values["nu"] is not t and m._values["nu"].data_ptr() == t.data_ptr()  # a view, not a copy
-    assert m.as_dict() == {"step": 7, "nu": 0.25, "damping": 0.1, "path": "refresh", "skipped": 1.0}
+    m.record("count", torch.tensor(3, dtype=torch.int64))
+    d = m.as_dict()
+    assert d == {"step": 7, "nu": 0.25, "damping": 0.1, "path": "refresh", "skipped": 1, "count": 3}
+    assert type(d["count"]) is int and type(d["skipped"]) is int and type(d["nu"]) is float
 
 
 @pytest.mark.parametrize("bad, error", [(torch.ones(2), ValueError), ([1.0], TypeError), (None, TypeError)])
