@@ -9,7 +9,7 @@ preconditioned gradient is (B + damping I)^-1 grad with B those blocks as a dens
 from __future__ import annotations
 
 import copy
-import inspect
+import warnings
 
 import pytest
 import torch
@@ -32,16 +32,7 @@ def make_norm(kind: str, shape, *, bias: bool = True, eps=1e-5):
 def norm_precond(model, **kw):
     """A preconditioner that registers the model's norms (extra_kinds) besides its Linears."""
     kw = {**dict(damping=DAMPING, kl_clip=None, factor_dtype=torch.float64), **kw}
-    if "extra_kinds" in inspect.signature(KFACPreconditioner.__init__).parameters:
-        return KFACPreconditioner(model, extra_kinds=NORMS, **kw)
-    pc = KFACPreconditioner(model, **kw)  # until the keyword lands: register them by hand
-    for name, module in model.named_modules():
-        if layers.is_layer(module, NORMS) and not isinstance(module, nn.Linear):
-            layer = layers.make_layer(name, module, NORMS)
-            pc.layers[name] = layer
-            layer.install(pc)
-    pc.damping.resolve(pc.layers)
-    return pc
+    return KFACPreconditioner(model, extra_kinds=NORMS, **kw)
 
 
 class NormNet(nn.Module):
@@ -171,6 +162,22 @@ def test_norms_are_opt_in():
     why = layers.unsupported_reason(nn.LayerNorm(4, elementwise_affine=False), "eigen", NORMS)
     assert why == "LayerNorm with elementwise_affine=False (it has no parameters to precondition)"
     assert layers.unsupported_reason(nn.RMSNorm(4), "ekfac", NORMS) is None
+
+
+def test_extra_kinds_selects_the_norms():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.RMSNorm(4),
+                          nn.LayerNorm(4, elementwise_affine=False))
+    with pytest.warns(UserWarning, match="skipping layer '4'"):
+        assert sorted(KFACPreconditioner(model, extra_kinds="layernorm").layers) == ["0", "1", "2"]
+    assert sorted(KFACPreconditioner(model, extra_kinds=["rmsnorm"]).layers) == ["0", "2", "3"]
+    with pytest.warns(UserWarning, match="skipping layer '4': LayerNorm with elementwise_affine=False"):
+        both = KFACPreconditioner(model, extra_kinds=NORMS, skip_layers=r"^1$")
+    assert sorted(both.layers) == ["0", "2", "3"]  # skip_layers still applies
+    with pytest.raises(ValueError, match="extra_kinds: unknown opt-in kind 'norm'"):
+        KFACPreconditioner(model, extra_kinds="norm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # without extra_kinds the norms are not layers: no warning
+        assert sorted(KFACPreconditioner(model).layers) == ["0", "2"]
 
 
 def test_default_preconditioner_leaves_norm_gradients_plain():
