@@ -8,6 +8,7 @@ preconditioned gradient is (B + damping I)^-1 grad with B those blocks as a dens
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -504,3 +505,56 @@ def test_unbatched_and_16_bit_inputs():
     xhat = (xf - xf.mean(-1, keepdim=True)) / (xf.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
     assert v16.dtype == torch.float32 and v16.shape == (2, 2, 4)
     torch.testing.assert_close(v16, torch.stack([(gf * xhat).sum(1), gf.sum(1)], 1), rtol=1e-5, atol=1e-5)
+
+
+def run_masked_steps(device, hooks, steps=3, between=None):
+    """A Linear/LayerNorm/RMSNorm model with a row mask and the KL clip: one refresh step,
+    then `steps` factor-update steps inside the context `between` (e.g. sync debug)."""
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 16), nn.RMSNorm(16),
+                          nn.Linear(16, 5)).to(device)
+    pc = KFACPreconditioner(model, extra_kinds=NORMS, inv_update_steps=4, kl_clip=1e-3, lr=0.1,
+                            loss_average="tokens", update_factors_in_hooks=hooks)
+    x, y = torch.randn(4, 6, 8, device=device), torch.randint(0, 5, (4, 6), device=device)
+    mask = torch.ones(4, 6, dtype=torch.bool, device=device)
+    mask[1, 4:] = False
+
+    def step():
+        model.zero_grad(set_to_none=False)
+        pc.set_row_mask(mask)
+        terms = nn.functional.cross_entropy(model(x).reshape(-1, 5), y.reshape(-1), reduction="none")
+        ((terms * mask.reshape(-1)).sum() / mask.sum()).backward()  # no boolean indexing: no sync
+        pc.step()
+
+    step()  # step 0 refreshes the Linear layers' eigenbases (host syncs allowed there)
+    with between() if between is not None else contextlib.nullcontext():
+        for _ in range(steps):
+            step()
+    assert pc.layers["1"].a_count == steps + 1 and torch.isfinite(pc.layers["4"].a_factor).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    return pc
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_masked_steps_on_cpu(hooks):
+    pc = run_masked_steps("cpu", hooks)
+    assert pc.health()["nonfinite_steps"] == 0 and float(pc.last_nu) < 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("hooks", [False, True])
+def test_cuda_norm_steps_never_sync(hooks):
+    """Factor updates and preconditioning of the norms (held and hooks modes, a row mask's
+    device counts, the KL clip) read nothing back: sync debug mode 'error' between refreshes."""
+
+    @contextlib.contextmanager
+    def no_sync():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    run_masked_steps("cuda", hooks, between=no_sync)
