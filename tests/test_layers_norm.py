@@ -140,6 +140,27 @@ def test_block_and_step_match_brute_force_fisher(kind, bias, shape, lead, averag
     torch.testing.assert_close(flat_grads(norm), dense_precondition(expected, raw), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind, eps", [("rmsnorm", None), ("layernorm", 1e-3), ("rmsnorm", 1e-3)])
+def test_module_eps_is_used(kind, eps):
+    """Inputs whose variance is near eps: xhat depends on it (RMSNorm's eps=None is the
+    float64 machine eps here, as torch computes)."""
+    torch.manual_seed(16)
+    norm = nn.RMSNorm(6, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(6, eps=eps)
+    model = NormNet(norm).double()
+    with torch.no_grad():
+        model.inp.weight.mul_(1e-2)
+        model.inp.bias.mul_(1e-2)
+        for p in params_of(norm):
+            p.add_(0.3 * torch.randn_like(p))
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(5, 4, 2, dtype=torch.float64)
+    fisher = oracle_fisher(model, norm, x, y, "batch")
+    pc = norm_precond(model)
+    example_losses(model(x), y, "batch")[0].sum().backward()
+    pc.step()
+    layer = pc.layers["norm"]
+    torch.testing.assert_close(layer.a_factor, blocks_of(fisher, 6, layer.a_dim), rtol=1e-9, atol=1e-12)
+
+
 def test_norms_are_opt_in():
     ln, rms = nn.LayerNorm(4), nn.RMSNorm(4)
     assert not layers.is_layer(ln) and not layers.is_layer(rms)
