@@ -293,8 +293,8 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
         unsupported = [layer for layer in self.layers.values() if not layer.data_parallel]
         if self.distributed is not None and unsupported:
             what = type(unsupported[0].module).__name__
-            raise ValueError(f"data-parallel K-FAC does not support nn.{what} layers yet: "
-                             f"pass skip_layers='{what}'")
+            fix = ("leave it out of extra_kinds" if unsupported[0].opt_in else f"pass skip_layers='{what}'")
+            raise ValueError(f"data-parallel K-FAC does not support nn.{what} layers yet: {fix}")
         for layer in self.layers.values():
             layer.install(self)
 

@@ -108,11 +108,13 @@ class StateMixin(PreconditionerBase):
             raise TypeError(f"state['steps'] must be an int >= 0, got {state['steps']!r}")
         unknown = set(state["layers"]) - set(self.layers)
         missing = set(self.layers) - set(state["layers"])
-        resized = sorted(f"{n} ({side} factor {tuple(entry[f'{side}_factor'].shape)}, model needs {dim})"
+        # the whole stored shape against the layer's (a norm's (k, k, d) blocks, an embedding's diagonal)
+        resized = sorted(f"{n} ({side} factor {tuple(entry[f'{side}_factor'].shape)}, model needs {want})"
                          for n, entry in state["layers"].items() if n in self.layers and isinstance(entry, dict)
-                         for side, dim in (("a", self.layers[n].a_dim), ("g", self.layers[n].g_dim))
+                         for side, want in (("a", tuple(self.layers[n].a_shape())),
+                                            ("g", (self.layers[n].g_dim, self.layers[n].g_dim)))
                          if isinstance(entry.get(f"{side}_factor"), torch.Tensor)
-                         and entry[f"{side}_factor"].dim() > 0 and entry[f"{side}_factor"].shape[0] != dim)
+                         and entry[f"{side}_factor"].dim() > 0 and tuple(entry[f"{side}_factor"].shape) != want)
         if unknown or missing or resized:
             parts = [f"state has layers this model does not register: {sorted(unknown)}" if unknown else "",
                      f"model layers missing from the state: {sorted(missing)}" if missing else "",
