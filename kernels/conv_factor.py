@@ -17,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kfac_fast._flags import allow_tf32_of
 from kfac_fast._validate import as_pair
 
 from .factor_update import CONFIG_CONV_16BIT, pick_config
-from .guard import allow_tf32_of, check_int32, launch_on, needs_index64, square_needs_index64
+from .guard import check_int32, launch_on, needs_index64, square_needs_index64
 from .launch import input_precision, kernel_scalar, load_scalar, symmetric_epilogue, upper_tile_of
 
 

@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .guard import allow_tf32_of, check_int32, common_device, launch_on, needs_index64, square_needs_index64
+from kfac_fast._flags import allow_tf32_of
+
+from .guard import check_int32, common_device, launch_on, needs_index64, square_needs_index64
 from .launch import (
     TL_DTYPES,
     host_table,

@@ -73,28 +73,6 @@ def check_int32(fn: str, name: str, value: int, what: str = "elements") -> None:
                          f"32 bits; split the call or use KFAC_FAST_BACKEND=torch")
 
 
-def allow_tf32_of(precision: Optional[str], allow_tf32: bool = False) -> bool:
-    """The kernels' TF32 flag from a `precision` argument ("tf32"; "ieee" or "fp32": IEEE
-    fp32; None keeps `allow_tf32`). The ops' keyword-only `precision=` arrives here."""
-    if precision is None:
-        return bool(allow_tf32)
-    if precision not in ("tf32", "ieee", "fp32"):
-        raise ValueError(f"precision must be 'tf32', 'ieee' or 'fp32', got {precision!r}")
-    return precision == "tf32"
-
-
-@contextlib.contextmanager
-def matmul_precision(precision: Optional[str]) -> Iterator[None]:
-    """torch GEMMs' precision inside the block: "tf32" allows TF32 for float32 matmuls, "ieee"/"fp32" forbids
-    it, None keeps torch's global setting (torch.backends.cuda.matmul.allow_tf32)."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32_of(precision, before)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
 def _flatten(tensors: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     for name, t in tensors.items():
         if t is None:

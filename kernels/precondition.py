@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .guard import allow_tf32_of, common_device, launch_on, offsets_fit
+from kfac_fast._flags import allow_tf32_of
+
+from .guard import common_device, launch_on, offsets_fit
 from .launch import TL_DTYPES, host_table, load_scalar, per_layer_scalars
 
 # untuned: chosen because IEEE fp32 GEMMs run on FMA units, where 64x64 tiles over 4

@@ -26,6 +26,8 @@ from typing import Iterator
 
 import torch
 
+from ._flags import matmul_precision
+
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -44,12 +46,8 @@ def tf32_products(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with matmul_precision("tf32"):  # through whichever of torch's two APIs the user set
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The `cublas` backend (kfac_fast/backends/cublas.py): the reference's factor-update
 contract in cuBLAS's fastest form, and the rule that hands launch-bound groups to Triton.
 
-The functions are plain torch, so they run on the CPU here (16-bit rows take the cast
-path there, since CPU torch has no mm with out_dtype); on a GPU, `bench/gpu_check.sh
-tests` runs the same file against CUDA tensors."""
+The functions are plain torch, so they run on the CPU here. Two paths differ there: 16-bit
+rows take the cast path (CPU torch has no mm with out_dtype), and device scalars are CPU
+tensors, so the tests marked `device_branch` force the device-scalar branch through
+`cublas._on_host`. On a GPU, `bench/gpu_check.sh tests` runs this file on CUDA tensors."""
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,10 @@ def _rows(shape, dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("append_ones", [False, True])
 @pytest.mark.parametrize("shape", [(37, 5), (3, 11, 7), (1, 1), (300, 33)])
-@pytest.mark.parametrize("device_scalars", [False, True])
-def test_update_factor_meets_the_error_rule(dtype, append_ones, shape, device_scalars):
+@pytest.mark.parametrize("device_scalars", [False, True, "device_branch"])
+def test_update_factor_meets_the_error_rule(dtype, append_ones, shape, device_scalars, monkeypatch):
+    if device_scalars == "device_branch":
+        monkeypatch.setattr(cublas, "_on_host", lambda s: False)
     gen = generator(1)
     x = _rows(shape, dtype, gen)
     n = shape[-1] + append_ones
@@ -39,7 +42,11 @@ def test_update_factor_meets_the_error_rule(dtype, append_ones, shape, device_sc
     assert_error_rule(out.cpu(), ref64, ref32)
 
 
-def test_zero_beta_never_reads_the_factor_and_zero_alpha_never_reads_x():
+@pytest.mark.parametrize("branch", ["host", "device_branch"])
+def test_zero_beta_never_reads_the_factor_and_zero_alpha_never_reads_x(branch, monkeypatch):
+    if branch == "device_branch":  # scalars as if on the device: never read on the host
+        monkeypatch.setattr(cublas, "_on_host", lambda s: False)
+        monkeypatch.setattr(cublas, "is_host_zero", lambda s: False)
     gen = generator(2)
     x = _rows((20, 6), torch.float32, gen)
     poisoned = torch.full((7, 7), float("nan"), device=DEV)
@@ -50,6 +57,9 @@ def test_zero_beta_never_reads_the_factor_and_zero_alpha_never_reads_x():
     for alpha in (0.0, torch.tensor(0.0, device=DEV)):
         out = cublas.update_factor_(start.clone(), bad_x, 0.5, alpha)
         torch.testing.assert_close(out, start * 0.5, rtol=0, atol=0)
+    out = cublas.update_factor_(poisoned.clone(), x, torch.tensor(0.0, device=DEV), torch.tensor(0.05, device=DEV),
+                                append_ones=True)
+    assert torch.isfinite(out).all()
 
 
 def test_grouped_update_with_mixed_ones_and_per_layer_scalars():
@@ -84,6 +94,20 @@ def test_conv_input_factor_meets_the_error_rule(conv, dtype):
     assert_error_rule(out.cpu(), ref64, ref32)
 
 
+def test_conv_chunks_give_the_same_factor(monkeypatch):
+    # patches unfolded a few images at a time (CONV_CHUNK_ELEMENTS) equal one whole unfold
+    gen = generator(5)
+    x = _rows((7, 3, 6, 5), torch.float32, gen)
+    start = random_spd(28, dtype=torch.float32, gen=gen).to(DEV)
+    geometry = [(3, 3), (1, 1), (1, 1), (1, 1)]
+    whole = cublas.conv_input_factor_(start.clone(), x, 0.8, 0.01, *geometry, append_ones=True)
+    monkeypatch.setattr(cublas, "CONV_CHUNK_ELEMENTS", 2 * 27 * 30)  # two images per chunk: 4 chunks
+    chunked = cublas.conv_input_factor_(start.clone(), x, 0.8, 0.01, *geometry, append_ones=True)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    empty = cublas.conv_input_factor_(start.clone(), x[:0], 0.8, 0.01, *geometry, append_ones=True)
+    torch.testing.assert_close(empty, 0.8 * start, rtol=1e-6, atol=0)
+
+
 def _group(count, n, rows):
     return [torch.empty(n, n) for _ in range(count)], [torch.empty(rows, n - 1) for _ in range(count)]
 
@@ -106,6 +130,11 @@ def test_auto_sends_factor_ops_to_cublas_and_small_groups_to_triton(monkeypatch)
     small, large = _group(48, 129, 512), _group(24, 769, 2048)
     assert "launch-bound" in rule(_dispatch.Call(cuda, torch.float32, 129, (*small, None, None)))
     assert rule(_dispatch.Call(cuda, torch.float32, 769, (*large, None, None))) is None
+    fp64 = [f.double() for f in small[0]], small[1]  # Triton serves float32 factors only
+    assert rule(_dispatch.Call(cuda, torch.float64, 129, (*fp64, None, None))) is None
+    monkeypatch.setenv("KFAC_FAST_BACKEND", "cublas")  # named: it serves every call itself
+    assert rule(_dispatch.Call(cuda, torch.float32, 129, (*small, None, None))) is None
+    monkeypatch.delenv("KFAC_FAST_BACKEND")
     monkeypatch.setattr(_dispatch._BACKENDS["triton"], "_why", "triton is not importable")
     assert rule(_dispatch.Call(cuda, torch.float32, 129, (*small, None, None))) is None
     assert "CUDA tensors only" in rule(_dispatch.Call(torch.device("cpu"), torch.float32, 129, (*small, None, None)))

@@ -165,7 +165,7 @@ def _under(name: str, *prefixes: str) -> bool:
 KERNELS = ("kfac_fast.kernels", "kfac_fast._C")
 BACKENDS = ("kfac_fast.backends",)
 CORE = ("kfac_fast.ops", "kfac_fast._validate", "kfac_fast._guards", "kfac_fast._ops", "kfac_fast._dispatch",
-        "kfac_fast._info", *BACKENDS, *KERNELS)
+        "kfac_fast._info", "kfac_fast._flags", *BACKENDS, *KERNELS)
 
 
 def _is_frontend(name: str) -> bool:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kfac_fast import _dispatch
+from kfac_fast import _dispatch, _flags
 from kfac_fast.backends import cost, cuda_driver
 from kfac_fast.kernels import guard
 
@@ -125,21 +125,49 @@ def test_int32_counts_are_refused_naming_the_argument():
 
 
 def test_allow_tf32_of_precision():
-    assert guard.allow_tf32_of("tf32") and not guard.allow_tf32_of("ieee", True)
-    assert not guard.allow_tf32_of("fp32", True) and guard.allow_tf32_of(None, True)
+    assert _flags.allow_tf32_of("tf32") and not _flags.allow_tf32_of("ieee", True)
+    assert not _flags.allow_tf32_of("fp32", True) and _flags.allow_tf32_of(None, True)
     with pytest.raises(ValueError, match="precision must be"):
-        guard.allow_tf32_of("bf16")
+        _flags.allow_tf32_of("bf16")
 
 
 def test_matmul_precision_switch_restores_the_global():
     # the torch-GEMM backends (cuda's eigen preconditioners, cublas's factor updates)
-    from kfac_fast.kernels.guard import matmul_precision
+    from kfac_fast._flags import matmul_precision
 
     before = torch.backends.cuda.matmul.allow_tf32
     for precision, want in (("tf32", True), ("ieee", False), (None, before)):
         with matmul_precision(precision):
             assert torch.backends.cuda.matmul.allow_tf32 is want
         assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+def test_matmul_precision_under_torchs_new_api():
+    # torch >= 2.9 refuses to read the legacy allow_tf32 once fp32_precision was set, so a
+    # user of the new API must get it restored through the new API (and no error); in a
+    # subprocess, since the switch to the new API cannot be undone in a process.
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from kfac_fast._flags import matmul_precision
+from kfac_fast.backends import cublas
+flags = torch.backends.cuda.matmul
+if not hasattr(flags, "fp32_precision"):
+    raise SystemExit(0)
+flags.fp32_precision = "tf32"
+with matmul_precision(None):
+    assert flags.fp32_precision == "tf32"
+with matmul_precision("ieee"):
+    assert flags.fp32_precision == "ieee"
+assert flags.fp32_precision == "tf32"
+f = cublas.update_factor_(torch.eye(3), torch.randn(5, 3), 0.5, 0.1)  # fp32 rows: forced IEEE
+assert torch.isfinite(f).all() and flags.fp32_precision == "tf32"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 # ---------------------------------------------------------------------------------------

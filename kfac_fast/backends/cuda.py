@@ -22,8 +22,9 @@ from typing import Optional
 import torch
 
 from kfac_fast import _dispatch
+from kfac_fast._flags import matmul_precision
 from kfac_fast._ops import nu_dtype
-from kfac_fast.kernels.guard import launch_on, matmul_precision
+from kfac_fast.kernels.guard import launch_on
 
 from . import cuda_driver
 from ._common import buckets, eigh_stack, finite_per_matrix, finite_term, kl_nu, layer_scalar, solve_eigh
