@@ -40,8 +40,9 @@ class CurvatureProducts(Protocol):
     Everything is this process's batch, in the loss's own scale. A distributed
     implementation wraps a local one. Its `gradient` and `gram` are the sums over ranks of
     each rank's values weighted by n_rank / n_total, so that N ranks on N shards equal one
-    process on the whole batch. The MC Fisher's samples must not depend on the split: they
-    are drawn per example (issue 20). `FisherProducts` is the local implementation.
+    process on the whole batch. The MC Fisher's samples must then not depend on the split:
+    issue 20 draws them per example (not yet implemented). `FisherProducts` is the local
+    implementation.
     """
 
     params: list[torch.Tensor]

@@ -69,7 +69,7 @@ def update_factor_(factor: Tensor, x: Tensor, beta: Scalar, alpha: Scalar, *, ap
 
 def update_factors_(factors: Sequence[Tensor], xs: Sequence[Tensor], betas: PerLayer, alphas: PerLayer, *,
                     append_ones: Union[bool, Sequence[bool]] = False, precision: Optional[str] = None) -> list[Tensor]:
-    """update_factor_ for L layers at once (one grouped launch on GPU); returns factors.
+    """update_factor_ for L layers at once (one call; on GPU a GEMM per layer or one grouped launch); returns factors.
 
     factors[i]: (n_i, n_i) float32/64 contiguous, all on one device; xs[i]: (..., d_i)
     with n_i = d_i + append_ones[i]. betas, alphas: one scalar, L scalars, or a 1-D

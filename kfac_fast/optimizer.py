@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .fisher import canonical_loss
-from .fvp import FisherProducts, dot, twice_differentiable
+from .fvp import CurvatureProducts, FisherProducts, dot, twice_differentiable
 from .metrics import StepMetrics
 from .optimizer_args import check_single_process, learning_rate, positive_float, positive_int, step_lr, unit_interval
 from .optimizer_damping import adapt_lambda, search_gamma
@@ -229,11 +229,11 @@ class KFAC(torch.optim.Optimizer):
             self.preconditioner.sample_fisher(outputs, self.loss, generator=self.generator,
                                               variance=self.variance)
             # one backward gives both the gradient and the Fisher products' graph
-            fisher = FisherProducts(loss, outputs, params)
+            fisher: CurvatureProducts = FisherProducts(loss, outputs, params)
         with torch.no_grad():
             return self._step(closure, group, fisher, loss)
 
-    def _step(self, closure: Callable[[], tuple], group: dict, fisher: FisherProducts,
+    def _step(self, closure: Callable[[], tuple], group: dict, fisher: CurvatureProducts,
               loss: torch.Tensor) -> torch.Tensor:
         """Everything after the backward: directions, the model solve, the update."""
         step = group["step"]
@@ -362,7 +362,7 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner.repeat_precondition(refresh=self.preconditioner.method == "inverse")
         return self._take_directions(live, grads)
 
-    def _solve(self, fisher: FisherProducts, grads: list, directions: list, prev: Optional[list], c: float) -> dict:
+    def _solve(self, fisher: CurvatureProducts, grads: list, directions: list, prev: Optional[list], c: float) -> dict:
         """alpha (and mu) minimising the damped model, and the update they give times lr
         (`coeffs`: lr * x, or x itself at lr 1, so the default step is the paper's bit for bit)."""
         vectors = [directions] if prev is None else [directions, prev]

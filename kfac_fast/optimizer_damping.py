@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from .fvp import FisherProducts
+from .fvp import CurvatureProducts
 from .quadratic import adapt_damping, model_change, reduction_ratio
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def restore_(params: list, values: list) -> None:
     torch._foreach_copy_(params, values)
 
 
-def search_gamma(opt: KFAC, closure: Callable, fisher: FisherProducts, live: list, grads: list,
+def search_gamma(opt: KFAC, closure: Callable, fisher: CurvatureProducts, live: list, grads: list,
                  prev: Optional[list], theta: list, current: dict) -> dict:
     """Paper section 6.6: gamma among gamma * {omega2, 1, 1/omega2} by h(theta + delta).
 

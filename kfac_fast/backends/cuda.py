@@ -33,8 +33,8 @@ from ._common import buckets, eigh_stack, finite_per_matrix, finite_term, kl_nu,
 # serves them in one call. First chosen from pytorch issue #174674 (torch loops over
 # matrices above n = 32), then confirmed on an H200 (bench/RESULTS.md, 2026-11-29): torch
 # wins at n <= 32 (0.18-0.44 ms vs 0.24-0.68 for batches of 64 and 512), the Jacobi kernel
-# from n = 48 on (22x-94x). Its vectors are also more accurate there: residual 3e-8 vs
-# torch's 1e-5 to 4e-5 at n = 65..130.
+# from n = 48 on (10.6x to 146x). Its vectors are also more accurate there: residual 3e-8
+# vs torch's 5e-6 to 3.7e-5 at n = 33..130 (tests/test_cuda_ops.py on the H200).
 EIGH_TORCH_MAX_N = 32
 # The Jacobi kernel keeps the whole matrix (fp64) in shared memory: 128 x 129 x 8 B fits
 # sm_80's 164 KiB. Equal to _C.JACOBI_MAX_N (tests/test_build.py checks).
@@ -178,9 +178,11 @@ def _cold_eigh(matrices: list) -> tuple:
 def _own_storage(d: torch.Tensor, q: torch.Tensor) -> tuple[list, list]:
     """A bucket's stacked results as one contiguous tensor per matrix, each with its own
     storage: the op's outputs may not alias one another (torch's custom-op check refuses
-    views of one stack). Two fused copies for the whole bucket (torch._foreach_copy_),
-    not two launches per matrix: on an H200 those made the op 20 ms slower than the
-    kernel per 512 matrices."""
+    views of one stack). Fused copies for the whole bucket (torch._foreach_copy_) instead
+    of two launches per matrix; on an H200 the op cost 20-28 ms per 512 matrices over the
+    kernel, host work per matrix of which these copies were a part (the saving is not yet
+    measured). The stack is made contiguous first (one copy of q) because the fused copy
+    needs sources laid out like their destinations; that is still a few launches in all."""
     d, q = d.contiguous(), q.contiguous()
     if d.shape[0] == 1:
         return [d[0]], [q[0]]

@@ -44,15 +44,21 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 
 def missing_dependencies(keys: list) -> list:
     needed = ["matplotlib"] + (["heavyball"] if "soap" in keys else [])
-    return [name for name in needed if importlib.util.find_spec(name) is None]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if "muon" in keys:
+        import torch
+
+        if not hasattr(torch.optim, "Muon"):
+            missing.append(f"torch.optim.Muon (torch >= 2.9; this is {torch.__version__})")
+    return missing
 
 
 def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
     missing = missing_dependencies(args.keys)
     if missing:
-        print(f"kfac_fast.demo_lm needs {', '.join(missing)}: pip install 'kfac_fast[demo]'"
-              + (" (or leave soap out of --methods)" if missing == ["heavyball"] else ""), file=sys.stderr)
+        print(f"kfac_fast.demo_lm needs {', '.join(missing)}: pip install 'kfac_fast[demo]' (and a newer "
+              "torch for Muon), or leave soap / muon out of --methods", file=sys.stderr)
         return 2
     import torch
 

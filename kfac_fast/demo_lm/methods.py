@@ -1,8 +1,11 @@
 """The optimisers the transformer demo compares, each with a two-point grid.
 
 Every grid has the same size (two points) and every method runs the same steps on the
-same batches per seed. The grids bracket each method's best value from a coarse search
-at the demo's defaults (200 steps, seed 0, validation nats/char, 2026-11-29):
+same batches per seed. Each grid holds the best value of a coarse search at the demo's
+defaults and a neighbour (200 steps, seed 0, validation nats/char, 2026-11-29); for
+K-FAC's damping and KFAC's lambda0 the best was the smallest value tried, so a lower one
+may be better still. The table picks each method's grid value on the same validation
+windows it reports, for every method alike.
 - AdamW: lr 3e-3 1.019, 1e-2 0.908, 2e-2 0.911.
 - SOAP: lr 3e-3 0.892, 1e-2 0.822, 2e-2 0.848.
 - Muon (AdamW lr 1e-2 on the rest): lr 0.01 0.854, 0.02 0.840, 0.05 0.945 (AdamW part at 3e-3).

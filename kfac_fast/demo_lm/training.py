@@ -31,7 +31,7 @@ class Run:
 class Setup:
     """The model and data settings shared by every run."""
 
-    steps: int = 300
+    steps: int = 200
     batch: int = 32
     context: int = 32
     d: int = 64
