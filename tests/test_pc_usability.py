@@ -211,3 +211,21 @@ def test_migration_guide_maps_every_kfac_pytorch_keyword():
     table = guide.split("## Constructor keywords")[1].split("## Methods and attributes")[0]
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `")]
     assert [row.split("=")[0].strip("`") for row in rows] == _kfac_pytorch_keywords()
+
+
+def test_tied_weights_are_refused_naming_both_layers():
+    # an embedding reused as the output head: its .grad sums both layers' gradients, which
+    # the two per-layer blocks would precondition in turn (silently wrong before)
+    import kfac_fast
+    from kfac_fast.demo_lm.model import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(11, d=8, heads=2, blocks=1, context=4)
+    model.head.weight = model.tok.weight
+    with pytest.raises(ValueError, match=r"layers 'tok' and 'head' share the parameter tok.weight .*"
+                                         r"skip_layers='head'"):
+        kfac_fast.KFACPreconditioner(model)
+    with pytest.raises(ValueError, match="tied weights"):
+        kfac_fast.KFAC(model, method="eigen")
+    pc = kfac_fast.KFACPreconditioner(model, skip_layers="head")
+    assert "tok" in pc.layers and "head" not in pc.layers

@@ -38,6 +38,24 @@ class RegistrationMixin(PreconditionerBase):
                 visit(child, f"{name}.{child_name}" if name else child_name, skipped)
 
         visit(model, "", False)
+        self._refuse_shared_parameters()
+
+    def _refuse_shared_parameters(self) -> None:
+        """Tied weights (e.g. an embedding reused as the output head) are refused: the
+        parameter's .grad sums both layers' gradients, and each layer's block would
+        precondition that sum in turn, the second overwriting the first: a silently wrong
+        update. Skipping one of the two leaves the sum to the other layer's block."""
+        owner: dict[int, tuple[str, str]] = {}
+        for name, layer in self.layers.items():
+            for pname, p in layer.module.named_parameters(recurse=False):
+                first = owner.setdefault(id(p), (name, pname))
+                if first[0] != name:
+                    raise ValueError(
+                        f"KFACPreconditioner: layers {first[0]!r} and {name!r} share the parameter "
+                        f"{first[0]}.{first[1]} (tied weights); K-FAC's per-layer blocks cannot "
+                        f"precondition a gradient that sums two layers' contributions. Pass "
+                        f"skip_layers={name!r} (or {first[0]!r}) to precondition it with the other "
+                        f"layer's block, or untie the weights")
 
     def _too_large(self, name: str, module: nn.Module) -> Optional[str]:
         """Why max_factor_dim skips the layer (None when it fits or there is no limit)."""
