@@ -1,12 +1,13 @@
 """torch's fp32 matmul precision as the ops' `precision=` keyword sets it.
 
 Below the op API (the kernels, the backends and the frontends may all import it): the
-keyword's meaning (`allow_tf32_of`) and a block that sets torch's own flag for torch
-GEMMs (`matmul_precision`).
+keyword's meaning (`allow_tf32_of`), a block that sets torch's own flag for torch GEMMs
+(`matmul_precision`), and whether torch.mm takes `out_dtype` (`mm_has_out_dtype`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Optional
 
@@ -53,3 +54,15 @@ def matmul_precision(precision: Optional[str]) -> Iterator[None]:
             flags.allow_tf32 = before
         else:
             flags.fp32_precision = before
+
+
+@functools.lru_cache(maxsize=None)
+def mm_has_out_dtype(device_type: str) -> bool:
+    """Whether torch.mm takes out_dtype for 16-bit operands on this device type (torch
+    >= 2.8 on CUDA; CPU torch has no such kernel). Asked once per device type."""
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (TypeError, NotImplementedError, RuntimeError):
+        return False
+    return True

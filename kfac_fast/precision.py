@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from ._flags import matmul_precision
+from ._flags import matmul_precision, mm_has_out_dtype
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -53,11 +53,8 @@ def tf32_products(device: torch.device) -> Iterator[None]:
 def _bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with both operands rounded to bf16, accumulated and returned in fp32."""
     a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    if a.is_cuda:
-        try:
-            return torch.mm(a16, b16, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without mm's out_dtype
-            pass
+    if a.is_cuda and mm_has_out_dtype(a.device.type):
+        return torch.mm(a16, b16, out_dtype=torch.float32)
     return a16.float() @ b16.float()
 
 

@@ -260,3 +260,15 @@ def test_backend_info_reports_the_driver_version_next_to_the_runtime():
     info = kfac_fast.backend_info("cpu")["_C"]
     if isinstance(info, dict) and info.get("cuda"):
         assert isinstance(info["cuda_driver_version"], int) and info["cuda_runtime_major"] == 13
+
+
+def test_mm_out_dtype_probe_matches_torch():
+    # cublas's factor GEMMs and precision.py's bf16 products take the 16-bit path only
+    # where torch.mm accepts out_dtype (asked once per device type)
+    a = torch.ones(2, 2, dtype=torch.bfloat16)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+        want = True
+    except (TypeError, NotImplementedError, RuntimeError):
+        want = False
+    assert _flags.mm_has_out_dtype("cpu") is want

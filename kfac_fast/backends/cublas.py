@@ -24,14 +24,13 @@ GPU run's `step`, `profile` and `e2e` parts measure it.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from kfac_fast import _dispatch
-from kfac_fast._flags import matmul_precision
+from kfac_fast._flags import matmul_precision, mm_has_out_dtype
 from kfac_fast._validate import as_pair
 
 from ._common import Scalar, decay_, is_host_zero, layer_scalar, scalar_tensor
@@ -50,24 +49,12 @@ LAUNCH_BOUND = dict(MIN_LAYERS=8, MAX_N=257, MAX_ROWS=4096)
 CONV_CHUNK_ELEMENTS = 1 << 26
 
 
-@functools.lru_cache(maxsize=None)
-def _has_mm_out_dtype(device_type: str) -> bool:
-    """Whether torch.mm takes out_dtype for 16-bit operands on this device type (torch
-    >= 2.8 on CUDA; CPU torch has no such kernel). Asked once per device type."""
-    try:
-        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
-        torch.mm(a, a, out_dtype=torch.float32)
-    except (TypeError, NotImplementedError, RuntimeError):
-        return False
-    return True
-
-
 def _gram(rows: torch.Tensor, dtype: torch.dtype, precision: Optional[str]) -> torch.Tensor:
     """rows^T rows in `dtype`: 16-bit rows straight into a float32 result when `dtype` is
     float32 (exact products, float32 sums), else cast first. float32 rows multiply in IEEE
     fp32 unless precision="tf32", whatever torch's global TF32 setting, as the Triton kernels
     do, so the numbers do not depend on which backend served a layer."""
-    if rows.dtype in SIXTEEN_BIT and dtype == torch.float32 and _has_mm_out_dtype(rows.device.type):
+    if rows.dtype in SIXTEEN_BIT and dtype == torch.float32 and mm_has_out_dtype(rows.device.type):
         return torch.mm(rows.mT, rows, out_dtype=torch.float32)
     rows = rows.to(dtype)
     with matmul_precision(precision or "ieee"):
