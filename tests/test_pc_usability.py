@@ -12,6 +12,8 @@ from kfac_fast import KFACPreconditioner
 from kfac_fast.checkpoint import load_checkpoint, save_checkpoint
 from kfac_fast.preconditioner.args import KFAC_PYTORCH_KEYWORDS
 
+NO_KFAC_PYTORCH = "kfac-pytorch not installed (make test installs it from KFAC_PYTORCH_WHEEL when that exists)"
+
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -37,7 +39,7 @@ def train(model: nn.Module, precond: KFACPreconditioner, data: list) -> list:
 # kfac-pytorch's keywords
 # ---------------------------------------------------------------------------------------
 def _kfac_pytorch_keywords() -> list[str]:
-    kfac = pytest.importorskip("kfac.preconditioner", reason="kfac-pytorch not installed (../shared/wheels)")
+    kfac = pytest.importorskip("kfac.preconditioner", reason=NO_KFAC_PYTORCH)
     params = inspect.signature(kfac.KFACPreconditioner.__init__).parameters
     return [n for n in params if n not in ("self", "model")]
 
@@ -72,7 +74,7 @@ def test_kfac_pytorch_keyword_raises_type_error_naming_ours(name, value, names):
 
 
 def test_kfac_pytorch_enum_values_are_named():
-    enums = pytest.importorskip("kfac.enums", reason="kfac-pytorch not installed (../shared/wheels)")
+    enums = pytest.importorskip("kfac.enums", reason=NO_KFAC_PYTORCH)
     with pytest.raises(TypeError, match="pass method='eigen'"):
         KFACPreconditioner(mlp(), compute_method=enums.ComputeMethod.EIGEN)
 
