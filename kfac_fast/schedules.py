@@ -159,6 +159,21 @@ def require_bool(name: str, value: Any) -> bool:
     return value
 
 
+def require_names(name: str, value: Any, one: str, many: str) -> tuple[str, ...]:
+    """One string or an iterable of strings as a tuple; a TypeError naming `name` else
+    (`one` / `many` say what a string is: "a regex" / "regexes")."""
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {one} or an iterable of {many}, got {type(value).__name__}") from None
+    for entry in names:
+        if not isinstance(entry, str):
+            raise TypeError(f"{name} entries must be strings, got {entry!r}")
+    return names
+
+
 def require_int(name: str, value: Any, *, optional: bool = False) -> Any:
     """`value` when it is an int >= 1 (or None when optional), else a ValueError."""
     if optional and value is None:

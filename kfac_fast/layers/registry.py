@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional, TypeVar, Union
 
 from torch import nn
 
+from ..schedules import require_names
 from .base import KFACLayer
 
 _KINDS: list[tuple[type, type[KFACLayer]]] = []
@@ -68,17 +69,9 @@ def opt_in_kinds() -> tuple[str, ...]:
 def check_extra_kinds(extra_kinds: Union[str, Iterable[str]]) -> tuple[str, ...]:
     """`extra_kinds` as a tuple of opt-in kind names (one name or an iterable of them);
     TypeError / ValueError naming `extra_kinds` otherwise."""
-    if isinstance(extra_kinds, str):
-        extra_kinds = (extra_kinds,)
-    try:
-        names = tuple(extra_kinds)
-    except TypeError:
-        raise TypeError(f"extra_kinds must be a kind name or an iterable of names, "
-                        f"got {type(extra_kinds).__name__}") from None
+    names = require_names("extra_kinds", extra_kinds, "a kind name", "names")
     known = opt_in_kinds()
     for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"extra_kinds entries must be strings, got {name!r}")
         if name not in known:
             raise ValueError(f"extra_kinds: unknown opt-in kind {name!r} (known: {', '.join(map(repr, known))})")
     return names

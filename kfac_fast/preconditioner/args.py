@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..layers.base import METHODS
-from ..schedules import require_bool, require_int, require_number
+from ..schedules import require_bool, require_int, require_names, require_number
 
 FISHERS = ("empirical", "mc")
 LOSS_AVERAGES = ("batch", "tokens", "sum")
@@ -46,17 +46,8 @@ def compile_skip(skip_layers: Union[None, str, Iterable[str]]) -> list:
     """`skip_layers` (a regex, an iterable of regexes, or None for none) compiled."""
     if skip_layers is None:  # kfac-pytorch's default
         return []
-    if isinstance(skip_layers, str):
-        skip_layers = (skip_layers,)
-    try:
-        patterns = list(skip_layers)
-    except TypeError:
-        raise TypeError(f"skip_layers must be a regex or an iterable of regexes, "
-                        f"got {type(skip_layers).__name__}") from None
     out = []
-    for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"skip_layers entries must be strings, got {p!r}")
+    for p in require_names("skip_layers", skip_layers, "a regex", "regexes"):
         try:
             out.append(re.compile(p))
         except re.error as exc:
