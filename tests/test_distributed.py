@@ -412,17 +412,33 @@ def check_world_of_one(rank, world) -> list[str]:
     return bad
 
 
-def check_sharded_refused(rank, world) -> str:
+def check_sharded_refused(rank, world) -> dict:
+    """FSDP2's placement (Shard(0) on a 1-D mesh over the group) is accepted; any other
+    DTensor placement and FSDP1 are refused naming the parameter or module."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     mesh = init_device_mesh("cpu", (world,))
-    model = nn.Linear(4, 2 * world).double()
-    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+    out = {}
+    for key, placement in (("shard0", Shard(0)), ("shard1", Shard(1)), ("replicate", Replicate())):
+        model = nn.Linear(4, 2 * world).double()
+        model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [placement]))
+        try:
+            out[key] = "built" if KFACPreconditioner(model).distributed.sharded is not None else "not sharded"
+        except NotImplementedError as exc:
+            out[key] = str(exc)
     try:
-        KFACPreconditioner(model)
-    except NotImplementedError as exc:
-        return str(exc)
-    return "no error"
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        wrapped = nn.Sequential(FullyShardedDataParallel(nn.Linear(4, 2 * world).double(),
+                                                         device_id=torch.device("cpu")))
+    except Exception as exc:  # FSDP1 cannot be built here: nothing to refuse
+        out["fsdp1"] = f"skipped: {exc}"
+    else:
+        try:
+            KFACPreconditioner(wrapped)
+            out["fsdp1"] = "no error"
+        except NotImplementedError as exc:
+            out["fsdp1"] = str(exc)
+    return out
 
 
 CASES = [
@@ -537,9 +553,14 @@ def test_process_group_is_a_parameter(world_results):
         assert out["subgroups"] == [], f"rank {rank}: {out['subgroups']}"
 
 
-def test_sharded_parameters_are_refused(world_results):
+def test_sharded_parameters_fsdp2_accepted_others_refused(world_results):
     for rank, out in _ranks_of_world(world_results, 2):
-        assert "DTensor" in out["sharded"] and "not supported" in out["sharded"], f"rank {rank}: {out['sharded']}"
+        got = out["sharded"]
+        assert got["shard0"] == "built", f"rank {rank}: {got}"
+        for key in ("shard1", "replicate"):
+            assert "weight" in got[key] and "Shard(0) on a 1-D mesh" in got[key], f"rank {rank}: {got}"
+        if not got["fsdp1"].startswith("skipped"):
+            assert "FSDP1" in got["fsdp1"] and "fully_shard" in got["fsdp1"], f"rank {rank}: {got}"
 
 
 def test_nonfinite_step_is_dropped_on_every_rank(world_results):

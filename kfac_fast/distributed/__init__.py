@@ -48,13 +48,15 @@ from .collectives import (
     broadcast_from_owners_,
 )
 from .data_parallel import DataParallelKFAC
-from .entry import check_unsharded, resolve_group, setup
+from .entry import resolve_group, setup
 from .options import FACTOR_SYNCS, STRATEGIES, DistributedOptions
+from .sharded_grads import ShardedGrads, check_sharding
 
 __all__ = [
     "DEFAULT_BUCKET_CAP_MB",
     "FACTOR_SYNCS",
     "STRATEGIES",
+    "ShardedGrads",
     "DataParallelKFAC",
     "DistributedOptions",
     "allreduce_factors_",
@@ -62,7 +64,7 @@ __all__ = [
     "average_gradients_",
     "broadcast_from_owners_",
     "check_same_layers",
-    "check_unsharded",
+    "check_sharding",
     "decomposition_cost",
     "factor_owners",
     "load_imbalance",

@@ -26,6 +26,7 @@ from .collectives import (
     rank_and_size,
 )
 from .options import FACTOR_SYNCS, STRATEGIES
+from .owned import precondition_owned
 from .participation import Participation
 
 
@@ -96,6 +97,7 @@ class DataParallelKFAC:
         self.meta_group = group if meta_group is None else meta_group
         self.timeout = timeout
         self._broken: Optional[BaseException] = None
+        self.sharded: Any = None  # a sharded_grads.ShardedGrads when the layers are FSDP2-sharded
         own = dict(settings or {}, method=method, strategy=strategy, factor_sync=factor_sync,
                    bucket_cap_mb=bucket_cap_mb, eigh_tol=eigh_tol)
         check_same_setup([(n, layer.kind, layer.a_dim, layer.g_dim, layer.has_bias)
@@ -317,8 +319,8 @@ class DataParallelKFAC:
         inner = {layer.name: torch.zeros((), dtype=torch.float64, device=device) for layer in layers}
         with self._timed("preconditioning"):
             if mine:
-                inner.update(self._local_work("the owners' preconditioning", lambda: self._precondition_owned(
-                    mine, damping, with_inner=kl_clip is not None)))
+                inner.update(self._local_work("the owners' preconditioning", lambda: precondition_owned(
+                    self.method, mine, damping, with_inner=kl_clip is not None)))
             else:
                 self._local_work("the owners' preconditioning", lambda: None)
         tensors, item_owners = [], []
@@ -341,25 +343,6 @@ class DataParallelKFAC:
             grads = [g for layer in layers for g in layer.param_grads()]
             torch._foreach_mul_(grads, nu.to(grads[0].dtype))
         return nu.to(nu_dtype)
-
-    def _precondition_owned(self, mine: list, damping: float, *, with_inner: bool) -> dict:
-        """Precondition the layers this rank owns in place in `.grad`; returns, when
-        with_inner, each layer's <P, dW_bar> in float64 (the KL clip's terms)."""
-        grads = [layer.grad_bar() for layer in mine]
-        if self.method == "eigen":
-            ps = ops.precondition_eigen(grads, [layer.qa for layer in mine], [layer.da for layer in mine],
-                                        [layer.qg for layer in mine], [layer.dg for layer in mine], damping)
-        else:
-            ps = ops.precondition_inverse(grads, [layer.a_inv for layer in mine],
-                                          [layer.g_inv for layer in mine])
-        inner = {}
-        for layer, g, p in zip(mine, grads, ps):
-            if with_inner:
-                # <P, dW_bar>: for the eigen method this equals the in-place op's
-                # sum((Q_G^T dW_bar Q_A)^2 / (d_G d_A^T + damping))
-                inner[layer.name] = (p.to(torch.float64) * g.to(torch.float64)).sum()
-            layer.write_grad(p)
-        return inner
 
     # ---- checkpoints ------------------------------------------------------------------------
     def before_state_dict(self) -> None:

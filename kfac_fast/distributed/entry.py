@@ -1,4 +1,5 @@
-"""Whether a preconditioner runs data-parallel, and its driver when it does."""
+"""Whether a preconditioner runs data-parallel, and its driver when it does (FSDP2-sharded
+layers get a `sharded_grads.ShardedGrads`; FSDP1 and other DTensor placements are refused)."""
 from __future__ import annotations
 
 import datetime
@@ -10,6 +11,7 @@ from ..health import Health
 from .collectives import _dist
 from .data_parallel import DataParallelKFAC
 from .options import DistributedOptions
+from .sharded_grads import ShardedGrads, check_sharding
 
 
 def resolve_group(process_group: Optional[Any] = None) -> Optional[Any]:
@@ -55,13 +57,19 @@ def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[A
     group = resolve_group(process_group)
     if group is None:
         return None
-    check_unsharded(model)
     opts = distributed if isinstance(distributed, DistributedOptions) else DistributedOptions()
+    sharded = check_sharding(model, layers, group)
+    if sharded and opts.strategy == "memory":
+        raise NotImplementedError("kfac_fast.distributed: strategy='memory' is not supported for FSDP2-sharded "
+                                  "layers yet; use DistributedOptions(strategy='communication')")
     group, meta = own_groups(group, opts.timeout)
-    return DataParallelKFAC(layers, method, group, strategy=opts.strategy, factor_sync=opts.factor_sync,
-                            bucket_cap_mb=opts.bucket_cap_mb, profile=opts.profile,
-                            health=health, eigh_tol=eigh_tol, settings=settings, meta_group=meta,
-                            timeout=opts.timeout)
+    driver = DataParallelKFAC(layers, method, group, strategy=opts.strategy, factor_sync=opts.factor_sync,
+                              bucket_cap_mb=opts.bucket_cap_mb, profile=opts.profile,
+                              health=health, eigh_tol=eigh_tol, settings=settings, meta_group=meta,
+                              timeout=opts.timeout)
+    if sharded:
+        driver.sharded = ShardedGrads(driver)
+    return driver
 
 
 def own_groups(group: Any, timeout: Optional[float]) -> tuple:
@@ -83,46 +91,3 @@ def own_groups(group: Any, timeout: Optional[float]) -> tuple:
         group = dist.new_group(ranks, backend=backend, **kw)
     meta = dist.new_group(ranks, backend="gloo", **kw)
     return group, meta
-
-
-def _sharded_module_types() -> tuple:
-    """FSDP's wrapper classes this torch has (FSDP1 and FSDP2), maybe none."""
-    types: list[type] = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        types.append(FullyShardedDataParallel)
-    except ImportError:
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        types.append(FSDPModule)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-def check_unsharded(model: nn.Module) -> None:
-    """Raise NotImplementedError naming the first FSDP-wrapped module or DTensor parameter.
-
-    K-FAC needs each rank to hold whole layers and whole gradients; sharded parameters
-    would need factor and gradient gathers this package does not do.
-    """
-    fsdp_types = _sharded_module_types()
-    dtensor: Optional[type] = None
-    try:
-        from torch.distributed.tensor import DTensor as dtensor
-    except ImportError:
-        pass
-    for name, module in model.named_modules():
-        if fsdp_types and isinstance(module, fsdp_types):
-            raise NotImplementedError(
-                f"kfac_fast.distributed: module {name or '<root>'!r} is FSDP-wrapped "
-                f"({type(module).__name__}); FSDP-sharded parameters are not supported, "
-                "use DistributedDataParallel or plain data parallelism")
-    if dtensor is not None:
-        for name, p in model.named_parameters():
-            if isinstance(p, dtensor):
-                raise NotImplementedError(
-                    f"kfac_fast.distributed: parameter {name!r} is a DTensor (FSDP2 or tensor "
-                    "parallel sharding); sharded parameters are not supported, use "
-                    "DistributedDataParallel or plain data parallelism")

@@ -34,9 +34,23 @@ class PreconditionMixin(PreconditionerBase):
         have = [layer for layer in self.layers.values() if layer.a_count > 0 and layer.g_count > 0]
         if refresh and have:
             self._refresh(have)
-        self._precondition([layer for layer in have if self._has_inverse_state(layer, self.method)])
+        chosen = [layer for layer in have if self._has_inverse_state(layer, self.method)]
+        with self._whole_gradients(chosen):
+            self._precondition(chosen)
+
+    def _whole_gradients(self, layers: list[KFACLayer]) -> Any:
+        """A context in which `.grad` of FSDP2-sharded parameters of `layers` is the whole
+        gradient (`kfac_fast.distributed.sharded_grads`); nothing happens otherwise."""
+        if self.distributed is None or self.distributed.sharded is None:
+            return contextlib.nullcontext()
+        return self.distributed.sharded.whole(layers)
 
     def _guarded_precondition(self, layers: list[KFACLayer]) -> None:
+        """`_whole_gradients` around `_guarded_precondition_whole`."""
+        with self._whole_gradients(layers):
+            self._guarded_precondition_whole(layers)
+
+    def _guarded_precondition_whole(self, layers: list[KFACLayer]) -> None:
         """`_precondition`, except that a step with a non-finite capture or gradient, or
         whose preconditioned gradient is not finite (a damping that vanishes on a zero
         eigenvalue, a corrupted decomposition), leaves `.grad` as the plain gradient and is

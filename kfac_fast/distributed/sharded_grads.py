@@ -1,0 +1,182 @@
+"""Whole gradients of FSDP2-sharded parameters while the preconditioner works on them.
+
+`torch.distributed.fsdp.fully_shard` (FSDP2) keeps each parameter, and its `.grad` after
+the backward, as a DTensor sharded on dim 0 over a 1-D device mesh, split as torch.chunk
+splits: ceil(n / world) rows per rank, the last ranks short or empty (a layer whose dim 0
+is smaller than the world). The layer inputs and output gradients its hooks capture are
+whole per rank, so factors are as under DDP; only the gradient needs gathering.
+
+`ShardedGrads.whole(layers)` is a context: on entry one bucketed all-gather (each rank's
+shard padded to ceil(n / world) rows, one `all_gather_into_tensor` per bucket, never one
+per parameter) gives every rank the whole averaged gradient of each sharded parameter,
+and `.grad` is pointed at it (a plain tensor of the parameter's global shape), so the
+single-process code reads and rewrites whole gradients (the KL clip and every norm see
+the whole gradient). On a clean exit each rank copies its own rows back into its shard
+and `.grad` is the DTensor again; on an exception the shards are left as they were.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .collectives import _buckets, _dist, _nbytes, _wait
+
+
+def _dtensor_type() -> Optional[type]:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing can be sharded
+        return None
+    return DTensor
+
+
+def chunk_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, row count) of `rank`'s torch.chunk share of n rows over `world` ranks."""
+    size = -(-n // world) if n else 0
+    start = min(rank * size, n)
+    return start, min(start + size, n) - start
+
+
+def layer_parameters(layer: Any) -> list:
+    """The parameters whose gradients a layer rewrites: weight, then bias with one."""
+    return [layer.module.weight] + ([layer.module.bias] if layer.has_bias else [])
+
+
+def check_sharding(model: nn.Module, layers: dict, group: Any) -> bool:
+    """Whether K-FAC's layers hold FSDP2-sharded parameters it can precondition.
+
+    FSDP1 (`FullyShardedDataParallel`, flat parameters) and a DTensor parameter of a
+    registered layer placed other than Shard(0) on a 1-D mesh over exactly the ranks of
+    `group` (in order) raise NotImplementedError naming the module or parameter.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as fsdp1
+    except ImportError:
+        fsdp1 = None
+    for name, module in model.named_modules():
+        if fsdp1 is not None and isinstance(module, fsdp1):
+            raise NotImplementedError(
+                f"kfac_fast.distributed: module {name or '<root>'!r} is wrapped by FSDP1 "
+                "(FullyShardedDataParallel, flat parameters); use FSDP2 (torch.distributed.fsdp.fully_shard), "
+                "DistributedDataParallel or plain data parallelism")
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return False
+    dist = _dist()
+    ranks = dist.get_process_group_ranks(group)
+    sharded = False
+    for lname, layer in layers.items():
+        for pname, p in zip(("weight", "bias"), layer_parameters(layer)):
+            if not isinstance(p, dtensor):
+                continue
+            where = f"parameter {lname + '.' if lname else ''}{pname!s}"
+            mesh = p.device_mesh
+            if mesh.ndim != 1 or len(p.placements) != 1 or not p.placements[0].is_shard(0):
+                raise NotImplementedError(
+                    f"kfac_fast.distributed: {where} is a DTensor placed {tuple(p.placements)} on a "
+                    f"{mesh.ndim}-D mesh; only FSDP2's Shard(0) on a 1-D mesh is supported (no HSDP, "
+                    "tensor parallelism or replicated DTensors)")
+            mesh_ranks = dist.get_process_group_ranks(mesh.get_group())
+            if mesh_ranks != ranks:
+                raise NotImplementedError(
+                    f"kfac_fast.distributed: {where} is sharded over ranks {mesh_ranks}, but K-FAC runs "
+                    f"over ranks {ranks}; pass the mesh's group as process_group")
+            sharded = True
+    return sharded
+
+
+class ShardedGrads:
+    """Gathers and scatters the sharded gradients of one DataParallelKFAC (its `group`,
+    bucket cap, timeout and `bytes`, to which it adds "gradient_gather")."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+        self.dtensor = _dtensor_type()
+        driver.bytes.setdefault("gradient_gather", 0)
+
+    def sharded_params(self, layers: list) -> list:
+        """The parameters of `layers` whose `.grad` is a DTensor (registration order)."""
+        return [p for layer in layers for p in layer_parameters(layer)
+                if self.dtensor is not None and isinstance(p.grad, self.dtensor)]
+
+    @contextmanager
+    def whole(self, layers: list) -> Iterator[None]:
+        """Point `.grad` of the sharded parameters of `layers` at whole gradients (module
+        docstring); each rank's rows go back into its shard on a clean exit."""
+        params = self.sharded_params(layers)
+        if not params:
+            yield
+            return
+        shards = [p.grad for p in params]
+        d = self.driver
+        with d._timed("communication"), d._collective("the sharded-gradient all-gather"):
+            wholes = self.gather([g.to_local() for g in shards], [tuple(g.shape) for g in shards])
+        for p, w in zip(params, wholes):
+            p.grad = w
+        try:
+            yield
+            with torch.no_grad():
+                for g, w in zip(shards, wholes):
+                    start, rows = chunk_rows(w.shape[0], d.world_size, d.rank)
+                    g.to_local().copy_(w[start:start + rows])
+        finally:
+            for p, g in zip(params, shards):
+                p.grad = g
+
+    def gather(self, local: list, shapes: list) -> list:
+        """Whole tensors of the given global shapes from every rank's dim-0 shard `local`
+        (bucketed all-gathers, by dtype and device); adds the bytes received to `bytes`."""
+        d = self.driver
+        world, rank = d.world_size, d.rank
+        padded = []
+        for t, shape in zip(local, shapes):
+            rows = chunk_rows(shape[0], world, rank)[1]
+            if tuple(t.shape) != (rows, *shape[1:]):
+                raise RuntimeError(f"kfac_fast.distributed: a gradient shard of shape {tuple(t.shape)} is not "
+                                   f"rank {rank}'s torch.chunk share of {shape} over {world} ranks")
+            padded.append(chunk_rows(shape[0], world, 0)[1] * _rest(shape))  # rows padded to ceil(n / world)
+        dist = _dist()
+        out: list = [None] * len(local)
+        pending = []
+        kinds: dict = {}
+        for i, t in enumerate(local):
+            kinds.setdefault((t.dtype, t.device), []).append(i)
+        for members in kinds.values():
+            item = local[members[0]].element_size()
+            for idx in _buckets([padded[i] * item for i in members], d.bucket_cap):
+                ids = [members[j] for j in idx]
+                total = sum(padded[i] for i in ids)
+                send = torch.zeros(total, dtype=local[ids[0]].dtype, device=local[ids[0]].device)
+                offset = 0
+                for i in ids:
+                    send[offset:offset + local[i].numel()] = local[i].reshape(-1)
+                    offset += padded[i]
+                recv = send.new_empty(world * total)
+                pending.append((ids, total, recv, dist.all_gather_into_tensor(recv, send, group=d.group,
+                                                                             async_op=True)))
+        for ids, total, recv, work in pending:
+            if not _wait(work, d.timeout):
+                raise RuntimeError(f"the sharded-gradient all-gather timed out after {d.timeout:g} s")
+            d.bytes["gradient_gather"] += _nbytes(recv)
+            offset = 0
+            for i in ids:
+                shape = shapes[i]
+                whole = recv.new_empty(shape)
+                rest = _rest(shape)
+                for r in range(world):
+                    start, rows = chunk_rows(shape[0], world, r)
+                    base = r * total + offset
+                    whole[start:start + rows] = recv[base:base + rows * rest].view(rows, *shape[1:])
+                out[i] = whole
+                offset += padded[i]
+        return out
+
+
+def _rest(shape: tuple) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n

@@ -1,0 +1,195 @@
+"""KFACPreconditioner on FSDP2 (`fully_shard`) models, CPU gloo, 2 and 4 ranks.
+
+One spawn per world size: every check runs inside it and each rank reports its results
+through a queue. The oracle is the single-process preconditioner on the concatenated
+global batch, run inside each worker with distributed=False (float64, tight tolerance);
+the sharded `.grad` is compared through `full_tensor()`. The model has a Conv2d, Linear
+layers with and without bias, and a last layer of one output row (an empty shard on every
+rank but rank 0), so torch.chunk's uneven and empty shards are exercised.
+"""
+from __future__ import annotations
+
+import datetime
+import queue as queue_mod
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kfac_fast import KFACPreconditioner
+from kfac_fast import distributed as kd
+from tests.adversarial._dist_harness import running_world
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+TOL = dict(rtol=1e-9, atol=1e-12)
+STEPS = 4
+KW = dict(inv_update_steps=2, damping=1e-2, kl_clip=1e-3, lr=0.3, factor_dtype=torch.float64)
+UNEQUAL = {2: [2, 5], 4: [1, 4, 2, 3]}
+
+
+class Net(nn.Module):
+    def __init__(self, ckpt: bool = False):
+        super().__init__()
+        self.ckpt = ckpt
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc1 = nn.Linear(27, 5)
+        self.fc2 = nn.Linear(5, 4, bias=False)
+        self.fc3 = nn.Linear(4, 1)
+
+    def block(self, x):
+        return torch.tanh(self.fc1(x))
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1)
+        h = checkpoint(self.block, h, use_reentrant=False) if self.ckpt else self.block(h)
+        return self.fc3(torch.tanh(self.fc2(h)))
+
+
+def make_model(ckpt: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return Net(ckpt).double()
+
+
+def shard(model: nn.Module, world: int, reshard: bool) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for sub in (model.conv, model.fc1, model.fc3):  # fc2 stays in the root's group
+        fully_shard(sub, mesh=mesh, reshard_after_forward=reshard)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+
+
+def make_data(sizes: list, step: int):
+    gen = torch.Generator().manual_seed(100 + step)
+    n = sum(sizes)
+    return torch.randn(n, 2, 5, 5, generator=gen, dtype=torch.float64), torch.randn(n, 1, generator=gen,
+                                                                                    dtype=torch.float64)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run(model, precond, sizes, rank):
+    """STEPS steps: rank None is the single process on the whole batch (a mean), a rank
+    its shard with the loss rule of docs/distributed.md (sum * world / N, loss_average N / world)."""
+    records = []
+    world, n = len(sizes), sum(sizes)
+    for step in range(STEPS):
+        x, y = make_data(sizes, step)
+        model.zero_grad()  # before the forward: with reshard_after_forward=False the forward swaps in
+        if rank is None:   # unsharded parameters, and the sharded grads would then accumulate
+            loss = F.mse_loss(model(x), y)
+        else:
+            lo = sum(sizes[:rank])
+            xs, ys = x[lo:lo + sizes[rank]], y[lo:lo + sizes[rank]]
+            loss = F.mse_loss(model(xs), ys, reduction="sum") * world / n
+        loss.backward()
+        precond.step()
+        records.append({"factors": {k: (v.a_factor.clone(), v.g_factor.clone()) for k, v in precond.layers.items()},
+                        "grads": {k: whole(p.grad).clone() for k, p in model.named_parameters()}})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.3 * p.grad)
+    return records
+
+
+def compare(got, want, factor_steps) -> list[str]:
+    bad = []
+    for step, (g, w) in enumerate(zip(got, want)):
+        if step in factor_steps:
+            for name, (fa, fg) in w["factors"].items():
+                ga, gg = g["factors"][name]
+                if not (torch.allclose(ga, fa, **TOL) and torch.allclose(gg, fg, **TOL)):
+                    bad.append(f"step {step}: factors of {name} differ (max {(ga - fa).abs().max():.2e}, "
+                               f"{(gg - fg).abs().max():.2e})")
+        for name, wg in w["grads"].items():
+            if not torch.allclose(g["grads"][name], wg, **TOL):
+                bad.append(f"step {step}: grad of {name} differs (max {(g['grads'][name] - wg).abs().max():.2e})")
+    return bad
+
+
+def check_fsdp(rank, world, *, method, factor_sync, ckpt, unequal, reshard=True, hooks=False) -> list[str]:
+    sizes = UNEQUAL[world] if unequal else [3] * world
+    kw = dict(KW, method=method, update_factors_in_hooks=hooks)
+    ref = make_model(ckpt)
+    want = run(ref, KFACPreconditioner(ref, distributed=False, loss_average=float(sum(sizes)), **kw), sizes, None)
+    model = shard(make_model(ckpt), world, reshard)
+    opts = kd.DistributedOptions(factor_sync=factor_sync, bucket_cap_mb=1e-4, timeout=60)
+    precond = KFACPreconditioner(model, distributed=opts, loss_average=sum(sizes) / world, **kw)
+    if precond.distributed is None or precond.distributed.sharded is None:
+        return ["no sharded driver"]
+    got = run(model, precond, sizes, rank)
+    bad = compare(got, want, set(range(STEPS)) if factor_sync == "update" else {0, 2})
+    if precond.distributed.bytes["gradient_gather"] == 0:
+        bad.append("no gradient bytes were gathered")
+    return bad
+
+
+CASES = [
+    dict(method="eigen", factor_sync="update", ckpt=False, unequal=False),
+    dict(method="inverse", factor_sync="inverse", ckpt=True, unequal=False, reshard=False),
+]
+
+
+def worker(rank: int, world: int, port: int, results) -> None:
+    torch.set_num_threads(1)
+    out: dict = {}
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+        for i, case in enumerate(CASES):
+            out[f"case{i}"] = check_fsdp(rank, world, **case)
+    except Exception:
+        out["crash"] = traceback.format_exc()
+    finally:
+        results.put((rank, out))
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+_RESULTS: dict = {}
+
+
+def spawn(world: int) -> dict:
+    if world in _RESULTS:
+        return _RESULTS[world]
+    got = {}
+    with running_world(worker, world, join_s=30) as results:
+        try:
+            for _ in range(world):
+                rank, out = results.get(timeout=150)
+                got[rank] = out
+        except queue_mod.Empty:
+            pass
+    _RESULTS[world] = got
+    return got
+
+
+@pytest.fixture(params=[2, 4], ids=lambda w: f"world{w}")
+def world_results(request):
+    world = request.param
+    got = spawn(world)
+    assert sorted(got) == list(range(world)), f"only ranks {sorted(got)} of {world} reported"
+    for rank, out in got.items():
+        assert "crash" not in out, f"rank {rank} crashed:\n{out['crash']}"
+    return world, got
+
+
+def _case_id(c: dict) -> str:
+    return "-".join([c["method"], c["factor_sync"], "ckpt" if c["ckpt"] else "plain",
+                     "unequal" if c["unequal"] else "equal"] + (["keep"] if c.get("reshard") is False else [])
+                    + (["hooks"] if c.get("hooks") else []))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[_case_id(c) for c in CASES])
+def test_fsdp_matches_single_process_on_global_batch(world_results, case):
+    _, got = world_results
+    for rank, out in got.items():
+        assert out[f"case{case}"] == [], f"rank {rank}: {out[f'case{case}']}"
