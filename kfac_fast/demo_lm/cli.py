@@ -15,7 +15,7 @@ from typing import Optional
 
 DESCRIPTION = ("Demo: K-FAC against AdamW, SOAP and Muon on a small causal character transformer "
                "(text made by a grammar, no download).")
-DEFAULT_METHODS = "adamw,soap,muon,kfac,kfac-opt"
+DEFAULT_METHODS = "adamw,soap,muon,kfac,kfac-adam,kfac-opt"
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -70,7 +70,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = Setup(steps=args.steps, batch=args.batch_size, context=args.context, d=args.d,
-                  eval_every=max(1, args.steps // 8), eval_windows=16 if args.quick else 256)
+                  eval_every=max(1, args.steps // 10), eval_windows=16 if args.quick else 256)
     corpus = Corpus(train_chars=20_000 if args.quick else 200_000, val_chars=4_000 if args.quick else 20_000)
     evaluation = validation_windows(corpus, setup)
     total = sum(len(METHODS[k].grid) for k in args.keys) * args.seeds

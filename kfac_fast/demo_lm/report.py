@@ -71,7 +71,7 @@ def table(runs: list) -> list:
 
 def targets(curves: dict) -> list:
     """Issue 19's targets for the best K-FAC row, as text."""
-    kfac = [k for k in ("kfac", "kfac-opt") if k in curves]
+    kfac = [k for k in ("kfac", "kfac-adam", "kfac-opt") if k in curves]
     if not kfac or "adamw" not in curves:
         return []
     key = min(kfac, key=lambda k: curves[k][2][-1])

@@ -37,7 +37,7 @@ class Setup:
     d: int = 64
     heads: int = 4
     blocks: int = 2
-    eval_every: int = 25
+    eval_every: int = 20
     eval_windows: int = 256
 
 
