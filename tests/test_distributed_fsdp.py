@@ -76,20 +76,29 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def run(model, precond, sizes, rank):
+def split(sizes: list, step: int, rotate: bool) -> list:
+    """The examples per rank at `step` (rotated by one rank per step when `rotate`)."""
+    k = step % len(sizes) if rotate else 0
+    return sizes[k:] + sizes[:k]
+
+
+def run(model, precond, sizes, rank, rotate=False, net=None):
     """STEPS steps: rank None is the single process on the whole batch (a mean), a rank
-    its shard with the loss rule of docs/distributed.md (sum * world / N, loss_average N / world)."""
+    its shard with the loss rule of docs/distributed.md (sum * world / N, loss_average N / world).
+    net: what to call (a DDP wrapper of `model`)."""
     records = []
+    net = net or model
     world, n = len(sizes), sum(sizes)
     for step in range(STEPS):
         x, y = make_data(sizes, step)
+        sizes = split(sizes, step, rotate) if rank is not None else sizes
         model.zero_grad()  # before the forward: with reshard_after_forward=False the forward swaps in
         if rank is None:   # unsharded parameters, and the sharded grads would then accumulate
             loss = F.mse_loss(model(x), y)
         else:
             lo = sum(sizes[:rank])
             xs, ys = x[lo:lo + sizes[rank]], y[lo:lo + sizes[rank]]
-            loss = F.mse_loss(model(xs), ys, reduction="sum") * world / n
+            loss = F.mse_loss(net(xs), ys, reduction="sum") * world / n
         loss.backward()
         precond.step()
         records.append({"factors": {k: (v.a_factor.clone(), v.g_factor.clone()) for k, v in precond.layers.items()},
@@ -115,19 +124,29 @@ def compare(got, want, factor_steps) -> list[str]:
     return bad
 
 
-def check_fsdp(rank, world, *, method, factor_sync, ckpt, unequal, reshard=True, hooks=False) -> list[str]:
+def check_fsdp(rank, world, *, method, factor_sync, ckpt, unequal, reshard=True, hooks=False,
+               rotate=False, ddp=False) -> list[str]:
+    """ddp: DistributedDataParallel instead of fully_shard (the same loss rule and weighting)."""
     sizes = UNEQUAL[world] if unequal else [3] * world
     kw = dict(KW, method=method, update_factors_in_hooks=hooks)
     ref = make_model(ckpt)
     want = run(ref, KFACPreconditioner(ref, distributed=False, loss_average=float(sum(sizes)), **kw), sizes, None)
-    model = shard(make_model(ckpt), world, reshard)
     opts = kd.DistributedOptions(factor_sync=factor_sync, bucket_cap_mb=1e-4, timeout=60)
-    precond = KFACPreconditioner(model, distributed=opts, loss_average=sum(sizes) / world, **kw)
-    if precond.distributed is None or precond.distributed.sharded is None:
-        return ["no sharded driver"]
-    got = run(model, precond, sizes, rank)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        model = make_model(ckpt)
+        net = DistributedDataParallel(model)
+        precond = KFACPreconditioner(net, distributed=opts, loss_average=sum(sizes) / world, **kw)
+    else:
+        model = net = shard(make_model(ckpt), world, reshard)
+        precond = KFACPreconditioner(model, distributed=opts, loss_average=sum(sizes) / world, **kw)
+    if precond.distributed is None or (precond.distributed.sharded is None) != ddp:
+        return ["no driver of the expected kind"]
+    got = run(model, precond, sizes, rank, rotate=rotate, net=net)
+    for rec in got:  # DDP prefixes names with "module."
+        rec["factors"] = {n.removeprefix("module."): v for n, v in rec["factors"].items()}
     bad = compare(got, want, set(range(STEPS)) if factor_sync == "update" else {0, 2})
-    if precond.distributed.bytes["gradient_gather"] == 0:
+    if not ddp and precond.distributed.bytes["gradient_gather"] == 0:
         bad.append("no gradient bytes were gathered")
     return bad
 
@@ -135,6 +154,9 @@ def check_fsdp(rank, world, *, method, factor_sync, ckpt, unequal, reshard=True,
 CASES = [
     dict(method="eigen", factor_sync="update", ckpt=False, unequal=False),
     dict(method="inverse", factor_sync="inverse", ckpt=True, unequal=False, reshard=False),
+    dict(method="eigen", factor_sync="inverse", ckpt=True, unequal=True),
+    dict(method="inverse", factor_sync="update", ckpt=False, unequal=True, rotate=True),
+    dict(method="eigen", factor_sync="update", ckpt=False, unequal=True, rotate=True, ddp=True),
 ]
 
 
@@ -185,7 +207,8 @@ def world_results(request):
 def _case_id(c: dict) -> str:
     return "-".join([c["method"], c["factor_sync"], "ckpt" if c["ckpt"] else "plain",
                      "unequal" if c["unequal"] else "equal"] + (["keep"] if c.get("reshard") is False else [])
-                    + (["hooks"] if c.get("hooks") else []))
+                    + (["hooks"] if c.get("hooks") else []) + (["rotating"] if c.get("rotate") else [])
+                    + (["ddp"] if c.get("ddp") else []))
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[_case_id(c) for c in CASES])

@@ -28,6 +28,7 @@ from .collectives import (
 from .options import FACTOR_SYNCS, STRATEGIES
 from .owned import precondition_owned
 from .participation import Participation
+from .weighting import RowWeights, allreduce_weighted_factors_
 
 
 class DataParallelKFAC:
@@ -97,6 +98,7 @@ class DataParallelKFAC:
         self.meta_group = group if meta_group is None else meta_group
         self.timeout = timeout
         self._broken: Optional[BaseException] = None
+        self.row_weights = RowWeights()
         self.sharded: Any = None  # a sharded_grads.ShardedGrads when the layers are FSDP2-sharded
         own = dict(settings or {}, method=method, strategy=strategy, factor_sync=factor_sync,
                    bucket_cap_mb=bucket_cap_mb, eigh_tol=eigh_tol)
@@ -192,19 +194,25 @@ class DataParallelKFAC:
         return layer.name in self._ready
 
     # ---- factors ------------------------------------------------------------------------
-    def average_factors(self, layers: list) -> None:
-        """All-reduce-average the A and G factors of `layers` (in their given order)."""
+    def average_factors(self, layers: list, *, weighted: bool = False) -> None:
+        """All-reduce-average the A and G factors of `layers` (in their given order);
+        weighted: each rank by its rows (A) and examples (G), `weighting.RowWeights`."""
         factors = [f for layer in layers for f in (layer.a_factor, layer.g_factor)]
         with self._timed("communication"), self._collective("the factor all-reduce"):
-            self.bytes["factors"] += allreduce_factors_(factors, self.group, self.bucket_cap)
+            if weighted:
+                self.bytes["factors"] += allreduce_weighted_factors_(factors, self.row_weights.of(layers),
+                                                                     self.group, self.bucket_cap)
+            else:
+                self.bytes["factors"] += allreduce_factors_(factors, self.group, self.bucket_cap)
 
     def factors_updated(self, layers: list) -> None:
         """After a factor update of `layers` (those updated here): agree which layers
         hold factors, give layers held by some ranks only the same factors and k on every
         rank (`Participation`), and average now under factor_sync="update"."""
+        self.row_weights.record(layers)
         updated = self.participation.factors_updated(layers)
         if self.factor_sync == "update" and updated:
-            self.average_factors(updated)
+            self.average_factors(updated, weighted=True)
 
     def agree_finite(self, ok: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The non-finite guard's flag, AND-ed over every rank (MIN all-reduce, on device).
@@ -234,7 +242,7 @@ class DataParallelKFAC:
         if not layers:
             return 0, None
         if self.factor_sync == "inverse":
-            self.average_factors(layers)
+            self.average_factors(layers, weighted=True)
         owners = self.owners()
         items = [(layer, s) for layer in layers for s in ("a", "g")]
         mine = [(layer, s) for layer, s in items if owners[(layer.name, s)] == self.rank]
@@ -351,7 +359,7 @@ class DataParallelKFAC:
         (until `after_state_dict`), so rank 0's checkpoint resumes exactly."""
         if self.factor_sync == "inverse":
             self.average_factors([layer for layer in self.layers.values()
-                                  if layer.a_factor is not None and layer.g_factor is not None])
+                                  if layer.a_factor is not None and layer.g_factor is not None], weighted=True)
         if self.strategy == "memory":
             self._share_decompositions([layer for layer in self.layers.values() if layer.name in self._ready])
 
