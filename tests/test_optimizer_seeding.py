@@ -87,3 +87,20 @@ def test_zero_dim_and_half_outputs():
     assert g.shape == () and torch.isfinite(g)
     h = sampled_output_grad(torch.randn(4, 6).half(), "cross_entropy", seed=seed)
     assert h.dtype == torch.float16 and torch.isfinite(h).all()
+
+
+def test_sample_fisher_takes_the_per_example_seed():
+    from kfac_fast import KFACPreconditioner
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    precond = KFACPreconditioner(model, fisher="mc", kl_clip=None, factor_dtype=torch.float64)
+    seed = ExampleSeed(seed=21, step=2, offset=10)
+    out = model(x)
+    precond.sample_fisher(out, "cross_entropy", num_samples=2, seed=seed)
+    out.sum().backward()
+    precond.step()
+    grads = [sampled_output_grad(out, "cross_entropy", seed=seed.nth(i)) for i in range(2)]
+    assert not torch.equal(grads[0], grads[1])
+    g = sum(d.T @ d for d in grads) / (2 * 6)
+    torch.testing.assert_close(precond.layers["2"].g_factor, g, rtol=1e-12, atol=1e-14)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .. import row_mask as row_masks
-from ..fisher import canonical_loss, sampled_output_grad
+from ..fisher import ExampleSeed, canonical_loss, sampled_output_grad
 from ..layers import KFACLayer
 from ..schedules import require_int
 from .base import PreconditionerBase
@@ -119,7 +119,7 @@ class CaptureMixin(PreconditionerBase):
 
     def sample_fisher(self, output: torch.Tensor, loss: str = "cross_entropy", *,
                       num_samples: int = 1, generator: Optional[torch.Generator] = None,
-                      variance: float = 1.0) -> None:
+                      variance: float = 1.0, seed: Optional[ExampleSeed] = None) -> None:
         """The MC Fisher's extra backward (needs `fisher="mc"`).
 
         Samples targets from the model's predictive distribution at `output` (see
@@ -134,6 +134,8 @@ class CaptureMixin(PreconditionerBase):
             loss: "cross_entropy" (classes last), "bce_with_logits" or "gaussian"/"mse".
             num_samples: independent samples; G averages over them.
             generator: optional torch.Generator for reproducible sampling.
+            seed: a `kfac_fast.fisher.ExampleSeed` instead: per-example samples that do not
+                depend on how the batch is split across ranks (sample i uses seed.nth(i)).
             variance: variance of the "gaussian" predictive distribution.
         """
         if self.fisher != "mc":
@@ -148,8 +150,9 @@ class CaptureMixin(PreconditionerBase):
             layer.edges.clear()  # a later micro-batch must not revisit a freed graph
         if not pending:
             return
-        for _ in range(num_samples):
-            grad_out = sampled_output_grad(output, loss, generator=generator, variance=variance)
+        for i in range(num_samples):
+            grad_out = sampled_output_grad(output, loss, generator=generator, variance=variance,
+                                           seed=None if seed is None else seed.nth(i))
             grads = torch.autograd.grad([output], [e for _, e, _ in pending], [grad_out],
                                         retain_graph=True, allow_unused=True)
             for (layer, _, x), g in zip(pending, grads):
