@@ -10,6 +10,7 @@ rank but rank 0), so torch.chunk's uneven and empty shards are exercised.
 from __future__ import annotations
 
 import datetime
+import math
 import queue as queue_mod
 import traceback
 
@@ -82,14 +83,14 @@ def split(sizes: list, step: int, rotate: bool) -> list:
     return sizes[k:] + sizes[:k]
 
 
-def run(model, precond, sizes, rank, rotate=False, net=None):
+def run(model, precond, sizes, rank, rotate=False, net=None, steps=range(STEPS)):
     """STEPS steps: rank None is the single process on the whole batch (a mean), a rank
     its shard with the loss rule of docs/distributed.md (sum * world / N, loss_average N / world).
     net: what to call (a DDP wrapper of `model`)."""
     records = []
     net = net or model
     world, n = len(sizes), sum(sizes)
-    for step in range(STEPS):
+    for step in steps:
         x, y = make_data(sizes, step)
         sizes = split(sizes, step, rotate) if rank is not None else sizes
         model.zero_grad()  # before the forward: with reshard_after_forward=False the forward swaps in
@@ -160,6 +161,56 @@ CASES = [
 ]
 
 
+def check_state_dict(rank, world) -> list[str]:
+    """synced_state_dict on every rank, rank 0's copy loaded by a fresh preconditioner on
+    every rank: the next step equals the uninterrupted run's bit for bit."""
+    sizes = UNEQUAL[world]
+    kw = dict(KW, method="eigen", loss_average=sum(sizes) / world,
+              distributed=kd.DistributedOptions(factor_sync="update", timeout=60))
+    ref = shard(make_model(), world, True)
+    want = run(ref, KFACPreconditioner(ref, **kw), sizes, rank)
+    model = shard(make_model(), world, True)
+    precond = KFACPreconditioner(model, **kw)
+    run(model, precond, sizes, rank, steps=range(STEPS - 1))
+    state = precond.synced_state_dict()
+    objs = [state if rank == 0 else None]
+    torch.distributed.broadcast_object_list(objs, src=0)  # stands in for torch.save + torch.load
+    precond.remove_hooks()
+    fresh = KFACPreconditioner(model, **kw)
+    fresh.load_state_dict(objs[0])
+    got = run(model, fresh, sizes, rank, steps=range(STEPS - 1, STEPS))
+    bad = []
+    for name, g in got[-1]["grads"].items():
+        if not torch.equal(g, want[-1]["grads"][name]):
+            bad.append(f"after loading: grad of {name} is not the uninterrupted run's")
+    for name, (a, g) in got[-1]["factors"].items():
+        if not (torch.equal(a, want[-1]["factors"][name][0]) and torch.equal(g, want[-1]["factors"][name][1])):
+            bad.append(f"after loading: factors of {name} are not the uninterrupted run's")
+    return bad
+
+
+def check_memory_refused(rank, world) -> str:
+    try:
+        KFACPreconditioner(shard(make_model(), world, True), distributed=kd.DistributedOptions(strategy="memory"))
+    except NotImplementedError as exc:
+        return str(exc)
+    return "no error"
+
+
+def check_example(rank, world) -> str:
+    """examples/fsdp_train.py's main on this world (a batch the ranks do not divide)."""
+    import contextlib
+    import io
+    import pathlib
+    import runpy
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fsdp_train.py"
+    main = runpy.run_path(str(path), run_name="fsdp_train")["main"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["--steps", "3", "--batch-size", "33", "--checkpointing"])
+    return buf.getvalue()
+
+
 def worker(rank: int, world: int, port: int, results) -> None:
     torch.set_num_threads(1)
     out: dict = {}
@@ -168,6 +219,10 @@ def worker(rank: int, world: int, port: int, results) -> None:
                                              world_size=world, timeout=datetime.timedelta(seconds=60))
         for i, case in enumerate(CASES):
             out[f"case{i}"] = check_fsdp(rank, world, **case)
+        out["state_dict"] = check_state_dict(rank, world)
+        out["memory"] = check_memory_refused(rank, world)
+        if world == 2:
+            out["example"] = check_example(rank, world)
     except Exception:
         out["crash"] = traceback.format_exc()
     finally:
@@ -216,3 +271,25 @@ def test_fsdp_matches_single_process_on_global_batch(world_results, case):
     _, got = world_results
     for rank, out in got.items():
         assert out[f"case{case}"] == [], f"rank {rank}: {out[f'case{case}']}"
+
+
+def test_fsdp_synced_state_dict_resumes_bit_identically(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        assert out["state_dict"] == [], f"rank {rank}: {out['state_dict']}"
+
+
+def test_fsdp_memory_strategy_is_refused_clearly(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        assert "strategy='memory'" in out["memory"] and "'communication'" in out["memory"], f"rank {rank}: {out}"
+
+
+def test_fsdp_example_trains(world_results):
+    world, got = world_results
+    if world != 2:
+        pytest.skip("run in the world of 2")
+    text = got[0]["example"]
+    losses = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("step")]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), text
+    assert "gradient_gather" in text and "factors" in text, text

@@ -7,7 +7,7 @@ is smaller than the world). The layer inputs and output gradients its hooks capt
 whole per rank, so factors are as under DDP; only the gradient needs gathering.
 
 `ShardedGrads.whole(layers)` is a context: on entry one bucketed all-gather (each rank's
-shard padded to ceil(n / world) rows, one `all_gather_into_tensor` per bucket, never one
+shard padded to ceil(n / world) rows, one all-gather into one tensor per bucket, never one
 per parameter) gives every rank the whole averaged gradient of each sharded parameter,
 and `.grad` is pointed at it (a plain tensor of the parameter's global shape), so the
 single-process code reads and rewrites whole gradients (the KL clip and every norm see
@@ -139,6 +139,8 @@ class ShardedGrads:
                                    f"rank {rank}'s torch.chunk share of {shape} over {world} ranks")
             padded.append(chunk_rows(shape[0], world, 0)[1] * _rest(shape))  # rows padded to ceil(n / world)
         dist = _dist()
+        # torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns there)
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         out: list = [None] * len(local)
         pending = []
         kinds: dict = {}
@@ -155,8 +157,7 @@ class ShardedGrads:
                     send[offset:offset + local[i].numel()] = local[i].reshape(-1)
                     offset += padded[i]
                 recv = send.new_empty(world * total)
-                pending.append((ids, total, recv, dist.all_gather_into_tensor(recv, send, group=d.group,
-                                                                             async_op=True)))
+                pending.append((ids, total, recv, gather_into(recv, send, group=d.group, async_op=True)))
         for ids, total, recv, work in pending:
             if not _wait(work, d.timeout):
                 raise RuntimeError(f"the sharded-gradient all-gather timed out after {d.timeout:g} s")

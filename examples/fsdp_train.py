@@ -1,0 +1,109 @@
+"""K-FAC on an FSDP2 (`fully_shard`) model: the CURVES autoencoder on CURVES-like data.
+
+    torchrun --nproc_per_node=2 examples/fsdp_train.py [--steps 20] [--checkpointing]
+
+Runs on CPU with gloo (NCCL when every rank has a GPU). Every Linear is its own
+`fully_shard` unit and the root another, so each parameter and its `.grad` are DTensors
+sharded on dim 0. K-FAC captures each rank's activations and output gradients (whole per
+rank), averages the factors across ranks weighted by each rank's examples, gathers each
+layer's sharded gradient (one bucketed all-gather), preconditions it and writes each
+rank's rows back into its shard. The global batch is split unevenly when the ranks do
+not divide it; the local loss is then scaled by n_local * world / N (and
+loss_average=N / world), so that FSDP's equal average over ranks is the global batch's
+gradient (docs/distributed.md, "FSDP2"). Prints the global loss per step and the bytes
+of K-FAC's own collectives by kind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from kfac_fast import KFACPreconditioner
+from kfac_fast.curves import make_curves
+from kfac_fast.demo import build_autoencoder
+from kfac_fast.distributed import DistributedOptions
+
+
+class Checkpointed(nn.Module):
+    """`inner` under non-reentrant activation checkpointing (K-FAC captures it once)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=255, help="global batch (split across ranks, maybe unevenly)")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--factor-sync", choices=("inverse", "update"), default="inverse")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on the encoder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = parser.parse_args(argv)
+
+    started = not dist.is_initialized()  # a caller (a test) may have initialised the group
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if started:
+        dist.init_process_group("nccl" if use_cuda else "gloo")  # env:// from torchrun
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+
+    model = build_autoencoder(seed=0).to(device)  # same initial weights on every rank
+    if args.checkpointing:
+        model = nn.Sequential(Checkpointed(model[:11]), *model[11:])
+    mesh = init_device_mesh(device.type, (world,))
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    n = args.batch_size
+    precond = KFACPreconditioner(model, lr=args.lr, damping=3e-2, kl_clip=1e-2, inv_update_steps=10,
+                                 loss_average=n / world,  # the loss rule below
+                                 distributed=DistributedOptions(factor_sync=args.factor_sync))
+
+    data = make_curves(args.steps * n, seed=0).to(device)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        x = torch.tensor_split(data[step * n:(step + 1) * n], world)[rank]  # n_local may differ by one
+        optimizer.zero_grad()
+        # sum over the local examples * world / N: FSDP's average over ranks is then the
+        # mean over the whole batch, whatever each rank's share
+        loss = F.binary_cross_entropy_with_logits(model(x), x, reduction="sum") * world / n
+        loss.backward()
+        precond.step()
+        optimizer.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)  # the global batch's mean loss, for printing only
+        if rank == 0:
+            print(f"step {step:3d}  loss {total.item() / world:8.3f}", flush=True)
+    seconds = time.perf_counter() - start
+    sent = precond.distributed.bytes if precond.distributed is not None else {}
+    line = ", ".join(f"{k} {v / 2 ** 20:.2f}" for k, v in sent.items())
+    if rank == 0:
+        print(f"{world} ranks, {args.steps} steps in {seconds:.2f} s; K-FAC MiB per rank: {line} "
+              f"({sum(sent.values()) / 2 ** 20 / args.steps:.2f} MiB/step)", flush=True)
+    precond.remove_hooks()
+    if started:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
