@@ -38,11 +38,12 @@ class CurvatureProducts(Protocol):
     (GGN) F, on the outputs' device, with no host sync.
 
     Everything is this process's batch, in the loss's own scale. A distributed
-    implementation wraps a local one. Its `gradient` and `gram` are the sums over ranks of
-    each rank's values weighted by n_rank / n_total, so that N ranks on N shards equal one
-    process on the whole batch. The MC Fisher's samples must then not depend on the split:
-    issue 20 draws them per example (not yet implemented). `FisherProducts` is the local
-    implementation.
+    implementation wraps a local one (`kfac_fast.distributed.products.ReducedProducts`).
+    Its `gradient` and `gram` are the sums over ranks of each rank's values weighted by
+    n_rank / n_total, so that N ranks on N shards equal one process on the whole batch.
+    The MC Fisher's samples then must not depend on the split: KFAC draws them per example,
+    seeded by the global example index (`kfac_fast.fisher.ExampleSeed`). `FisherProducts`
+    is the local implementation.
     """
 
     params: list[torch.Tensor]

@@ -56,12 +56,13 @@ from torch import nn
 from .fisher import canonical_loss
 from .fvp import CurvatureProducts, FisherProducts, dot, twice_differentiable
 from .metrics import StepMetrics
-from .optimizer_args import check_single_process, learning_rate, positive_float, positive_int, step_lr, unit_interval
+from .optimizer_args import check_distributed, learning_rate, positive_float, positive_int, step_lr, unit_interval
 from .optimizer_damping import adapt_lambda, search_gamma
+from .optimizer_distributed import DataParallelSteps, draw_seed, example_seed, refuse_wrappers
 from .optimizer_metrics import record_step
-from .optimizer_update import guard_update
+from .optimizer_update import average_iterates, guard_update
 from .preconditioner import KFACPreconditioner
-from .quadratic import step_coefficients
+from .quadratic import solve_in_span
 
 KFAC_METHODS = ("inverse", "eigen")
 KFAC_APPROXIMATIONS = ("blockdiag", "tridiag")
@@ -115,21 +116,25 @@ class KFAC(torch.optim.Optimizer):
         variance: the Gaussian's variance for loss="gaussian" (1 matches 1/2 |y - z|^2).
         average_decay: keep an exponential average of the iterates with this decay
             (None: off); see `swap_averaged`.
-        generator: torch.Generator for the MC Fisher's samples.
+        generator: where the base seed of the MC Fisher's samples comes from: one draw
+            at construction (default: torch's global generator). Each example's sample is
+            then a hash of (that seed, the step, its global index): see `fisher.ExampleSeed`.
         skip_layers, factor_dtype: passed to KFACPreconditioner.
         approx: "blockdiag" (the default) or "tridiag", the paper's block-tridiagonal
             inverse (section 4.3) on chains of Linear layers (`kfac_fast.tridiag`;
             method "inverse" only).
-        process_group, distributed: data parallelism is not supported. The step's
-            alpha, mu and rho come from the quadratic model on the local batch (its
-            gradient, exact Fisher-vector products and re-evaluated loss), which would
-            need every one of those reduced across ranks to be the global batch's;
-            averaging only the factors would give rank-dependent steps, so the
-            parameters would silently drift apart. Hence, when torch.distributed is
-            initialised with more than one rank in `process_group` (default: the
-            world), construction raises NotImplementedError unless distributed=False,
-            which runs an independent single-process KFAC on each rank (the user's
-            choice, e.g. separate runs per rank). distributed=True always raises.
+        process_group, distributed: data parallelism, as KFACPreconditioner's (None: on
+            when torch.distributed is initialised and `process_group`, default the world,
+            has more than one rank; False: an independent single-process KFAC per rank;
+            True or a `kfac_fast.distributed.DistributedOptions`: on). Every rank builds the
+            same model; each closure evaluates this rank's shard (its loss the mean over
+            the shard's examples, dim 0 of the outputs, which may differ in number across
+            ranks). KFAC then reduces the gradient, the loss, the Fisher Gram matrices and
+            the re-evaluated losses, each weighted by n_rank / n_total, so N ranks equal
+            one process on the concatenated batch, and every rank takes the same step
+            (docs/optimizer.md, "Across ranks"). Pass the bare module, not a
+            DistributedDataParallel wrapper (TypeError): KFAC averages the gradients itself.
+            approx="tridiag" is single-process only.
 
     Attributes:
         preconditioner: the KFACPreconditioner that owns the factors.
@@ -138,6 +143,8 @@ class KFAC(torch.optim.Optimizer):
         last_metrics: the last step's `kfac_fast.metrics.StepMetrics` (loss, lr, lambda,
             gamma, rho, alpha, mu, adaptation flags, skipped updates; no host sync to
             record; `kfac_fast.optimizer_metrics` lists the names), None before the first.
+        data_parallel: KFAC's own collectives (`optimizer_distributed.DataParallelSteps`,
+            with their byte counts), None when single-process.
     `lr`, `damping` and `gamma` are kept in `param_groups[0]` (saved by `state_dict`).
     """
 
@@ -154,7 +161,8 @@ class KFAC(torch.optim.Optimizer):
                  process_group: Optional[Any] = None, distributed: Optional[bool] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        check_single_process(process_group, distributed)
+        refuse_wrappers(model)
+        check_distributed(process_group, distributed, approx)
         if method not in KFAC_METHODS:
             raise ValueError(f"method must be one of {KFAC_METHODS}, got {method!r}")
         if approx not in KFAC_APPROXIMATIONS:
@@ -183,6 +191,7 @@ class KFAC(torch.optim.Optimizer):
         self.loss = canonical_loss(loss)
         self.variance = positive_float("variance", variance)
         self.generator = generator
+        self.mc_seed = draw_seed(generator)  # saved by state_dict: a resumed run samples alike
         self.last: dict = {}
         self.last_metrics: Optional[StepMetrics] = None
         self._nonfinite_seen = (0, 0)  # (count, from step) the log has reported
@@ -199,7 +208,12 @@ class KFAC(torch.optim.Optimizer):
             model, factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
             damping=gamma_squared, factor_decay=factor_decay,
             kl_clip=None, method=method, fisher="mc", skip_layers=skip_layers,
-            factor_dtype=factor_dtype, distributed=False)
+            factor_dtype=factor_dtype, process_group=process_group,
+            distributed=False if approx == "tridiag" else distributed)
+        driver = getattr(self.preconditioner, "distributed", None)
+        self.data_parallel = None if driver is None else DataParallelSteps(driver)
+        if self.data_parallel is not None:
+            self.mc_seed = self.data_parallel.agree_seed(self.mc_seed)
 
     # ------------------------------------------------------------------------------ API
     @property
@@ -226,10 +240,15 @@ class KFAC(torch.optim.Optimizer):
         # differentiate its backward (fvp.twice_differentiable)
         with torch.enable_grad(), twice_differentiable():
             loss, outputs = self._evaluate(closure)
-            self.preconditioner.sample_fisher(outputs, self.loss, generator=self.generator,
-                                              variance=self.variance)
+            dp = self.data_parallel
+            offset = 0 if dp is None else dp.split(outputs)
+            seed = example_seed(self.mc_seed, group["step"], offset)
+            self.preconditioner.sample_fisher(outputs, self.loss, seed=seed, variance=self.variance)
             # one backward gives both the gradient and the Fisher products' graph
             fisher: CurvatureProducts = FisherProducts(loss, outputs, params)
+        if dp is not None:  # the global batch's gradient, loss and Gram matrices
+            fisher = dp.products(fisher, params, loss)
+            loss = fisher.loss
         with torch.no_grad():
             return self._step(closure, group, fisher, loss)
 
@@ -296,6 +315,7 @@ class KFAC(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         out = super().state_dict()
         out["preconditioner"] = self.preconditioner.state_dict()
+        out["mc_seed"] = self.mc_seed
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -308,6 +328,7 @@ class KFAC(torch.optim.Optimizer):
         for g in groups:
             g["lr"] = learning_rate(g.get("lr", 1.0), name="state_dict's param_groups[0]['lr']", allow_zero=True)
         state_dict["param_groups"] = groups
+        self.mc_seed = state_dict.pop("mc_seed", self.mc_seed)  # a state from before it: keep ours
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(precond)
         count = self.preconditioner._health.causes.get("kfac_nonfinite_update")  # (a read: load time)
@@ -335,6 +356,13 @@ class KFAC(torch.optim.Optimizer):
     def _loss_value(self, loss: torch.Tensor) -> float:
         """h = loss + eta/2 |theta|^2 at the current parameters (host sync: adaptation only)."""
         return loss.item() + self._l2_term()
+
+    def _global_losses(self, losses: list) -> list:
+        """The closure's losses as host floats, of the global batch when data-parallel
+        (one all-reduce for all of them; host sync: adaptation and gamma search only)."""
+        if self.data_parallel is None:
+            return [loss.item() for loss in losses]
+        return self.data_parallel.losses(torch.stack([loss.detach() for loss in losses])).tolist()
 
     def _l2_term(self) -> float:
         eta = self.param_groups[0]["l2_reg"]
@@ -365,30 +393,7 @@ class KFAC(torch.optim.Optimizer):
     def _solve(self, fisher: CurvatureProducts, grads: list, directions: list, prev: Optional[list], c: float) -> dict:
         """alpha (and mu) minimising the damped model, and the update they give times lr
         (`coeffs`: lr * x, or x itself at lr 1, so the default step is the paper's bit for bit)."""
-        vectors = [directions] if prev is None else [directions, prev]
-        k = len(vectors)
-        gram_f = fisher.gram(vectors)
-        gram_i = torch.empty_like(gram_f)
-        for i in range(k):
-            for j in range(i, k):
-                gram_i[i, j] = gram_i[j, i] = dot(vectors[i], vectors[j])
-        b = torch.stack([dot(grads, v) for v in vectors]).to(gram_f.device)
-        x = step_coefficients(b, gram_f, gram_i, c)
-        lr = self.param_groups[0]["lr"]
-        coeffs = x if lr == 1 else x * lr
-        update = [d * coeffs[0].to(d.dtype) for d in directions]
-        if prev is not None:
-            torch._foreach_add_(update, [d * coeffs[1].to(d.dtype) for d in prev])
-        return {"x": x, "coeffs": coeffs, "b": b, "gram_f": gram_f, "gram_i": gram_i, "update": update,
-                "directions": directions}
+        return solve_in_span(fisher, grads, directions, prev, c, self.param_groups[0]["lr"])
 
     def _average(self, live: list) -> None:
-        decay = self.param_groups[0]["average_decay"]
-        if decay is None:
-            return
-        for p in live:
-            avg = self.state[p].get("average")
-            if avg is None:
-                self.state[p]["average"] = p.detach().clone()
-            else:
-                avg.lerp_(p.detach(), 1.0 - decay)
+        average_iterates(self, live)

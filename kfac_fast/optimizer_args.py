@@ -48,20 +48,18 @@ def unit_interval(name: str, v: Any) -> float:
     return float(v)
 
 
-def check_single_process(process_group: Optional[Any], distributed: Optional[bool]) -> None:
-    """Refuse data parallelism (see KFAC's `distributed` argument for why)."""
-    if distributed not in (None, False, True):
-        raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
+def check_distributed(process_group: Optional[Any], distributed: Any, approx: str) -> None:
+    """The data-parallel arguments KFAC cannot hand to its preconditioner as they are:
+    the type of `distributed`, a `process_group` with distributed=False, and approx="tridiag"
+    (single-process only) where a group of more than one rank would run it."""
+    from .distributed import DistributedOptions, resolve_group
+    if not (distributed is None or isinstance(distributed, (bool, DistributedOptions))):
+        raise TypeError(f"distributed must be None, a bool or a DistributedOptions, got {distributed!r}")
     if distributed is False:
         if process_group is not None:
             raise ValueError("process_group was given but distributed=False")
         return
-    from .distributed import resolve_group
-    group = resolve_group(process_group)
-    if distributed or group is not None:
+    if approx == "tridiag" and (distributed not in (None, False) or resolve_group(process_group) is not None):
         raise NotImplementedError(
-            "kfac_fast.KFAC does not support data parallelism: its step size, momentum and "
-            "damping adaptation (alpha, mu, rho) come from a quadratic model on the local "
-            "batch, which would differ across ranks. Use KFACPreconditioner (data-parallel) "
-            "with a torch optimizer, or pass distributed=False to run an independent "
-            "single-process KFAC on each rank")
+            "approx='tridiag' is single-process only: its chain inverses are not shared across ranks; use "
+            "approx='blockdiag' data-parallel, or pass distributed=False for an independent KFAC per rank")

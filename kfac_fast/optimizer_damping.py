@@ -51,11 +51,14 @@ def search_gamma(opt: KFAC, closure: Callable, fisher: CurvatureProducts, live: 
         if inverse and hasattr(precond, "inverse_snapshot"):  # approx="tridiag"
             inverses.append(precond.inverse_snapshot())
         trials.append((cand, solved, inverses))
-    losses = []
+    local, l2 = [], []
     for _, solved, _ in trials:
         torch._foreach_add_(live, solved["update"])
-        losses.append(opt._loss_value(opt._evaluate_no_grad(closure)))
+        local.append(opt._evaluate_no_grad(closure))
+        l2.append(opt._l2_term())
         restore_(live, theta)
+    # the global batch's losses (data-parallel: one all-reduce), so every rank picks alike
+    losses = [h + r for h, r in zip(opt._global_losses(local), l2)]
     # min compares with `<` in candidate order: the current gamma wins ties
     best = min(range(len(trials)), key=losses.__getitem__)
     (cand, solved, inverses), h = trials[best], losses[best]
@@ -75,7 +78,7 @@ def adapt_lambda(opt: KFAC, closure: Callable, h_old: float, live: list, theta: 
     eta = group["l2_reg"]
     h_new = solved.get("loss_after")
     if h_new is None:
-        h_new = opt._loss_value(opt._evaluate_no_grad(closure))
+        h_new = opt._global_losses([opt._evaluate_no_grad(closure)])[0] + opt._l2_term()
     c = group["damping"] + eta if group["damping_in_rho"] else eta
     # the model change of the step taken: at lr * (alpha, mu) (solved["coeffs"])
     change = model_change(solved["coeffs"], solved["b"], solved["gram_f"], solved["gram_i"], c).item()

@@ -35,3 +35,16 @@ def guard_update(opt: KFAC, solved: dict) -> tuple:
     solved["x"], solved["coeffs"], solved["update"] = x, coeffs, update
     opt.preconditioner._health.count("kfac_nonfinite_update", ok)
     return x, update
+
+
+def average_iterates(opt: KFAC, live: list) -> None:
+    """The exponential average of the iterates (`average_decay`), after a step."""
+    decay = opt.param_groups[0]["average_decay"]
+    if decay is None:
+        return
+    for p in live:
+        avg = opt.state[p].get("average")
+        if avg is None:
+            opt.state[p]["average"] = p.detach().clone()
+        else:
+            avg.lerp_(p.detach(), 1.0 - decay)

@@ -13,8 +13,11 @@ the damping rule, which runs every T1 steps on host numbers.
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
+
+from .fvp import dot
 
 
 def model_change(x: torch.Tensor, b: torch.Tensor, gram_f: torch.Tensor, gram_i: torch.Tensor,
@@ -86,3 +89,24 @@ def adapt_damping(damping: float, rho: float, omega1: float, *, low: float = 0.2
     if rho < low:
         return damping / omega1
     return damping
+
+
+def solve_in_span(fisher: Any, grads: list, directions: list, prev: Optional[list], c: float, lr: float) -> dict:
+    """alpha (and mu) minimising the damped model over span{Delta, delta0} and the update
+    they give times lr (`coeffs`: lr * x, or x itself at lr 1, so the default step is
+    the paper's bit for bit). fisher: a `fvp.CurvatureProducts` (its one `gram` call)."""
+    vectors = [directions] if prev is None else [directions, prev]
+    k = len(vectors)
+    gram_f = fisher.gram(vectors)
+    gram_i = torch.empty_like(gram_f)
+    for i in range(k):
+        for j in range(i, k):
+            gram_i[i, j] = gram_i[j, i] = dot(vectors[i], vectors[j])
+    b = torch.stack([dot(grads, v) for v in vectors]).to(gram_f.device)
+    x = step_coefficients(b, gram_f, gram_i, c)
+    coeffs = x if lr == 1 else x * lr
+    update = [d * coeffs[0].to(d.dtype) for d in directions]
+    if prev is not None:
+        torch._foreach_add_(update, [d * coeffs[1].to(d.dtype) for d in prev])
+    return {"x": x, "coeffs": coeffs, "b": b, "gram_f": gram_f, "gram_i": gram_i, "update": update,
+            "directions": directions}

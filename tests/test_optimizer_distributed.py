@@ -1,0 +1,251 @@
+"""kfac_fast.KFAC across ranks (issue 20): N gloo ranks on N shards of a batch equal one
+process on the concatenated batch, with equal and unequal shard sizes.
+
+One spawn per world size (2 and 4 processes, one thread each); every check of that world
+runs inside it and each rank reports back through a queue (tests/adversarial/_dist_harness:
+ranks still running after the limit are killed, the missing cases fail by name). Every
+collective has a timeout (the process group's, and DistributedOptions(timeout=...)).
+
+The oracle is the single-process KFAC on the whole batch, run inside each worker with
+distributed=False, in float64: per step the parameters, lambda, gamma, alpha, mu, rho and
+the loss must agree to rtol 1e-9. The steps cover the LM adaptation (every 2nd step), the
+gamma search (every 3rd), refreshes (every 2nd) and momentum.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.adversarial._dist_harness import spawn
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+STEPS = 6
+RTOL, ATOL = 1e-9, 1e-12
+KW = dict(damping=1.0, damping_interval=2, gamma_interval=3, inv_update_steps=2, factor_dtype=torch.float64)
+SPLITS = {2: {"equal": [4, 4], "unequal": [2, 5]}, 4: {"equal": [2, 2, 2, 2], "unequal": [1, 4, 2, 3]}}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+
+
+def make_batch(step: int, n: int, scale=None):
+    gen = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    if scale is not None:
+        x = x * scale[:, None]
+    return x, y
+
+
+def closure_of(model, x, y):
+    def closure():
+        out = model(x)
+        return F.cross_entropy(out, y), out
+    return closure
+
+
+def run(model, opt, batches) -> list:
+    """One record per step: what the ranks and the oracle must agree on."""
+    records = []
+    for x, y in batches:
+        loss = opt.step(closure_of(model, x, y))
+        m = opt.last_metrics.as_dict()
+        records.append({"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone(),
+                        "loss": float(loss), "damping": opt.damping, "gamma": opt.gamma,
+                        "alpha": m["alpha"], "mu": m["mu"], "rho": m["rho"]})
+    return records
+
+
+def shard(batch, sizes, rank):
+    start = sum(sizes[:rank])
+    return tuple(t[start:start + sizes[rank]] for t in batch)
+
+
+def close(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= ATOL + RTOL * abs(b)
+
+
+def compare(got: list, want: list) -> list[str]:
+    bad = []
+    for step, (g, w) in enumerate(zip(got, want)):
+        if not torch.allclose(g["params"], w["params"], rtol=RTOL, atol=ATOL):
+            bad.append(f"step {step}: parameters differ (max {(g['params'] - w['params']).abs().max():.2e})")
+        for key in ("loss", "damping", "gamma", "alpha", "mu", "rho"):
+            if not close(g[key], w[key]):
+                bad.append(f"step {step}: {key} {g[key]!r} != {w[key]!r}")
+    return bad
+
+
+def same_on_every_rank(t: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, t)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def check_equivalence(rank, world, sizes, method, *, strategy="communication") -> dict:
+    from kfac_fast import KFAC
+    from kfac_fast.distributed import DistributedOptions
+    batches = [make_batch(step, sum(sizes)) for step in range(STEPS)]
+    ref_model = make_model()
+    want = run(ref_model, KFAC(ref_model, method=method, distributed=False, **KW), batches)
+    model = make_model()
+    opt = KFAC(model, method=method, distributed=DistributedOptions(strategy=strategy, timeout=60), **KW)
+    if opt.data_parallel is None:
+        return {"bad": ["KFAC did not run data-parallel"]}
+    got = run(model, opt, [shard(b, sizes, rank) for b in batches])
+    bad = compare(got, want)
+    if not same_on_every_rank(got[-1]["params"]):
+        bad.append("parameters differ across ranks")
+    return {"bad": bad, "bytes": dict(opt.data_parallel.bytes),
+            "precond_bytes": dict(opt.preconditioner.distributed.bytes)}
+
+
+def check_agreement(rank, world) -> dict:
+    """Shards whose own losses would pick different gammas still pick one, the global batch's."""
+    from kfac_fast import KFAC
+    sizes = SPLITS[world]["equal"]
+    n = sum(sizes)
+    # rank r's examples scaled by 10^(r - 1): far apart local curvatures
+    scale = torch.cat([torch.full((s,), 10.0 ** (r - 1), dtype=torch.float64) for r, s in enumerate(sizes)])
+    batches = [make_batch(step, n, scale) for step in range(4)]
+    kw = dict(KW, gamma_interval=1, damping_interval=1)
+    alone_model = make_model()
+    alone = run(alone_model, KFAC(alone_model, distributed=False, **kw), [shard(b, sizes, rank) for b in batches])
+    ref_model = make_model()
+    want = run(ref_model, KFAC(ref_model, distributed=False, **kw), batches)
+    model = make_model()
+    got = run(model, KFAC(model, **kw), [shard(b, sizes, rank) for b in batches])
+    local_gammas = torch.tensor([r["gamma"] for r in alone], dtype=torch.float64)
+    gammas = torch.tensor([r["gamma"] for r in got], dtype=torch.float64)
+    return {"bad": compare(got, want), "local_differ": not same_on_every_rank(local_gammas),
+            "global_same": same_on_every_rank(gammas) and same_on_every_rank(got[-1]["params"])}
+
+
+def check_refusals(rank, world) -> list[str]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kfac_fast import KFAC
+    bad = []
+    try:
+        KFAC(DistributedDataParallel(make_model()))
+        bad.append("a DDP-wrapped model was accepted")
+    except TypeError as exc:
+        if "model.module" not in str(exc):
+            bad.append(f"unclear DDP error: {exc}")
+    try:
+        KFAC(make_model(), approx="tridiag")
+        bad.append("approx='tridiag' ran on a world of ranks")
+    except NotImplementedError as exc:
+        if "single-process" not in str(exc):
+            bad.append(f"unclear tridiag error: {exc}")
+    model = make_model()
+    opt = KFAC(model)
+    x, y = make_batch(0, 3)
+    if rank == 1:
+        x, y = x[:0], y[:0]  # an empty shard: every rank must raise, none may hang
+    try:
+        opt.step(closure_of(model, x, y))
+        bad.append("a step with an empty shard ran")
+    except ValueError as exc:
+        if "at least one example" not in str(exc) or "[3, 0]" not in str(exc):
+            bad.append(f"unclear empty-shard error: {exc}")
+    if KFAC(make_model(), distributed=False).data_parallel is not None:
+        bad.append("distributed=False set up KFAC's collectives")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    sharded = make_model()
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)))
+    try:
+        KFAC(sharded)
+        bad.append("a fully_shard model was accepted")
+    except NotImplementedError as exc:
+        if "FSDP" not in str(exc) or "double backward" not in str(exc):
+            bad.append(f"unclear FSDP2 error: {exc}")
+    return bad
+
+
+def worker(rank: int, world: int, port: int, results) -> None:
+    torch.set_num_threads(1)
+
+    def report(case, fn, *args, **kw):
+        try:
+            results.put((rank, case, fn(*args, **kw)))
+        except Exception:
+            results.put((rank, case, {"crash": traceback.format_exc()}))
+
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+        for split, sizes in SPLITS[world].items():
+            for method in ("inverse", "eigen"):
+                report(f"{split}-{method}", check_equivalence, rank, world, sizes, method)
+        if world == 2:
+            report("memory", check_equivalence, rank, world, SPLITS[2]["unequal"], "inverse", strategy="memory")
+            report("agreement", check_agreement, rank, world)
+            report("refusals", check_refusals, rank, world)
+    except Exception:
+        results.put((rank, "setup", {"crash": traceback.format_exc()}))
+    finally:
+        results.put((rank, None, None))
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(params=[2, 4], ids=lambda w: f"world{w}", scope="module")
+def world(request):
+    got = spawn(worker, request.param, limit_s=150)
+    for rank, cases in got.items():
+        assert "hung" not in cases, cases["hung"]
+        assert "setup" not in cases, f"rank {rank}: {cases['setup']}"
+    return request.param, got
+
+
+def _case(world, name):
+    size, got = world
+    for rank, cases in got.items():
+        assert name in cases, f"rank {rank} did not report {name}"
+        out = cases[name]
+        assert "crash" not in out, f"rank {rank}:\n{out['crash']}"
+        yield rank, out
+
+
+@pytest.mark.parametrize("method", ["inverse", "eigen"])
+@pytest.mark.parametrize("split", ["equal", "unequal"])
+def test_ranks_equal_one_process_on_the_whole_batch(world, split, method):
+    for rank, out in _case(world, f"{split}-{method}"):
+        assert out["bad"] == [], f"rank {rank} ({split} shards {SPLITS[world[0]][split]}): {out['bad']}"
+        assert out["bytes"]["gradient"] > 0 and out["bytes"]["gram"] > 0 and out["bytes"]["loss"] > 0
+
+
+def test_memory_strategy_equals_one_process(world):
+    if world[0] != 2:
+        pytest.skip("checked in the world of 2")
+    for rank, out in _case(world, "memory"):
+        assert out["bad"] == [], f"rank {rank}: {out['bad']}"
+
+
+def test_ranks_agree_where_their_shards_alone_would_not(world):
+    if world[0] != 2:
+        pytest.skip("checked in the world of 2")
+    for rank, out in _case(world, "agreement"):
+        assert out["local_differ"], "the shards alone chose the same gammas: the check checks nothing"
+        assert out["global_same"], f"rank {rank}: gammas or parameters differ across ranks"
+        assert out["bad"] == [], f"rank {rank}: {out['bad']}"
+
+
+def test_ddp_wrapper_fsdp2_tridiag_and_empty_shards_are_refused(world):
+    if world[0] != 2:
+        pytest.skip("checked in the world of 2")
+    for rank, out in _case(world, "refusals"):
+        assert out == [], f"rank {rank}: {out}"
