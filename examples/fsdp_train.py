@@ -97,9 +97,12 @@ def main(argv: Optional[list] = None) -> None:
     seconds = time.perf_counter() - start
     sent = precond.distributed.bytes if precond.distributed is not None else {}
     line = ", ".join(f"{k} {v / 2 ** 20:.2f}" for k, v in sent.items())
+    state = sum(t.numel() * t.element_size() for layer in precond.layers.values()
+                for t in layer.state_tensors().values())  # factors and decompositions held here
     if rank == 0:
         print(f"{world} ranks, {args.steps} steps in {seconds:.2f} s; K-FAC MiB per rank: {line} "
-              f"({sum(sent.values()) / 2 ** 20 / args.steps:.2f} MiB/step)", flush=True)
+              f"({sum(sent.values()) / 2 ** 20 / args.steps:.2f} MiB/step); K-FAC state on rank 0: "
+              f"{state / 2 ** 20:.2f} MiB", flush=True)
     precond.remove_hooks()
     if started:
         dist.destroy_process_group()
