@@ -14,6 +14,7 @@ from torch import nn
 from kfac_fast import KFACPreconditioner, ops
 from kfac_fast.curves import make_curves
 from kfac_fast.demo import KFAC_SETTINGS, bce_loss, build_autoencoder
+from kfac_fast.layers.linear import use_reduce
 from kfac_fast.precision import eigen_denominators, precondition_bf16
 
 
@@ -302,3 +303,102 @@ def test_precision_argument_is_checked():
         KFACPreconditioner(two_layer(), precision="fp16")
     with pytest.raises(ValueError, match="method='inverse'"):
         KFACPreconditioner(two_layer(), method="inverse", precision="bf16")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. K-FAC-reduce for Linear layers over sequences (kfac_fast.layers.linear.use_reduce)
+# ---------------------------------------------------------------------------------------
+def seq_loss(out, y):
+    """Mean over all N*T tokens of a per-token squared error."""
+    return ((out - y) ** 2).sum(-1).mean()
+
+
+@pytest.mark.parametrize("in_hooks", [False, True])
+@pytest.mark.parametrize("loss_average", ["tokens", "batch"])
+def test_linear_reduce_factors_and_step_match_the_reduce_oracle(loss_average, in_hooks):
+    """A = (1/N) sum_n abar abar^T (inputs averaged over the sequence, ones-column
+    included), G = (1/N) sum_n (S gsum)(S gsum)^T (output gradients summed), from our own
+    hooks in float64; P the dense Kronecker solve."""
+    N, T, damping = 3, 5, 1e-2
+    model = token_mlp()
+    rec = Recorder({"0": model[0], "2": model[2]})
+    pre = KFACPreconditioner(model, damping=damping, kl_clip=None, loss_average=loss_average,
+                             factor_dtype=torch.float64, update_factors_in_hooks=in_hooks)
+    assert use_reduce(pre) == ["0", "2"]
+    assert all(layer.kind == "linear_reduce" for layer in pre.layers.values())
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(N, T, D_IN, generator=gen, dtype=torch.float64)
+    y = torch.randn(N, T, D_OUT, generator=gen, dtype=torch.float64)
+    seq_loss(model(x), y).backward()
+    grads = {n: grad_bar(model[int(n)]).clone() for n in ("0", "2")}
+    pre.step()
+    s = N * T if loss_average == "tokens" else N
+    for name in ("0", "2"):
+        m = model[int(name)]
+        a_rows = bar(rec.inputs[name].mean(1), m.bias is not None)
+        g_rows = s * rec.grads[name].sum(1)
+        a, g = a_rows.T @ a_rows / N, g_rows.T @ g_rows / N
+        layer = pre.layers[name]
+        torch.testing.assert_close(layer.a_factor, a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.g_factor, g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad_bar(m), dense_solve(a, g, grads[name], damping), rtol=1e-7, atol=1e-10)
+
+
+def test_linear_reduce_is_exact_for_one_example_with_shared_inputs_and_expand_is_not():
+    """One sequence whose T inputs are equal: every layer's input is the same at each
+    position, its gradient is gsum abar^T, and reduce's A (x) G is the exact (empirical)
+    Fisher block vec(dW_bar) vec(dW_bar)^T; expand's is not."""
+    T = 4
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1, D_IN, generator=gen, dtype=torch.float64).expand(1, T, D_IN)
+    y = torch.randn(1, T, D_OUT, generator=gen, dtype=torch.float64)
+    errors = {}
+    for kinds in ("linear_reduce", "expand"):
+        model = token_mlp()
+        pre = KFACPreconditioner(model, kl_clip=None, loss_average="batch", factor_dtype=torch.float64)
+        if kinds == "linear_reduce":
+            use_reduce(pre)
+        seq_loss(model(x), y).backward()
+        pre.step()  # factors only matter here (S = N = 1: the loss is the example's)
+        for name in ("0", "2"):
+            model.zero_grad()
+            seq_loss(model(x), y).backward()
+            v = grad_bar(model[int(name)]).mT.reshape(-1)
+            layer = pre.layers[name]
+            exact = torch.outer(v, v)
+            errors[kinds, name] = rel(torch.kron(layer.a_factor, layer.g_factor), exact)
+    assert errors["linear_reduce", "0"] < 1e-12 and errors["linear_reduce", "2"] < 1e-12
+    assert errors["expand", "0"] > 1e-2 and errors["expand", "2"] > 1e-2
+
+
+def test_linear_reduce_without_a_sequence_is_expand_and_use_reduce_checks_its_arguments():
+    """(N, d) inputs: the same factors as the default Linear. use_reduce refuses method
+    'ekfac' (its per-example gradients are not the reduced rows'), a preconditioner that
+    has stepped, and names that are not its Linear layers; it converts only the named."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, D_IN, generator=gen, dtype=torch.float64)
+    y = torch.randn(6, D_OUT, generator=gen, dtype=torch.float64)
+    factors = []
+    for reduce in (True, False):
+        model = token_mlp()
+        pre = KFACPreconditioner(model, kl_clip=None, factor_dtype=torch.float64)
+        if reduce:
+            use_reduce(pre)
+        seq_loss(model(x), y).backward()
+        pre.step()
+        factors.append([pre.layers[n].a_factor for n in ("0", "2")] + [pre.layers[n].g_factor for n in ("0", "2")])
+    for got, want in zip(*factors):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="before the first step"):
+        use_reduce(pre)
+    with pytest.raises(ValueError, match="method='ekfac'"):
+        use_reduce(KFACPreconditioner(token_mlp(), method="ekfac"))
+    pre = KFACPreconditioner(nn.Sequential(token_mlp(), nn.Embedding(4, 3)))
+    with pytest.raises(ValueError, match=r"layers \['1'\] are not registered nn.Linear"):
+        use_reduce(pre, ["0.0", "1"])
+    with pytest.raises(TypeError, match="layers"):
+        use_reduce(pre, 3)
+    assert use_reduce(pre, "0.2") == ["0.2"]
+    assert [layer.kind for layer in pre.layers.values()] == ["linear", "linear_reduce", "embedding"]
+    with pytest.raises(ValueError, match=r"layers \['0.2'\]"):  # already reduce
+        use_reduce(pre, ["0.2"])
