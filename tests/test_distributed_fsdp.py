@@ -102,7 +102,9 @@ def run(model, precond, sizes, rank, rotate=False, net=None, steps=range(STEPS))
             loss = F.mse_loss(net(xs), ys, reduction="sum") * world / n
         loss.backward()
         precond.step()
-        records.append({"factors": {k: (v.a_factor.clone(), v.g_factor.clone()) for k, v in precond.layers.items()},
+        records.append({"factors": {k: (None if v.a_factor is None else v.a_factor.clone(),
+                                        None if v.g_factor is None else v.g_factor.clone())
+                                    for k, v in precond.layers.items()},
                         "grads": {k: whole(p.grad).clone() for k, p in model.named_parameters()}})
         with torch.no_grad():
             for p in model.parameters():
@@ -126,13 +128,14 @@ def compare(got, want, factor_steps) -> list[str]:
 
 
 def check_fsdp(rank, world, *, method, factor_sync, ckpt, unequal, reshard=True, hooks=False,
-               rotate=False, ddp=False) -> list[str]:
+               rotate=False, ddp=False, strategy="communication") -> list[str]:
     """ddp: DistributedDataParallel instead of fully_shard (the same loss rule and weighting)."""
     sizes = UNEQUAL[world] if unequal else [3] * world
     kw = dict(KW, method=method, update_factors_in_hooks=hooks)
     ref = make_model(ckpt)
     want = run(ref, KFACPreconditioner(ref, distributed=False, loss_average=float(sum(sizes)), **kw), sizes, None)
-    opts = kd.DistributedOptions(factor_sync=factor_sync, bucket_cap_mb=1e-4, timeout=60)
+    opts = kd.DistributedOptions(strategy=strategy, factor_sync=factor_sync, bucket_cap_mb=1e-4, timeout=60)
+    memory = strategy == "memory"
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
         model = make_model(ckpt)
@@ -141,14 +144,30 @@ def check_fsdp(rank, world, *, method, factor_sync, ckpt, unequal, reshard=True,
     else:
         model = net = shard(make_model(ckpt), world, reshard)
         precond = KFACPreconditioner(model, distributed=opts, loss_average=sum(sizes) / world, **kw)
-    if precond.distributed is None or (precond.distributed.sharded is None) != ddp:
+    d = precond.distributed
+    if d is None or (d.sharded is None) != (ddp or memory) or (d.sharded_memory is None) == memory:
         return ["no driver of the expected kind"]
     got = run(model, precond, sizes, rank, rotate=rotate, net=net)
     for rec in got:  # DDP prefixes names with "module."
         rec["factors"] = {n.removeprefix("module."): v for n, v in rec["factors"].items()}
-    bad = compare(got, want, set(range(STEPS)) if factor_sync == "update" else {0, 2})
-    if not ddp and precond.distributed.bytes["gradient_gather"] == 0:
-        bad.append("no gradient bytes were gathered")
+    bad = []
+    owners = d.owners()
+    if memory:  # only the owner holds a layer's factors (reduced at every update) and decomposition
+        for rec in got:
+            for name in list(rec["factors"]):
+                held = rec["factors"][name][0] is not None
+                if held != (owners[(name, "a")] == rank):
+                    bad.append(f"{name}: factors held {held} on rank {rank}, owner {owners[(name, 'a')]}")
+                if not held:
+                    del rec["factors"][name]
+        for name, layer in precond.layers.items():
+            if (layer.qa is not None or layer.a_inv is not None) != (owners[(name, "a")] == rank):
+                bad.append(f"{name}: a decomposition is held iff owned, violated on rank {rank}")
+        want = [dict(w, factors={n: f for n, f in w["factors"].items() if owners[(n, "a")] == rank}) for w in want]
+    bad += compare(got, want, set(range(STEPS)) if factor_sync == "update" or memory else {0, 2})
+    kind = "gradients" if memory else "gradient_gather"
+    if not ddp and d.bytes[kind] == 0:
+        bad.append(f"no {kind} bytes were counted")
     return bad
 
 
@@ -158,15 +177,17 @@ CASES = [
     dict(method="eigen", factor_sync="inverse", ckpt=True, unequal=True),
     dict(method="inverse", factor_sync="update", ckpt=False, unequal=True, rotate=True),
     dict(method="eigen", factor_sync="update", ckpt=False, unequal=True, rotate=True, ddp=True),
+    dict(method="eigen", factor_sync="inverse", ckpt=True, unequal=True, rotate=True, strategy="memory"),
+    dict(method="inverse", factor_sync="update", ckpt=False, unequal=False, reshard=False, strategy="memory"),
 ]
 
 
-def check_state_dict(rank, world) -> list[str]:
+def check_state_dict(rank, world, strategy="communication") -> list[str]:
     """synced_state_dict on every rank, rank 0's copy loaded by a fresh preconditioner on
     every rank: the next step equals the uninterrupted run's bit for bit."""
     sizes = UNEQUAL[world]
     kw = dict(KW, method="eigen", loss_average=sum(sizes) / world,
-              distributed=kd.DistributedOptions(factor_sync="update", timeout=60))
+              distributed=kd.DistributedOptions(strategy=strategy, factor_sync="update", timeout=60))
     ref = shard(make_model(), world, True)
     want = run(ref, KFACPreconditioner(ref, **kw), sizes, rank)
     model = shard(make_model(), world, True)
@@ -183,16 +204,22 @@ def check_state_dict(rank, world) -> list[str]:
     for name, g in got[-1]["grads"].items():
         if not torch.equal(g, want[-1]["grads"][name]):
             bad.append(f"after loading: grad of {name} is not the uninterrupted run's")
+    for name, layer in objs[0]["layers"].items():
+        if layer.get("a_factor") is None or layer.get("qa") is None:
+            bad.append(f"the synced state lacks the factors or decomposition of {name}")
     for name, (a, g) in got[-1]["factors"].items():
+        if a is None and want[-1]["factors"][name][0] is None:
+            continue
         if not (torch.equal(a, want[-1]["factors"][name][0]) and torch.equal(g, want[-1]["factors"][name][1])):
             bad.append(f"after loading: factors of {name} are not the uninterrupted run's")
     return bad
 
 
-def check_memory_refused(rank, world) -> str:
+def check_memory_hooks_refused(rank, world) -> str:
     try:
-        KFACPreconditioner(shard(make_model(), world, True), distributed=kd.DistributedOptions(strategy="memory"))
-    except NotImplementedError as exc:
+        KFACPreconditioner(shard(make_model(), world, True), distributed=kd.DistributedOptions(strategy="memory"),
+                           update_factors_in_hooks=True)
+    except ValueError as exc:
         return str(exc)
     return "no error"
 
@@ -220,7 +247,8 @@ def worker(rank: int, world: int, port: int, results) -> None:
         for i, case in enumerate(CASES):
             out[f"case{i}"] = check_fsdp(rank, world, **case)
         out["state_dict"] = check_state_dict(rank, world)
-        out["memory"] = check_memory_refused(rank, world)
+        out["state_dict_memory"] = check_state_dict(rank, world, strategy="memory")
+        out["memory"] = check_memory_hooks_refused(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
     except Exception:
@@ -263,7 +291,7 @@ def _case_id(c: dict) -> str:
     return "-".join([c["method"], c["factor_sync"], "ckpt" if c["ckpt"] else "plain",
                      "unequal" if c["unequal"] else "equal"] + (["keep"] if c.get("reshard") is False else [])
                     + (["hooks"] if c.get("hooks") else []) + (["rotating"] if c.get("rotate") else [])
-                    + (["ddp"] if c.get("ddp") else []))
+                    + (["ddp"] if c.get("ddp") else []) + (["memory"] if c.get("strategy") == "memory" else []))
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[_case_id(c) for c in CASES])
@@ -273,16 +301,18 @@ def test_fsdp_matches_single_process_on_global_batch(world_results, case):
         assert out[f"case{case}"] == [], f"rank {rank}: {out[f'case{case}']}"
 
 
-def test_fsdp_synced_state_dict_resumes_bit_identically(world_results):
+@pytest.mark.parametrize("key", ["state_dict", "state_dict_memory"])
+def test_fsdp_synced_state_dict_resumes_bit_identically(world_results, key):
     _, got = world_results
     for rank, out in got.items():
-        assert out["state_dict"] == [], f"rank {rank}: {out['state_dict']}"
+        assert out[key] == [], f"rank {rank}: {out[key]}"
 
 
-def test_fsdp_memory_strategy_is_refused_clearly(world_results):
+def test_fsdp_memory_strategy_refuses_hooks_mode(world_results):
     _, got = world_results
     for rank, out in got.items():
-        assert "strategy='memory'" in out["memory"] and "'communication'" in out["memory"], f"rank {rank}: {out}"
+        assert "strategy='memory'" in out["memory"] and "update_factors_in_hooks" in out["memory"], \
+            f"rank {rank}: {out['memory']}"
 
 
 def test_fsdp_example_trains(world_results):

@@ -36,7 +36,11 @@ Modules: `collectives` (bucketed all-reduce and broadcast), `assignment` (which 
 decomposes which factor), `options` (DistributedOptions), `entry` (`setup`: whether a
 preconditioner runs data-parallel), `data_parallel` (DataParallelKFAC, the driver),
 `agreement` (settings check, host-side agreements, error messages), `participation`
-(which layers took part on which ranks).
+(which layers took part on which ranks), `weighting` (ranks weighted by their rows and
+examples when factors are averaged), `sharded_grads` (FSDP2: the sharding check, whole
+gradients gathered for "communication"), `sharded_memory` (FSDP2 under "memory": factors
+reduced to owners, gradients gathered to and scattered from them), `owned` (an owner's
+preconditioning), `checkpoint_sync` (what synced state dicts gather and loads keep).
 """
 
 from .agreement import check_same_layers, settings_of
@@ -51,12 +55,14 @@ from .data_parallel import DataParallelKFAC
 from .entry import resolve_group, setup
 from .options import FACTOR_SYNCS, STRATEGIES, DistributedOptions
 from .sharded_grads import ShardedGrads, check_sharding
+from .sharded_memory import ShardedMemory
 
 __all__ = [
     "DEFAULT_BUCKET_CAP_MB",
     "FACTOR_SYNCS",
     "STRATEGIES",
     "ShardedGrads",
+    "ShardedMemory",
     "DataParallelKFAC",
     "DistributedOptions",
     "allreduce_factors_",

@@ -18,6 +18,7 @@ from .. import ops
 from ..health import Health
 from .agreement import agree_counts, check_same_setup, collective_error
 from .assignment import factor_owners
+from .checkpoint_sync import CheckpointSync
 from .collectives import (
     DEFAULT_BUCKET_CAP_MB,
     all_reduce_min_,
@@ -31,7 +32,7 @@ from .participation import Participation
 from .weighting import RowWeights, allreduce_weighted_factors_
 
 
-class DataParallelKFAC:
+class DataParallelKFAC(CheckpointSync):
     """The collectives and work split of one KFACPreconditioner over one process group.
 
     The preconditioner calls, in this order per step: `factors_updated` after its
@@ -100,6 +101,8 @@ class DataParallelKFAC:
         self._broken: Optional[BaseException] = None
         self.row_weights = RowWeights()
         self.sharded: Any = None  # a sharded_grads.ShardedGrads when the layers are FSDP2-sharded
+        self.sharded_memory: Any = None  # a sharded_memory.ShardedMemory (strategy "memory" on them)
+        self._agreed_ok: Optional[torch.Tensor] = None  # this step's agreed non-finite flag
         own = dict(settings or {}, method=method, strategy=strategy, factor_sync=factor_sync,
                    bucket_cap_mb=bucket_cap_mb, eigh_tol=eigh_tol)
         check_same_setup([(n, layer.kind, layer.a_dim, layer.g_dim, layer.has_bias)
@@ -153,7 +156,11 @@ class DataParallelKFAC:
     def begin_step(self, fired: list, factor_step: bool) -> list:
         """The layers that fired on any rank this step (registration order); the
         preconditioner calls it at the start of `step()`. One small host all-reduce."""
-        return self.participation.begin_step(fired, factor_step)
+        fired = self.participation.begin_step(fired, factor_step)
+        self._agreed_ok = None
+        if factor_step and self.sharded_memory is not None:
+            self.sharded_memory.before_update()
+        return fired
 
     def describe_state(self, *, synced: bool) -> dict:
         """What a state dict taken on this rank holds (its "distributed" entry)."""
@@ -205,13 +212,15 @@ class DataParallelKFAC:
             else:
                 self.bytes["factors"] += allreduce_factors_(factors, self.group, self.bucket_cap)
 
-    def factors_updated(self, layers: list) -> None:
+    def factors_updated(self, layers: list, *, decay: Optional[float] = None) -> None:
         """After a factor update of `layers` (those updated here): agree which layers
         hold factors, give layers held by some ranks only the same factors and k on every
         rank (`Participation`), and average now under factor_sync="update"."""
         self.row_weights.record(layers)
         updated = self.participation.factors_updated(layers)
-        if self.factor_sync == "update" and updated:
+        if self.sharded_memory is not None:  # reduced to the owners at every update (decay: this step's)
+            self.sharded_memory.after_update(layers, updated, decay, self._agreed_ok)
+        elif self.factor_sync == "update" and updated:
             self.average_factors(updated, weighted=True)
 
     def agree_finite(self, ok: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -228,7 +237,8 @@ class DataParallelKFAC:
                 else ok.to(device=device, dtype=torch.int32).reshape(()))
         with self._timed("communication"), self._collective("the non-finite flag all-reduce"):
             all_reduce_min_(flag, self.group)
-        return flag.bool()
+        self._agreed_ok = flag.bool()
+        return self._agreed_ok
 
     # ---- inversions ---------------------------------------------------------------------
     def refresh(self, layers: list, damping: float) -> tuple[int, Optional[torch.Tensor]]:
@@ -241,7 +251,7 @@ class DataParallelKFAC:
         """
         if not layers:
             return 0, None
-        if self.factor_sync == "inverse":
+        if self.factor_sync == "inverse" and self.sharded_memory is None:
             self.average_factors(layers, weighted=True)
         owners = self.owners()
         items = [(layer, s) for layer in layers for s in ("a", "g")]
@@ -351,39 +361,3 @@ class DataParallelKFAC:
             grads = [g for layer in layers for g in layer.param_grads()]
             torch._foreach_mul_(grads, nu.to(grads[0].dtype))
         return nu.to(nu_dtype)
-
-    # ---- checkpoints ------------------------------------------------------------------------
-    def before_state_dict(self) -> None:
-        """Make this rank's state global before a checkpoint (collective): average the
-        factors under factor_sync="inverse"; under "memory" gather every decomposition
-        (until `after_state_dict`), so rank 0's checkpoint resumes exactly."""
-        if self.factor_sync == "inverse":
-            self.average_factors([layer for layer in self.layers.values()
-                                  if layer.a_factor is not None and layer.g_factor is not None], weighted=True)
-        if self.strategy == "memory":
-            self._share_decompositions([layer for layer in self.layers.values() if layer.name in self._ready])
-
-    def after_state_dict(self) -> None:
-        """Release the decompositions `before_state_dict` gathered."""
-        self._drop_unowned()
-
-    def after_load_state_dict(self) -> None:
-        """Rebuild the rank-identical ready set from the loaded state (the same on every
-        rank, since every rank loads rank 0's checkpoint); under "memory" keep only the
-        decompositions this rank owns."""
-        self._ready = {n for n, layer in self.layers.items()
-                       if all(getattr(layer, a) is not None for a in self._result_names())}
-        self._drop_unowned()
-
-    def _result_names(self) -> tuple:
-        return ("a_inv", "g_inv") if self.method == "inverse" else ("qa", "da", "qg", "dg")
-
-    def _drop_unowned(self) -> None:
-        if self.strategy != "memory":
-            return
-        owners = self.owners()
-        for name, layer in self.layers.items():
-            if owners[(name, "a")] != self.rank:
-                for attr in self._result_names():
-                    setattr(layer, attr, None)
-

@@ -12,6 +12,7 @@ from .collectives import _dist
 from .data_parallel import DataParallelKFAC
 from .options import DistributedOptions
 from .sharded_grads import ShardedGrads, check_sharding
+from .sharded_memory import ShardedMemory
 
 
 def resolve_group(process_group: Optional[Any] = None) -> Optional[Any]:
@@ -59,15 +60,14 @@ def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[A
         return None
     opts = distributed if isinstance(distributed, DistributedOptions) else DistributedOptions()
     sharded = check_sharding(model, layers, group)
-    if sharded and opts.strategy == "memory":
-        raise NotImplementedError("kfac_fast.distributed: strategy='memory' is not supported for FSDP2-sharded "
-                                  "layers yet; use DistributedOptions(strategy='communication')")
     group, meta = own_groups(group, opts.timeout)
     driver = DataParallelKFAC(layers, method, group, strategy=opts.strategy, factor_sync=opts.factor_sync,
                               bucket_cap_mb=opts.bucket_cap_mb, profile=opts.profile,
                               health=health, eigh_tol=eigh_tol, settings=settings, meta_group=meta,
                               timeout=opts.timeout)
-    if sharded:
+    if sharded and opts.strategy == "memory":
+        driver.sharded_memory = ShardedMemory(driver)
+    elif sharded:
         driver.sharded = ShardedGrads(driver)
     return driver
 

@@ -290,6 +290,10 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
         if self.distributed is not None and (self.damping.per_layer or self.precision == "bf16"):
             raise ValueError("per-layer damping and precision='bf16' are single-process only "
                              "(data-parallel K-FAC takes one damping and the fp32 ops)")
+        if self.distributed is not None and self.distributed.sharded_memory is not None and (
+                self.update_factors_in_hooks or grad_scaler is not None):
+            raise ValueError("strategy='memory' on FSDP2-sharded layers needs update_factors_in_hooks=False and "
+                             "no grad_scaler (its factors are reduced from the held captures)")
         unsupported = [layer for layer in self.layers.values() if not layer.data_parallel]
         if self.distributed is not None and unsupported:
             what = type(unsupported[0].module).__name__
@@ -332,7 +336,8 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
                 if held:
                     self._update_factors(held)
             if factor_step and self.distributed is not None:
-                self.distributed.factors_updated([layer for layer in fired if layer.a_count > 0 and layer.g_count > 0])
+                self.distributed.factors_updated([layer for layer in fired if layer.a_count > 0 and layer.g_count > 0],
+                                                 decay=self.factor_decay(step))
             have_factors = [layer for layer in self.layers.values() if layer.a_count > 0 and layer.g_count > 0]
             if step % self.inv_update_steps(step) == 0:
                 stale = have_factors

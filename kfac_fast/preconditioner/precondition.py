@@ -35,6 +35,9 @@ class PreconditionMixin(PreconditionerBase):
         if refresh and have:
             self._refresh(have)
         chosen = [layer for layer in have if self._has_inverse_state(layer, self.method)]
+        if self.distributed is not None and self.distributed.sharded_memory is not None:
+            self._precondition_on_owners(chosen)
+            return
         with self._whole_gradients(chosen):
             self._precondition(chosen)
 
@@ -46,9 +49,29 @@ class PreconditionMixin(PreconditionerBase):
         return self.distributed.sharded.whole(layers)
 
     def _guarded_precondition(self, layers: list[KFACLayer]) -> None:
-        """`_whole_gradients` around `_guarded_precondition_whole`."""
+        """`_whole_gradients` around `_guarded_precondition_whole`, or, for strategy
+        "memory" on FSDP2-sharded layers, `_precondition_on_owners`."""
+        if self.distributed is not None and self.distributed.sharded_memory is not None:
+            self._precondition_on_owners(layers)
+            return
         with self._whole_gradients(layers):
             self._guarded_precondition_whole(layers)
+
+    def _precondition_on_owners(self, layers: list[KFACLayer]) -> None:
+        """Strategy "memory" on FSDP2-sharded layers (`distributed.sharded_memory`): each
+        owner preconditions its layers' gathered gradients and scatters them back; a step
+        with a non-finite capture, gradient or result keeps the plain gradient (always
+        guarded, counted in health() when guard_nonfinite)."""
+        chosen = [layer for layer in layers if layer.has_grads()]
+        if not chosen:
+            self.last_nu = None
+            return
+        nu, ok = self.distributed.sharded_memory.precondition(
+            chosen, self.damping(self.steps), self.lr(self.steps), self.kl_clip(self.steps),
+            self._captures_ok if self.guard_nonfinite else None)
+        if self.guard_nonfinite:
+            self._health.count_nonfinite(ok)
+        self.last_nu = nu
 
     def _guarded_precondition_whole(self, layers: list[KFACLayer]) -> None:
         """`_precondition`, except that a step with a non-finite capture or gradient, or
