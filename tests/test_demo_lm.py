@@ -51,6 +51,18 @@ def test_report_picks_the_best_mean_over_seeds_and_counts_steps():
     assert steps_to_reach(([0, 5, 10], [0, 1, 2], [3.0, 2.4, 2.0]), 2.4) == 5
 
 
+def test_table_states_each_rows_cost_against_adamw():
+    from kfac_fast.demo_lm.report import table
+
+    runs = [Run("adamw", 1e-2, s, [0, 5, 10], [0, 1, 2], [3.0, 2.5, 2.0]) for s in (0, 1)]
+    runs += [Run("kfac-adam", 1e-2, s, [0, 5, 10], [0, 1.5, 3], [3.0, 1.9, 1.5]) for s in (0, 1)]
+    lines = table(runs)
+    assert lines[0].split()[-2:] == ["x", "AdamW"]
+    assert lines[2].startswith("K-FAC eigen-Adam") and lines[2].split()[-1] == "1.50"
+    assert "5 (50%)" in lines[2]
+    assert "reaches AdamW's final loss in 50% of AdamW's steps" in lines[3] and "costs 1.50x AdamW's" in lines[3]
+
+
 def test_quick_run_prints_the_table(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert cli.main(["--quick", "--methods", "adamw,kfac,kfac-adam,kfac-opt", "--out", str(tmp_path)]) == 0

@@ -1,7 +1,8 @@
 """`python -m kfac_fast.demo_lm` (`make demo-lm`): the command line and the whole run.
 
-Every method runs its two grid values for every seed, full length, on the same batches;
-the table reports each method's best value by the mean over seeds. One line per run goes
+Every method runs its two grid values for every seed, full length, on the same batches
+(the methods take turns, so load on a shared machine falls on all alike); the table
+reports each method's best value by the mean over seeds. One line per run goes
 to stderr as it finishes; the table goes to stdout and the plot to --out.
 """
 from __future__ import annotations
@@ -78,17 +79,23 @@ def main(argv: Optional[list] = None) -> int:
           f"d={setup.d}, {setup.blocks} blocks, {setup.heads} heads, vocabulary {corpus.vocab}; "
           f"{args.seeds} seed(s) per grid value; {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     runs, t_start = [], time.perf_counter()
-    for key in args.keys:
-        method = METHODS[key]
-        for value in method.grid:
-            for seed in range(args.seeds):
+    # round robin over the methods (seed by seed, grid point by grid point): a change in the
+    # machine's load during the run then falls on every method alike, so the seconds compare
+    for seed in range(args.seeds):
+        for point in range(max(len(METHODS[k].grid) for k in args.keys)):
+            for key in args.keys:
+                method = METHODS[key]
+                if point >= len(method.grid):
+                    continue
+                value = method.grid[point]
                 run = train(key, value, corpus, setup, seed, evaluation)
                 runs.append(run)
                 print(f"[{len(runs)}/{total}] {method.name} {method.knob}={value:g} seed {seed}: "
                       f"{'diverged' if run.diverged else format(run.losses[-1], '.3f')} "
                       f"in {run.seconds[-1]:.1f} s", file=sys.stderr, flush=True)
     print("\nvalidation loss (nats/char) after the same steps, mean ± std over seeds, best grid value per method;")
-    print("'at AdamW s': at AdamW's training seconds; 'AdamW final at': the step reaching AdamW's final loss")
+    print("'at AdamW s': at AdamW's training seconds; 'AdamW final at': the step reaching AdamW's final loss; "
+          "'x AdamW': s/step over AdamW's")
     for line in table(runs):
         print(line)
     for key in args.keys:

@@ -55,7 +55,7 @@ def table(runs: list) -> list:
     curves = {k: mean_curve(rs) for k, rs in best.items()}
     adamw = curves.get("adamw")
     lines = [f"{'method':16s} {'grid value':>16s} {'val nats/char':>15s} {'at AdamW s':>11s} "
-             f"{'AdamW final at':>15s} {'s/step':>7s}"]
+             f"{'AdamW final at':>15s} {'s/step':>7s} {'x AdamW':>7s}"]
     for key, rs in best.items():
         finals = [r.losses[-1] for r in rs]
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
@@ -64,8 +64,10 @@ def table(runs: list) -> list:
         reach = steps_to_reach(curve, adamw[2][-1]) if adamw else None
         reach_s = f"{reach} ({100 * reach / adamw[0][-1]:.0f}%)" if reach is not None else "not reached"
         per_step = curve[1][-1] / curve[0][-1]
+        ratio = f"{per_step / (adamw[1][-1] / adamw[0][-1]):.2f}" if adamw else "-"
         lines.append(f"{METHODS[key].name:16s} {METHODS[key].knob + ' ' + format(rs[0].value, 'g'):>16s} "
-                     f"{statistics.fmean(finals):9.3f}±{spread:.3f} {at_s:>11s} {reach_s:>15s} {per_step:7.3f}")
+                     f"{statistics.fmean(finals):9.3f}±{spread:.3f} {at_s:>11s} {reach_s:>15s} {per_step:7.3f} "
+                     f"{ratio:>7s}")
     return lines + targets(curves)
 
 
@@ -78,7 +80,9 @@ def targets(curves: dict) -> list:
     curve, adamw = curves[key], curves["adamw"]
     reach = steps_to_reach(curve, adamw[2][-1])
     frac = f"{100 * reach / adamw[0][-1]:.0f}% of AdamW's steps" if reach is not None else "never"
-    lines = [f"best K-FAC row: {METHODS[key].name}; reaches AdamW's final loss in {frac} (target <= 60%)"]
+    cost = (curve[1][-1] / curve[0][-1]) / (adamw[1][-1] / adamw[0][-1])
+    lines = [f"best K-FAC row: {METHODS[key].name}; reaches AdamW's final loss in {frac} (target <= 60%); "
+             f"its step costs {cost:.2f}x AdamW's (target <= 2x)"]
     for other in ("soap", "muon"):
         if other in curves:
             lines.append(f"  at equal steps vs {METHODS[other].name}: {curve[2][-1]:.3f} vs {curves[other][2][-1]:.3f} "
