@@ -106,7 +106,7 @@ class KFAC(torch.optim.Optimizer):
         method: "inverse" (factored Tikhonov, pi correction; the paper's) or "eigen"
             (exact damping; the factors' eigendecompositions at each refresh, two more
             matmuls per layer per step). On the demo's CURVES autoencoder "eigen" ended
-            400 steps at 55.7-60.4 nats against 68.2-77.5 for "inverse" (MC seeds 1-3).
+            400 steps at 55.7-60.4 nats against 68.2-77.5 for "inverse" (MC seeds 1-3, 2026-11-28).
             A likely reason (not isolated): there lambda falls towards 0 and factored
             Tikhonov still adds gamma*(pi I (x) G + A (x) I / pi), far more than gamma^2.
         factor_decay: decay of the factors' zero-debiased running average (paper 0.95).
