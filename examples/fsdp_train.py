@@ -10,8 +10,9 @@ layer's sharded gradient (one bucketed all-gather), preconditions it and writes 
 rank's rows back into its shard. The global batch is split unevenly when the ranks do
 not divide it; the local loss is then scaled by n_local * world / N (and
 loss_average=N / world), so that FSDP's equal average over ranks is the global batch's
-gradient (docs/distributed.md, "FSDP2"). Prints the global loss per step and the bytes
-of K-FAC's own collectives by kind.
+gradient (docs/distributed.md, "FSDP2"). `--strategy memory` keeps each layer's factors,
+decomposition and preconditioning on one owner rank. Prints the global loss per step,
+the bytes of K-FAC's own collectives by kind and the K-FAC state each rank holds.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=255, help="global batch (split across ranks, maybe unevenly)")
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--strategy", choices=("communication", "memory"), default="communication",
+                        help="memory: factors, decompositions and preconditioning on each layer's owner only")
     parser.add_argument("--factor-sync", choices=("inverse", "update"), default="inverse")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on the encoder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -77,7 +80,7 @@ def main(argv: Optional[list] = None) -> None:
     n = args.batch_size
     precond = KFACPreconditioner(model, lr=args.lr, damping=3e-2, kl_clip=1e-2, inv_update_steps=10,
                                  loss_average=n / world,  # the loss rule below
-                                 distributed=DistributedOptions(factor_sync=args.factor_sync))
+                                 distributed=DistributedOptions(strategy=args.strategy, factor_sync=args.factor_sync))
 
     data = make_curves(args.steps * n, seed=0).to(device)
     start = time.perf_counter()
@@ -97,12 +100,15 @@ def main(argv: Optional[list] = None) -> None:
     seconds = time.perf_counter() - start
     sent = precond.distributed.bytes if precond.distributed is not None else {}
     line = ", ".join(f"{k} {v / 2 ** 20:.2f}" for k, v in sent.items())
-    state = sum(t.numel() * t.element_size() for layer in precond.layers.values()
-                for t in layer.state_tensors().values())  # factors and decompositions held here
+    state = torch.tensor([float(sum(t.numel() * t.element_size() for layer in precond.layers.values()
+                                    for t in layer.state_tensors().values()))])  # factors and decompositions here
+    states = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(states, state)
     if rank == 0:
-        print(f"{world} ranks, {args.steps} steps in {seconds:.2f} s; K-FAC MiB per rank: {line} "
-              f"({sum(sent.values()) / 2 ** 20 / args.steps:.2f} MiB/step); K-FAC state on rank 0: "
-              f"{state / 2 ** 20:.2f} MiB", flush=True)
+        held = ", ".join(f"{s.item() / 2 ** 20:.2f}" for s in states)
+        print(f"{world} ranks, {args.strategy}, {args.steps} steps in {seconds:.2f} s; K-FAC MiB sent by rank 0: "
+              f"{line} ({sum(sent.values()) / 2 ** 20 / args.steps:.2f} MiB/step); K-FAC state per rank: "
+              f"{held} MiB", flush=True)
     precond.remove_hooks()
     if started:
         dist.destroy_process_group()

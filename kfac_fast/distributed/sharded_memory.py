@@ -9,7 +9,8 @@ factors aside (the owner keeps its previous F, the others hold none) and its cou
 so the preconditioner's own update writes this rank's plain statistic of the step,
 X_r (beta_1 = 0: no decay applied; a dropped non-finite step leaves zeros). `after_update`
 restores the counts (k + 1 for the layers updated) and reduces w_r X_r and w_r (rows for
-A, examples for G, `weighting.RowWeights`) to the owner in bucketed `dist.reduce` calls;
+A, examples for G, `weighting.RowWeights`) to the owner in bucketed `dist.reduce` calls
+(packed upper triangles);
 the owner applies the running average itself, F = beta_k F_prev + (1 - beta_k) X with
 X = sum_r w_r X_r / sum_r w_r, kept at F_prev where the agreed non-finite flag drops the
 step. This is the single-process update on the concatenated batch. It needs the held
@@ -33,6 +34,7 @@ from typing import Any, Optional
 
 import torch
 
+from .. import ops
 from ..health import all_finite
 from ..schedules import running_average_weights
 from .collectives import _buckets, _dist, _nbytes, _wait
@@ -118,7 +120,8 @@ class ShardedMemory:
                 setattr(layer, f"{side}_factor", new)
 
     def _reduce(self, factors: list, weights: list, dsts: list) -> None:
-        """factor <- sum_r w_r factor_r / sum_r w_r on its owner (`dsts`), bucketed per owner."""
+        """factor <- sum_r w_r factor_r / sum_r w_r on its owner (`dsts`), bucketed per owner;
+        each bucket is the `ops.pack_triangles` buffer of the weighted factors, then the weights."""
         d = self.driver
         dist = _dist()
         by_owner: dict = {}
@@ -127,13 +130,13 @@ class ShardedMemory:
         pending = []
         for owner in sorted(by_owner):
             members = by_owner[owner]
-            for idx in _buckets([(factors[members[j]].numel() + 1) * factors[members[j]].element_size()
-                                 for j in range(len(members))], d.bucket_cap):
+            for idx in _buckets([(_triangle(factors[i]) + 1) * factors[i].element_size() for i in members],
+                                d.bucket_cap):
                 ids = [members[j] for j in idx]
                 ws = factors[ids[0]].new_empty(len(ids))
                 for k, i in enumerate(ids):
                     ws[k] = weights[i]
-                flat = torch.cat([(factors[i] * weights[i]).reshape(-1) for i in ids] + [ws])
+                flat = torch.cat([ops.pack_triangles([factors[i] * weights[i] for i in ids]), ws])
                 pending.append((owner, ids, flat, dist.reduce(flat, dst=self._src(owner), group=d.group,
                                                               async_op=True)))
         for owner, ids, flat, work in pending:
@@ -142,12 +145,13 @@ class ShardedMemory:
             d.bytes["factors"] += _nbytes(flat)
             if owner != d.rank:
                 continue
-            total = flat[flat.numel() - len(ids):]
-            offset = 0
+            start = flat.numel() - len(ids)  # the summed weights follow the triangles
+            parts, offset = [], 0
             for k, i in enumerate(ids):
-                n = factors[i].numel()
-                factors[i].copy_((flat[offset:offset + n] / total[k]).view_as(factors[i]))
+                n = _triangle(factors[i])
+                parts.append(flat[offset:offset + n] / flat[start + k])
                 offset += n
+            ops.unpack_triangles_([factors[i] for i in ids], torch.cat(parts))
 
     # ---- checkpoints ----------------------------------------------------------------------
     def drop_unowned_factors(self) -> None:
@@ -289,6 +293,10 @@ class ShardedMemory:
                     new = recv[offset:offset + local.numel()].view_as(local) * nu.to(local.dtype)
                     local.copy_(torch.where(ok, new, local))
                     offset += _padded(p.shape, world)
+
+
+def _triangle(f: torch.Tensor) -> int:
+    return f.shape[0] * (f.shape[0] + 1) // 2
 
 
 def wholes_of(layers: list, wholes: dict) -> list:
