@@ -224,6 +224,41 @@ def check_memory_hooks_refused(rank, world) -> str:
     return "no error"
 
 
+def check_mixed_precision(rank, world) -> list[str]:
+    """MixedPrecisionPolicy(param_dtype=bfloat16): bf16 activations and output gradients are
+    captured into float32 factors; "communication" and "memory" take the same steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    grads = {}
+    for strategy in ("communication", "memory"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        mesh = init_device_mesh("cpu", (world,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for sub in (net[0], net[2]):
+            fully_shard(sub, mesh=mesh, mp_policy=policy)
+        fully_shard(net, mesh=mesh, mp_policy=policy)
+        precond = KFACPreconditioner(net, factor_dtype=torch.float32, inv_update_steps=2,
+                                     distributed=kd.DistributedOptions(strategy=strategy, timeout=60))
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(3):
+            x, y = torch.randn(4 * world, 8, generator=gen), torch.randn(4 * world, 3, generator=gen)
+            net.zero_grad()
+            F.mse_loss(net(x[rank::world]).float(), y[rank::world]).backward()
+            precond.step()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.sub_(0.1 * p.grad)
+        grads[strategy] = [p.grad.full_tensor() for p in net.parameters()]
+        precond.remove_hooks()
+    bad = []
+    for a, b in zip(grads["communication"], grads["memory"]):
+        # float32 factors summed in two orders (an average before inversions, a reduce per update)
+        if a.dtype != torch.float32 or not torch.isfinite(a).all() or not torch.allclose(a, b, rtol=1e-3, atol=1e-4):
+            bad.append(f"bf16 mixed precision: communication and memory differ ({(a - b).abs().max():.2e})")
+    return bad
+
+
 def check_example(rank, world) -> str:
     """examples/fsdp_train.py's main on this world (a batch the ranks do not divide)."""
     import contextlib
@@ -251,6 +286,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
         out["memory"] = check_memory_hooks_refused(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
+            out["mixed_precision"] = check_mixed_precision(rank, world)
     except Exception:
         out["crash"] = traceback.format_exc()
     finally:
@@ -323,3 +359,11 @@ def test_fsdp_example_trains(world_results):
     losses = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("step")]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), text
     assert "gradient_gather" in text and "factors" in text, text
+
+
+def test_fsdp_bf16_mixed_precision_policy(world_results):
+    world, got = world_results
+    if world != 2:
+        pytest.skip("run in the world of 2")
+    for rank, out in got.items():
+        assert out["mixed_precision"] == [], f"rank {rank}: {out['mixed_precision']}"
