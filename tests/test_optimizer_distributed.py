@@ -178,6 +178,27 @@ def check_refusals(rank, world) -> list[str]:
     return bad
 
 
+def check_failed_rank(rank, world) -> dict:
+    """Rank 1's closure raises: rank 0 must get a RuntimeError naming the collective it
+    waited in (within the timeout), not hang."""
+    from kfac_fast import KFAC
+    from kfac_fast.distributed import DistributedOptions
+    model = make_model()
+    opt = KFAC(model, distributed=DistributedOptions(timeout=5), **KW)
+    x, y = make_batch(0, 3)
+
+    def closure():
+        if rank == 1:
+            raise ValueError("rank 1's data loader failed")
+        return closure_of(model, x, y)()
+
+    try:
+        opt.step(closure)
+    except (RuntimeError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": "no error"}
+
+
 def worker(rank: int, world: int, port: int, results) -> None:
     torch.set_num_threads(1)
 
@@ -201,6 +222,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
                    factor_sync="update")
             report("agreement", check_agreement, rank, world)
             report("refusals", check_refusals, rank, world)
+            report("failed_rank", check_failed_rank, rank, world)  # last: the groups may be broken after it
     except Exception:
         results.put((rank, "setup", {"crash": traceback.format_exc()}))
     finally:
@@ -263,3 +285,11 @@ def test_ddp_wrapper_fsdp2_tridiag_and_empty_shards_are_refused(world):
         pytest.skip("checked in the world of 2")
     for rank, out in _case(world, "refusals"):
         assert out == [], f"rank {rank}: {out}"
+
+
+def test_a_failing_rank_is_an_error_on_the_others(world):
+    if world[0] != 2:
+        pytest.skip("checked in the world of 2")
+    got = {rank: out["error"] for rank, out in _case(world, "failed_rank")}
+    assert got[1].startswith("ValueError: rank 1's data loader failed"), got[1]
+    assert got[0].startswith("RuntimeError: kfac_fast.KFAC: the batch-size all-gather failed or timed out"), got[0]
