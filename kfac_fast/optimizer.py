@@ -60,6 +60,7 @@ from .optimizer_args import check_distributed, learning_rate, positive_float, po
 from .optimizer_damping import adapt_lambda, search_gamma
 from .optimizer_distributed import DataParallelSteps, draw_seed, example_seed, refuse_wrappers
 from .optimizer_metrics import record_step
+from .optimizer_state import split_state, with_preconditioner
 from .optimizer_update import average_iterates, guard_update
 from .preconditioner import KFACPreconditioner
 from .quadratic import solve_in_span
@@ -313,22 +314,18 @@ class KFAC(torch.optim.Optimizer):
                 p.data, self.state[p]["average"] = self.state[p]["average"], p.data
 
     def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["preconditioner"] = self.preconditioner.state_dict()
-        out["mc_seed"] = self.mc_seed
-        return out
+        """The optimiser's state with its preconditioner's and the MC seed; data-parallel
+        the preconditioner's part is this rank's view (see `synced_state_dict`)."""
+        return with_preconditioner(super().state_dict(), self.preconditioner.state_dict(), self.mc_seed)
+
+    def synced_state_dict(self) -> dict:
+        """A collective (every rank calls it): the global state, the same on every rank, from
+        which a resume continues exactly (KFACPreconditioner.synced_state_dict); single-process
+        `state_dict()`."""
+        return with_preconditioner(super().state_dict(), self.preconditioner.synced_state_dict(), self.mc_seed)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        precond = state_dict.pop("preconditioner", None)
-        if precond is None:
-            raise ValueError("state_dict has no 'preconditioner' entry (not from KFAC.state_dict())")
-        # a state from before `lr` existed ran at lr 1
-        groups = [dict(g) for g in state_dict.get("param_groups", [])]
-        for g in groups:
-            g["lr"] = learning_rate(g.get("lr", 1.0), name="state_dict's param_groups[0]['lr']", allow_zero=True)
-        state_dict["param_groups"] = groups
-        self.mc_seed = state_dict.pop("mc_seed", self.mc_seed)  # a state from before it: keep ours
+        state_dict, precond = split_state(self, state_dict)
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(precond)
         count = self.preconditioner._health.causes.get("kfac_nonfinite_update")  # (a read: load time)

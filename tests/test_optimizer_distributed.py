@@ -178,6 +178,30 @@ def check_refusals(rank, world) -> list[str]:
     return bad
 
 
+def check_checkpoint(rank, world) -> dict:
+    """Two steps (the second updates the factors without a refresh: each rank's are its
+    own), `synced_state_dict` (a collective) saved on rank 0 and loaded on every rank into
+    a fresh model and KFAC, four more steps: the single-process run's six steps."""
+    from kfac_fast import KFAC
+    sizes = SPLITS[world]["unequal"]
+    batches = [make_batch(step, sum(sizes)) for step in range(STEPS)]
+    ref_model = make_model()
+    want = run(ref_model, KFAC(ref_model, distributed=False, **KW), batches)
+    model = make_model()
+    opt = KFAC(model, **KW)
+    got = run(model, opt, [shard(b, sizes, rank) for b in batches[:2]])
+    state = opt.synced_state_dict()
+    objs = [(model.state_dict(), state) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(objs, src=0)  # stands in for torch.save + torch.load
+    opt.preconditioner.remove_hooks()
+    fresh = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    fresh.load_state_dict(objs[0][0])
+    fresh_opt = KFAC(fresh, **KW)
+    fresh_opt.load_state_dict(objs[0][1])
+    got += run(fresh, fresh_opt, [shard(b, sizes, rank) for b in batches[2:]])
+    return {"bad": compare(got, want), "seed": fresh_opt.mc_seed == state["mc_seed"]}
+
+
 def check_failed_rank(rank, world) -> dict:
     """Rank 1's closure raises: rank 0 must get a RuntimeError naming the collective it
     waited in (within the timeout), not hang."""
@@ -214,6 +238,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
         for split, sizes in SPLITS[world].items():
             for method in ("inverse", "eigen"):
                 report(f"{split}-{method}", check_equivalence, rank, world, sizes, method)
+        report("checkpoint", check_checkpoint, rank, world)
         if world == 2:
             report("memory", check_equivalence, rank, world, SPLITS[2]["unequal"], "inverse", strategy="memory")
             # shard sizes that change every step (factor_sync="update": the factors' weights
@@ -285,6 +310,11 @@ def test_ddp_wrapper_fsdp2_tridiag_and_empty_shards_are_refused(world):
         pytest.skip("checked in the world of 2")
     for rank, out in _case(world, "refusals"):
         assert out == [], f"rank {rank}: {out}"
+
+
+def test_synced_checkpoint_resumes_exactly(world):
+    for rank, out in _case(world, "checkpoint"):
+        assert out["bad"] == [] and out["seed"], f"rank {rank}: {out}"
 
 
 def test_a_failing_rank_is_an_error_on_the_others(world):

@@ -104,3 +104,23 @@ def test_sample_fisher_takes_the_per_example_seed():
     assert not torch.equal(grads[0], grads[1])
     g = sum(d.T @ d for d in grads) / (2 * 6)
     torch.testing.assert_close(precond.layers["2"].g_factor, g, rtol=1e-12, atol=1e-14)
+
+
+def test_kfac_draws_its_seed_once_and_checkpoints_it():
+    from kfac_fast import KFAC
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    a = KFAC(model, generator=torch.Generator().manual_seed(5))
+    b = KFAC(model, generator=torch.Generator().manual_seed(5))
+    c = KFAC(model, generator=torch.Generator().manual_seed(6))
+    assert a.mc_seed == b.mc_seed != c.mc_seed
+    state = a.synced_state_dict()  # single-process: state_dict()
+    assert state["mc_seed"] == a.state_dict()["mc_seed"] == a.mc_seed
+    c.load_state_dict(state)
+    assert c.mc_seed == a.mc_seed
+    with pytest.raises(ValueError, match="mc_seed"):
+        c.load_state_dict(dict(state, mc_seed=-3))
+    old = dict(state)
+    del old["mc_seed"]  # a state from before the seed existed keeps the optimiser's own
+    b.load_state_dict(old)
+    assert b.mc_seed == a.mc_seed
