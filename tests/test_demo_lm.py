@@ -60,14 +60,22 @@ def test_table_states_each_rows_cost_against_adamw():
     assert lines[0].split()[-2:] == ["x", "AdamW"]
     assert lines[2].startswith("K-FAC eigen-Adam") and lines[2].split()[-1] == "1.50"
     assert "5 (50%)" in lines[2]
-    assert "reaches AdamW's final loss in 50% of AdamW's steps" in lines[3] and "costs 1.50x AdamW's" in lines[3]
+    assert lines[4] == ("  K-FAC eigen-Adam: AdamW's final loss at 50% of its steps (met); "
+                        "step 1.50x AdamW's (met)")
+    assert lines[5] == "K-FAC rows meeting every target: K-FAC eigen-Adam"
+    slow = [Run("kfac-adam", 1e-2, s, [0, 5, 10], [0, 3, 6], [3.0, 2.1, 1.5]) for s in (0, 1)]
+    soap = [Run("soap", 1e-2, s, [0, 5, 10], [0, 1, 2], [3.0, 2.0, 1.4]) for s in (0, 1)]
+    lines = table(runs[:2] + slow + soap)
+    assert lines[-2] == ("  K-FAC eigen-Adam: AdamW's final loss at 100% of its steps (NOT met); "
+                         "1.500 vs SOAP 1.400 (NOT met); step 3.00x AdamW's (NOT met)")
+    assert lines[-1] == "K-FAC rows meeting every target: none"
 
 
 def test_quick_run_prints_the_table(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert cli.main(["--quick", "--methods", "adamw,kfac,kfac-adam,kfac-opt", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "AdamW" in out and "K-FAC + AdamW" in out and "KFAC (paper)" in out and "best K-FAC row" in out
+    assert "AdamW" in out and "K-FAC + AdamW" in out and "KFAC (paper)" in out and "K-FAC rows meeting every target" in out
     assert "K-FAC eigen-Adam" in out
     assert (tmp_path / "demo_lm.png").stat().st_size > 0
 
