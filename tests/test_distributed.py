@@ -370,7 +370,7 @@ def check_refresh_paths(rank, world) -> dict:
     return out
 
 
-def check_kfac_refused(rank, world) -> list[str]:
+def check_kfac_data_parallel(rank, world) -> list[str]:
     """KFAC runs data-parallel by default under torch.distributed (issue 20; its equivalence
     with one process is tests/test_optimizer_distributed.py's), and distributed=False opts out."""
     from kfac_fast import KFAC
@@ -468,7 +468,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
             out["nonfinite"] = check_nonfinite_agreement(rank, world, hooks=False)
             out["nonfinite_hooks"] = check_nonfinite_agreement(rank, world, hooks=True)
             out["refresh"] = check_refresh_paths(rank, world)
-            out["kfac"] = check_kfac_refused(rank, world)
+            out["kfac"] = check_kfac_data_parallel(rank, world)
         if world == 4:
             # two independent pairs: group ranks differ from global ranks
             pairs = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
@@ -581,6 +581,6 @@ def test_owner_refresh_uses_fallbacks_and_warm_eigh(world_results):
                for _, o in ranks) > 0
 
 
-def test_kfac_optimizer_refuses_data_parallel(world_results):
+def test_kfac_optimizer_runs_data_parallel_unless_opted_out(world_results):
     for rank, out in _ranks_of_world(world_results, 2):
         assert out["kfac"] == [], f"rank {rank}: {out['kfac']}"

@@ -215,13 +215,26 @@ def check_state_dict(rank, world, strategy="communication") -> list[str]:
     return bad
 
 
-def check_memory_hooks_refused(rank, world) -> str:
+def check_memory_refusals(rank, world) -> dict:
+    """strategy='memory' on FSDP2 refuses hooks mode (ValueError) and a registered layer that
+    is not sharded (NotImplementedError), naming what to change."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    out = {}
+    opts = kd.DistributedOptions(strategy="memory")
     try:
-        KFACPreconditioner(shard(make_model(), world, True), distributed=kd.DistributedOptions(strategy="memory"),
-                           update_factors_in_hooks=True)
+        KFACPreconditioner(shard(make_model(), world, True), distributed=opts, update_factors_in_hooks=True)
+        out["hooks"] = "no error"
     except ValueError as exc:
-        return str(exc)
-    return "no error"
+        out["hooks"] = str(exc)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    fully_shard(net[1], mesh=init_device_mesh("cpu", (world,)))  # net[0] stays replicated
+    try:
+        KFACPreconditioner(net, distributed=opts)
+        out["unsharded"] = "no error"
+    except NotImplementedError as exc:
+        out["unsharded"] = str(exc)
+    return out
 
 
 def check_mixed_precision(rank, world) -> list[str]:
@@ -283,7 +296,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
             out[f"case{i}"] = check_fsdp(rank, world, **case)
         out["state_dict"] = check_state_dict(rank, world)
         out["state_dict_memory"] = check_state_dict(rank, world, strategy="memory")
-        out["memory"] = check_memory_hooks_refused(rank, world)
+        out["memory"] = check_memory_refusals(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
             out["mixed_precision"] = check_mixed_precision(rank, world)
@@ -344,11 +357,12 @@ def test_fsdp_synced_state_dict_resumes_bit_identically(world_results, key):
         assert out[key] == [], f"rank {rank}: {out[key]}"
 
 
-def test_fsdp_memory_strategy_refuses_hooks_mode(world_results):
+def test_fsdp_memory_strategy_refusals(world_results):
     _, got = world_results
     for rank, out in got.items():
-        assert "strategy='memory'" in out["memory"] and "update_factors_in_hooks" in out["memory"], \
-            f"rank {rank}: {out['memory']}"
+        msg = out["memory"]
+        assert "strategy='memory'" in msg["hooks"] and "update_factors_in_hooks" in msg["hooks"], f"rank {rank}: {msg}"
+        assert "'0'" in msg["unsharded"] and "not a DTensor" in msg["unsharded"], f"rank {rank}: {msg}"
 
 
 def test_fsdp_example_trains(world_results):

@@ -46,6 +46,19 @@ class ShardedMemory:
     """The memory strategy of one DataParallelKFAC over FSDP2-sharded layers."""
 
     def __init__(self, driver: Any) -> None:
+        from .sharded_grads import _dtensor_type
+        dtensor = _dtensor_type()
+        for name, layer in driver.layers.items():
+            if not layer.grouped:
+                raise NotImplementedError(f"kfac_fast.distributed: strategy='memory' on FSDP2-sharded layers "
+                                          f"supports layers with dense A and G only; {name!r} "
+                                          f"({type(layer.module).__name__}) is not one: skip it or use "
+                                          "strategy='communication'")
+            for p in layer_parameters(layer):
+                if dtensor is None or not isinstance(p, dtensor):
+                    raise NotImplementedError(f"kfac_fast.distributed: strategy='memory' on FSDP2 needs every "
+                                              f"registered layer sharded, but {name!r} has a parameter that is "
+                                              "not a DTensor: fully_shard it (or its parent) or skip it")
         self.driver = driver
         self._prev: dict = {}  # layer name -> (a_count, g_count, owner's previous (A, G) or None)
 
