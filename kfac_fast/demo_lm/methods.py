@@ -25,9 +25,15 @@ after 200 steps, cost as s/step over AdamW's in the same invocation):
 - K-FAC eigen-Adam (Adam in the eigenbasis of K-FAC's factors, `eigen_adam.py`): factors
   every step and refresh every 10 0.809 at 2.9x; factors every 5, refresh every 50 0.855;
   every 2 / 10 0.813; every 5 / 10 0.813; every 5 / 10 with factor_decay 0.8 0.801 at 1.6x
-  (3 seeds: 0.809±0.007 against SOAP's 0.819±0.004 and Muon's 0.841±0.015, at 1.3x
-  AdamW's step): the row below. lr 2e-2 0.821; betas (0.9, 0.95) 0.818; embeddings left
-  to plain AdamW (skip_layers) 0.802.
+  (3 seeds: 0.809±0.007 against SOAP's 0.819±0.004 and Muon's 0.841±0.015, at 1.3-1.9x
+  AdamW's step with the machine's load): the row below. lr 2e-2 0.821; betas (0.9, 0.95)
+  0.818; embeddings left to plain AdamW (skip_layers) 0.802. 3 seeds: factors every 10
+  with decay 0.65 0.813±0.007 (1.54x against 1.65x in that run); warm refreshes
+  (eigh_tol=0.03) 0.811±0.007 and dearer on CPU (1.88x).
+- K-FAC-reduce for the Linear layers (`kfac_fast.layers.linear.use_reduce`), 3 seeds:
+  eigen-Adam 0.845±0.014 (expand 0.809), K-FAC + AdamW 0.883±0.009 (expand 0.837); K-FAC +
+  AdamW reduce at damping 0.0003-0.1 (seed 0) 0.871-0.896 against expand's 0.830.
+  Expand, the default, stays.
 """
 from __future__ import annotations
 
