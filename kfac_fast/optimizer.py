@@ -46,9 +46,8 @@ exact for any scaling) but shifts lambda's meaningful range.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -59,9 +58,10 @@ from .metrics import StepMetrics
 from .optimizer_args import check_distributed, learning_rate, positive_float, positive_int, step_lr, unit_interval
 from .optimizer_damping import adapt_lambda, search_gamma
 from .optimizer_distributed import DataParallelSteps, draw_seed, example_seed, refuse_wrappers
+from .optimizer_fsdp import sharded_step
 from .optimizer_metrics import record_step
 from .optimizer_state import split_state, with_preconditioner
-from .optimizer_update import average_iterates, guard_update
+from .optimizer_update import average_iterates, guard_update, swap_averaged
 from .preconditioner import KFACPreconditioner
 from .quadratic import solve_in_span
 
@@ -135,6 +135,7 @@ class KFAC(torch.optim.Optimizer):
             one process on the concatenated batch, and every rank takes the same step
             (docs/optimizer.md, "Across ranks"). Pass the bare module, not a
             DistributedDataParallel wrapper (TypeError): KFAC averages the gradients itself.
+            An FSDP2 (fully_shard) model runs its step unsharded (`kfac_fast.optimizer_fsdp`).
             approx="tridiag" is single-process only.
 
     Attributes:
@@ -213,6 +214,8 @@ class KFAC(torch.optim.Optimizer):
             distributed=False if approx == "tridiag" else distributed)
         driver = getattr(self.preconditioner, "distributed", None)
         self.data_parallel = None if driver is None else DataParallelSteps(driver)
+        self._fsdp = sharded_step(model, params, driver, strategy=getattr(driver, "strategy", ""),
+                                  average_decay=self.defaults["average_decay"])
         if self.data_parallel is not None:
             self.mc_seed = self.data_parallel.agree_seed(self.mc_seed)
 
@@ -241,6 +244,8 @@ class KFAC(torch.optim.Optimizer):
         # differentiate its backward (fvp.twice_differentiable)
         with torch.enable_grad(), twice_differentiable():
             loss, outputs = self._evaluate(closure)
+            if self._fsdp is not None:  # FSDP2: the step runs on the unsharded parameters
+                params = self._fsdp.unsharded()
             dp = self.data_parallel
             offset = 0 if dp is None else dp.split(outputs)
             seed = example_seed(self.mc_seed, group["step"], offset)
@@ -271,7 +276,8 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner.step()
         directions = self._take_directions(live, grads)
 
-        previous = [self.state[p].get("prev_update") for p in live]
+        keys = live if self._fsdp is None else [self._fsdp.key(p) for p in live]  # FSDP2: the sharded ones
+        previous = [self.state[p].get("prev_update") for p in keys]
         prev = previous if group["momentum"] and all(d is not None for d in previous) else None
         # lr 0 (a scheduler's end point) moves nothing: no rho to measure, no gamma to choose
         adapt = step % group["damping_interval"] == 0 and lr > 0
@@ -291,27 +297,19 @@ class KFAC(torch.optim.Optimizer):
 
         if adapt:
             adapt_lambda(self, closure, h_old, live, theta, solved)
-        for p, d in zip(live, update):
+        for p, d in zip(keys, update):
             self.state[p]["prev_update"] = d
         self._average(live)
+        if self._fsdp is not None:
+            self._fsdp.end()
         group["step"] = step + 1
         self.last_metrics = record_step(self, step, loss, solved, adapted=adapt, searched=search,
                                         damping=damping, gamma=gamma, gamma_before=gamma_before)
         return loss.detach()
 
-    @contextlib.contextmanager
-    def swap_averaged(self) -> Iterator[None]:
+    def swap_averaged(self) -> ContextManager[None]:
         """Within the block the parameters hold their iterate average (average_decay set)."""
-        live = [p for p in self.param_groups[0]["params"] if "average" in self.state[p]]
-        if not live:
-            raise RuntimeError("no iterate average: construct KFAC with average_decay and step first")
-        for p in live:
-            p.data, self.state[p]["average"] = self.state[p]["average"], p.data
-        try:
-            yield
-        finally:
-            for p in live:
-                p.data, self.state[p]["average"] = self.state[p]["average"], p.data
+        return swap_averaged(self)
 
     def state_dict(self) -> dict:
         """The optimiser's state with its preconditioner's and the MC seed; data-parallel
@@ -365,7 +363,7 @@ class KFAC(torch.optim.Optimizer):
         eta = self.param_groups[0]["l2_reg"]
         if not eta:
             return 0.0
-        ps = [p.detach() for p in self.param_groups[0]["params"]]
+        ps = [p.detach() for p in (self.param_groups[0]["params"] if self._fsdp is None else self._fsdp.unsharded())]
         return 0.5 * eta * dot(ps, ps).item()
 
     @staticmethod

@@ -22,9 +22,9 @@ guard) comes from reduced values, so every rank takes the same branch.
 
 Gradients: KFAC takes them from its own backward (`torch.autograd.grad` on the closure's
 graph), which DistributedDataParallel's hooks never see, and averages them itself
-weighted by batch size; a DDP-wrapped model is refused (pass `model.module`). FSDP-sharded
-models (fully_shard, FSDP1, DTensor parameters) are refused: the Fisher products'
-double backward cannot run through FSDP2's unsharded copies (docs/optimizer.md).
+weighted by batch size; a DDP-wrapped model is refused (pass `model.module`). FSDP2
+(`fully_shard`) models run the step on their unsharded parameters (`optimizer_fsdp`);
+FSDP1 and other DTensor parameters are refused.
 """
 from __future__ import annotations
 
@@ -35,19 +35,23 @@ from torch import nn
 
 from .distributed.products import ReducedProducts, batch_split, weighted_sum
 from .fisher import ExampleSeed
+from .optimizer_fsdp import fsdp2_modules
 
 
 def _sharded(model: nn.Module) -> Optional[str]:
-    """The first FSDP-wrapped module or DTensor parameter of `model`, named, or None."""
-    types: list = []
-    for name in ("FSDPModule", "FullyShardedDataParallel"):
-        try:
-            types.append(getattr(__import__("torch.distributed.fsdp", fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
+    """The first FSDP1-wrapped module of `model`, or its first DTensor parameter when no
+    FSDP2 module holds them (tensor parallelism), named; None otherwise."""
+    fsdp1: Any = None
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        fsdp1 = FullyShardedDataParallel
+    except ImportError:
+        pass
     for name, module in model.named_modules():
-        if types and isinstance(module, tuple(types)):
-            return f"module {name or '<root>'!r} ({type(module).__name__})"
+        if fsdp1 is not None and isinstance(module, fsdp1):
+            return f"module {name or '<root>'!r} (FullyShardedDataParallel, FSDP1)"
+    if fsdp2_modules(model):
+        return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
@@ -67,11 +71,8 @@ def refuse_wrappers(model: nn.Module) -> None:
     where = _sharded(model)
     if where is not None:
         raise NotImplementedError(
-            f"model: kfac_fast.KFAC does not support FSDP-sharded models ({where}): its exact-Fisher products "
-            "differentiate the closure's graph twice, and under fully_shard that graph does not reach the "
-            "sharded parameters (the forward runs on unsharded copies FSDP frees after the backward; the "
-            "double backward fails with 'setStorage: ... out of bounds for storage of size 0'). Use "
-            "KFACPreconditioner (FSDP2 supported) with a torch optimizer, or KFAC on an unsharded model")
+            f"model: kfac_fast.KFAC supports FSDP2 (fully_shard) and unsharded models, not {where}: use "
+            "torch.distributed.fsdp.fully_shard, DistributedDataParallel's bare module or plain data parallelism")
 
 
 def draw_seed(generator: Optional[torch.Generator]) -> int:

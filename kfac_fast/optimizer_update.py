@@ -1,4 +1,5 @@
-"""KFAC's guard on the update: a non-finite step is zeroed on the device, not applied.
+"""KFAC's update: the guard on a non-finite step (zeroed on the device, not applied) and the
+iterate average.
 
 `KFAC._solve` returns the model's minimiser `x` (alpha, mu), the applied coefficients
 `coeffs` (lr * x; `x` itself at lr 1) and the `update` they give; the guard zeroes all three
@@ -7,7 +8,8 @@ metrics see the step that was taken.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -48,3 +50,18 @@ def average_iterates(opt: KFAC, live: list) -> None:
             opt.state[p]["average"] = p.detach().clone()
         else:
             avg.lerp_(p.detach(), 1.0 - decay)
+
+
+@contextlib.contextmanager
+def swap_averaged(opt: KFAC) -> Iterator[None]:
+    """KFAC.swap_averaged: the parameters hold their iterate average within the block."""
+    live = [p for p in opt.param_groups[0]["params"] if "average" in opt.state[p]]
+    if not live:
+        raise RuntimeError("no iterate average: construct KFAC with average_decay and step first")
+    for p in live:
+        p.data, opt.state[p]["average"] = opt.state[p]["average"], p.data
+    try:
+        yield
+    finally:
+        for p in live:
+            p.data, opt.state[p]["average"] = opt.state[p]["average"], p.data

@@ -55,13 +55,19 @@ def closure_of(model, x, y):
     return closure
 
 
+def flat_params(model) -> torch.Tensor:
+    """Every parameter, whole (an FSDP2 DTensor is gathered: a collective)."""
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1)
+                      for p in model.parameters()]).clone()
+
+
 def run(model, opt, batches) -> list:
     """One record per step: what the ranks and the oracle must agree on."""
     records = []
     for x, y in batches:
         loss = opt.step(closure_of(model, x, y))
         m = opt.last_metrics.as_dict()
-        records.append({"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone(),
+        records.append({"params": flat_params(model),
                         "loss": float(loss), "damping": opt.damping, "gamma": opt.gamma,
                         "alpha": m["alpha"], "mu": m["mu"], "rho": m["rho"]})
     return records
@@ -112,6 +118,42 @@ def check_equivalence(rank, world, sizes, method, *, strategy="communication", f
         bad.append("parameters differ across ranks")
     return {"bad": bad, "bytes": dict(opt.data_parallel.bytes),
             "precond_bytes": dict(opt.preconditioner.distributed.bytes)}
+
+
+def fully_sharded(world: int, checkpointed: bool = False) -> nn.Module:
+    """make_model() under fully_shard (each Linear, then the root) on a CPU mesh of the world;
+    checkpointed: each Linear also under non-reentrant activation checkpointing."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model = make_model()
+    if checkpointed:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for i in (0, 2, 4):
+            model[i] = checkpoint_wrapper(model[i])
+    mesh = init_device_mesh("cpu", (world,))
+    for i in (0, 2, 4):
+        fully_shard(model[i], mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def check_fsdp2(rank, world, method, *, checkpointed=False) -> dict:
+    """KFAC on a fully_shard model with unequal shards equals one process on the whole batch;
+    between steps the parameters stay sharded DTensors."""
+    from kfac_fast import KFAC
+    sizes = SPLITS[world]["unequal"]
+    batches = [make_batch(step, sum(sizes)) for step in range(STEPS)]
+    ref_model = make_model()
+    want = run(ref_model, KFAC(ref_model, method=method, distributed=False, **KW), batches)
+    model = fully_sharded(world, checkpointed)
+    opt = KFAC(model, method=method, **KW)
+    got = run(model, opt, [shard(b, sizes, rank) for b in batches])
+    bad = compare(got, want)
+    kinds = {type(p).__name__ for p in model.parameters()}
+    if kinds != {"DTensor"}:
+        bad.append(f"after the steps the parameters are {kinds}, not sharded DTensors")
+    if opt.preconditioner.distributed is None or opt.data_parallel is None:
+        bad.append("KFAC did not run data-parallel")
+    return {"bad": bad}
 
 
 def check_agreement(rank, world) -> dict:
@@ -165,15 +207,12 @@ def check_refusals(rank, world) -> list[str]:
             bad.append(f"unclear empty-shard error: {exc}")
     if KFAC(make_model(), distributed=False).data_parallel is not None:
         bad.append("distributed=False set up KFAC's collectives")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    sharded = make_model()
-    fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)))
+    from kfac_fast.distributed import DistributedOptions
     try:
-        KFAC(sharded)
-        bad.append("a fully_shard model was accepted")
+        KFAC(fully_sharded(world), distributed=DistributedOptions(strategy="memory"))
+        bad.append("a fully_shard model was accepted with strategy='memory'")
     except NotImplementedError as exc:
-        if "FSDP" not in str(exc) or "double backward" not in str(exc):
+        if "FSDP2" not in str(exc) or "communication" not in str(exc):
             bad.append(f"unclear FSDP2 error: {exc}")
     return bad
 
@@ -239,6 +278,8 @@ def worker(rank: int, world: int, port: int, results) -> None:
             for method in ("inverse", "eigen"):
                 report(f"{split}-{method}", check_equivalence, rank, world, sizes, method)
         report("checkpoint", check_checkpoint, rank, world)
+        report("fsdp2-inverse", check_fsdp2, rank, world, "inverse")
+        report("fsdp2-eigen-ckpt", check_fsdp2, rank, world, "eigen", checkpointed=True)
         if world == 2:
             report("memory", check_equivalence, rank, world, SPLITS[2]["unequal"], "inverse", strategy="memory")
             # shard sizes that change every step (factor_sync="update": the factors' weights
@@ -305,11 +346,17 @@ def test_ranks_agree_where_their_shards_alone_would_not(world):
         assert out["bad"] == [], f"rank {rank}: {out['bad']}"
 
 
-def test_ddp_wrapper_fsdp2_tridiag_and_empty_shards_are_refused(world):
+def test_ddp_wrapper_fsdp2_memory_tridiag_and_empty_shards_are_refused(world):
     if world[0] != 2:
         pytest.skip("checked in the world of 2")
     for rank, out in _case(world, "refusals"):
         assert out == [], f"rank {rank}: {out}"
+
+
+@pytest.mark.parametrize("case", ["fsdp2-inverse", "fsdp2-eigen-ckpt"])
+def test_fully_shard_model_equals_one_process(world, case):
+    for rank, out in _case(world, case):
+        assert out["bad"] == [], f"rank {rank}: {out['bad']}"
 
 
 def test_synced_checkpoint_resumes_exactly(world):
