@@ -61,7 +61,7 @@ def _sharded(model: nn.Module) -> Optional[str]:
 
 def refuse_wrappers(model: nn.Module) -> None:
     """TypeError for a DistributedDataParallel-wrapped model, NotImplementedError for an
-    FSDP-sharded one (see the module docstring and docs/optimizer.md)."""
+    FSDP1 one or DTensor parameters outside FSDP2 (docs/optimizer.md, "Across ranks")."""
     from torch.nn.parallel import DistributedDataParallel
     if isinstance(model, DistributedDataParallel):
         raise TypeError(
