@@ -136,3 +136,16 @@ def test_eigen_adam_refuses_a_closure():
     opt = EigenAdam(torch.nn.Sequential(torch.nn.Linear(3, 2)), lr=0.01)
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: None)
+
+
+def test_timing_alternates_every_method_and_states_ratios(capsys):
+    from kfac_fast.demo_lm import timing
+
+    assert timing.main(["--quick", "--reps", "2", "--steps", "2", "--methods", "adamw,kfac-adam,kfac-opt"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2 alternations of 2 steps")
+    assert lines[1].startswith("AdamW") and " 1.00x AdamW" in lines[1]
+    assert lines[2].startswith("K-FAC eigen-Adam") and lines[3].startswith("KFAC (paper)")
+    assert all(line.count("(runs: ") == 1 and len(line.split("(runs: ")[1].split()) == 2 for line in lines[1:])
+    with pytest.raises(SystemExit):
+        timing.main(["--methods", "kfac"])  # no AdamW to compare with
