@@ -5,5 +5,7 @@ two-point grid and 3 seeds, the same batches for all; it prints the validation l
 equal steps and at equal seconds and writes demo_out/demo_lm.png.
 
 Modules: `text` (the corpus), `model` (the transformer), `methods` (the optimisers and
-their grids), `training` (one timed run), `report` (table, targets, plot), `cli`.
+their grids), `eigen_adam` (Adam in the eigenbasis of K-FAC's factors), `training` (one
+timed run), `report` (table, targets, plot), `cli`, and `timing` (`python -m
+kfac_fast.demo_lm.timing`: per-step cost against AdamW's by alternation).
 """

@@ -19,6 +19,11 @@ for them (embeddings) and the plain one otherwise.
 The preconditioner here (`_BasisOnly`) is a KFACPreconditioner that updates factors and
 refreshes eigenbases as usual but leaves the Linear layers' `.grad` alone (this
 optimizer reads the raw gradient), so no work is spent preconditioning them twice.
+
+A demo optimizer: single-process (no data-parallel or FSDP), and its `state_dict()` does
+not hold the moments (`self.moments`) or the preconditioner's state (`self.precond`), so
+a checkpoint does not resume it exactly. The lr is `param_groups[0]["lr"]` (schedulers
+work) and applies to every parameter.
 """
 from __future__ import annotations
 
