@@ -40,7 +40,8 @@ preconditioner runs data-parallel), `data_parallel` (DataParallelKFAC, the drive
 examples when factors are averaged), `sharded_grads` (FSDP2: the sharding check, whole
 gradients gathered for "communication"), `sharded_memory` (FSDP2 under "memory": factors
 reduced to owners, gradients gathered to and scattered from them), `owned` (an owner's
-preconditioning), `checkpoint_sync` (what synced state dicts gather and loads keep).
+preconditioning), `checkpoint_sync` (what synced state dicts gather and loads keep), `dcp`
+(`KFACState`: K-FAC state in torch.distributed.checkpoint checkpoints, sharded under "memory").
 """
 
 from .agreement import check_same_layers, settings_of
@@ -52,6 +53,7 @@ from .collectives import (
     broadcast_from_owners_,
 )
 from .data_parallel import DataParallelKFAC
+from .dcp import KFACState
 from .entry import resolve_group, setup
 from .options import FACTOR_SYNCS, STRATEGIES, DistributedOptions
 from .sharded_grads import ShardedGrads, check_sharding
@@ -65,6 +67,7 @@ __all__ = [
     "ShardedMemory",
     "DataParallelKFAC",
     "DistributedOptions",
+    "KFACState",
     "allreduce_factors_",
     "assign_work",
     "average_gradients_",

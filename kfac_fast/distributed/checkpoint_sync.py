@@ -23,12 +23,25 @@ class CheckpointSync:
         checkpoint resumes exactly."""
         if self.sharded_memory is not None:
             self.sharded_memory.share_factors()
-        elif self.factor_sync == "inverse":
-            self.average_factors([layer for layer in self.layers.values()  # type: ignore[attr-defined]
-                                  if layer.a_factor is not None and layer.g_factor is not None], weighted=True)
+        else:
+            self.before_owned_state_dict()
         if self.strategy == "memory":
             self._share_decompositions(  # type: ignore[attr-defined]
                 [layer for layer in self.layers.values() if layer.name in self._ready])
+
+    def before_owned_state_dict(self) -> None:
+        """Make the factors each rank holds global without gathering anything (collective;
+        for a sharded checkpoint, kfac_fast.distributed.dcp): under factor_sync="inverse"
+        average them (not on FSDP2 "memory", whose owners hold global factors already)."""
+        if self.sharded_memory is None and self.factor_sync == "inverse":
+            self.average_factors([layer for layer in self.layers.values()  # type: ignore[attr-defined]
+                                  if layer.a_factor is not None and layer.g_factor is not None], weighted=True)
+
+    def after_owned_load(self, ready: set) -> None:
+        """After this rank loaded its share of a sharded checkpoint (and `load_state_dict`
+        dropped what it does not own): the ready set is the checkpoint's, the same on every
+        rank, not the layers whose decompositions this rank happens to hold."""
+        self._ready = set(ready)
 
     def after_state_dict(self) -> None:
         """Release the decompositions (and factors) `before_state_dict` gathered."""

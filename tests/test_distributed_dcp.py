@@ -1,0 +1,306 @@
+"""K-FAC state through torch.distributed.checkpoint (kfac_fast.distributed.KFACState), CPU gloo.
+
+One spawn of 2 ranks runs every check and reports through a queue: a fully_shard model, a
+torch SGD with momentum (its state through get_optimizer_state_dict) and a
+KFACPreconditioner trained 5 steps (refreshes at steps 0 and 3, so the save falls between
+refreshes and the first resumed step uses the loaded decompositions), saved with dcp.save,
+then 2 more steps (the second refreshes); a FRESH model, optimizer and
+preconditioner dcp.load the checkpoint and take the same 2 steps: parameters, gradients and
+factors must equal the continuing run's bit for bit. The continuing run is the reference
+because a save under factor_sync="inverse" averages the factors in place (as
+synced_state_dict does). The same for kfac_fast.KFAC on a bare module. The main process
+then loads the 2-rank checkpoints at world 1 (one process, the whole batch) and checks the
+layout: under "memory" each layer's tensors are in its owner's file only.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import io
+import queue as queue_mod
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_fast import KFACPreconditioner
+from kfac_fast import distributed as kd
+from tests.adversarial._dist_harness import running_world
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+SIZES = [2, 5]
+SAVE_AT, STEPS = 5, 7  # refreshes at steps 0, 3 and 6: saved after a factor update between refreshes,
+KW = dict(method="eigen", inv_update_steps=3, damping=1e-2, kl_clip=1e-3, lr=0.3, factor_dtype=torch.float64)
+CASES = [("communication", "inverse"), ("memory", "update")]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5, bias=False), nn.Tanh(),
+                         nn.Linear(5, 3)).double()
+
+
+def shard(model: nn.Module, world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for sub in (model[0], model[4]):  # model[2] stays in the root's group
+        fully_shard(sub, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def make_data(step: int):
+    gen = torch.Generator().manual_seed(300 + step)
+    return (torch.randn(sum(SIZES), 6, generator=gen, dtype=torch.float64),
+            torch.randn(sum(SIZES), 3, generator=gen, dtype=torch.float64))
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run(model, precond, opt, rank, steps) -> list:
+    """rank None: one process on the whole batch (mean loss); a rank: its shard, loss rule
+    of docs/distributed.md (sum * world / N, loss_average N / world; / 3 outputs as the mean)."""
+    records = []
+    for step in steps:
+        x, y = make_data(step)
+        opt.zero_grad()
+        if rank is None:
+            loss = F.mse_loss(model(x), y)
+        else:
+            lo = sum(SIZES[:rank])
+            loss = F.mse_loss(model(x[lo:lo + SIZES[rank]]), y[lo:lo + SIZES[rank]], reduction="sum") \
+                * len(SIZES) / (sum(SIZES) * y.shape[1])  # the whole batch's mean over examples and outputs
+        loss.backward()
+        precond.step()
+        grads = {k: whole(p.grad).clone() for k, p in model.named_parameters()}
+        opt.step()
+        records.append({"grads": grads, "params": {k: whole(p).detach().clone() for k, p in model.named_parameters()},
+                        "factors": {k: (v.a_factor, v.g_factor) for k, v in precond.layers.items()}})
+    return records
+
+
+def differences(got: list, want: list) -> list[str]:
+    bad = []
+    for step, (g, w) in enumerate(zip(got, want)):
+        for kind in ("grads", "params"):
+            for k, t in w[kind].items():
+                if not torch.equal(g[kind][k], t):
+                    bad.append(f"step {SAVE_AT + step}: {kind} of {k} differ "
+                               f"(max {(g[kind][k] - t).abs().max():.2e})")
+        for k, (a, gg) in w["factors"].items():
+            ga, gg2 = g["factors"][k]
+            if (a is None) != (ga is None) or (a is not None and not (torch.equal(a, ga) and torch.equal(gg, gg2))):
+                bad.append(f"step {SAVE_AT + step}: factors of {k} differ")
+    return bad
+
+
+def build(world: int, strategy: str, factor_sync: str):
+    from torch.optim import SGD
+    model = shard(make_model(), world)
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    precond = KFACPreconditioner(model, loss_average=sum(SIZES) / world, **KW,
+                                 distributed=kd.DistributedOptions(strategy=strategy, factor_sync=factor_sync,
+                                                                   timeout=60))
+    return model, opt, precond
+
+
+def check_fsdp(rank, world, root, strategy, factor_sync) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    path = f"{root}/{strategy}-{factor_sync}"
+    model, opt, precond = build(world, strategy, factor_sync)
+    run(model, precond, opt, rank, range(SAVE_AT))
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+              "kfac": kd.KFACState(precond)}, checkpoint_id=path)
+    want = run(model, precond, opt, rank, range(SAVE_AT, STEPS))
+    fresh, fresh_opt, fresh_precond = build(world, strategy, factor_sync)
+    state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt),
+             "kfac": kd.KFACState(fresh_precond)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(fresh, state["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
+    held = sorted(n for n, layer in fresh_precond.layers.items() if layer.qa is not None)
+    got = run(fresh, fresh_precond, fresh_opt, rank, range(SAVE_AT, STEPS))
+    owners = {n: fresh_precond.distributed.owners()[(n, "a")] for n in fresh_precond.layers}
+    params = io.BytesIO()  # bytes, not tensors: the queue would share tensors through fds of a finished process
+    torch.save([w["params"] for w in want], params)
+    return {"bad": differences(got, want), "want": params.getvalue() if rank == 0 else None, "owners": owners,
+            "held": held}
+
+
+def check_kfac(rank, world, root) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    from kfac_fast import KFAC
+    kw = dict(damping=1.0, damping_interval=2, gamma_interval=3, inv_update_steps=2, factor_dtype=torch.float64)
+
+    def steps(model, opt, which) -> list:
+        out = []
+        for step in which:
+            gen = torch.Generator().manual_seed(400 + step)
+            x, y = torch.randn(sum(SIZES), 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (7,),
+                                                                                                  generator=gen)
+            lo = sum(SIZES[:rank])
+            xs, ys = x[lo:lo + SIZES[rank]], y[lo:lo + SIZES[rank]]
+
+            def closure(xs=xs, ys=ys):
+                out = model(xs)
+                return F.cross_entropy(out, ys), out
+            opt.step(closure)
+            out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone())
+        return out
+
+    path = f"{root}/kfac"
+    model = make_model()
+    opt = KFAC(model, distributed=kd.DistributedOptions(timeout=60), **kw)
+    steps(model, opt, range(3))
+    dcp.save({"model": model.state_dict(), "kfac": kd.KFACState(opt)}, checkpoint_id=path)
+    want = steps(model, opt, range(3, 5))
+    fresh = make_model()
+    fresh_opt = KFAC(fresh, distributed=kd.DistributedOptions(timeout=60), **kw)
+    fresh_opt.mc_seed = drawn = (opt.mc_seed + 1) % 2 ** 64  # not the saved seed: the load must replace it
+    state = {"model": fresh.state_dict(), "kfac": kd.KFACState(fresh_opt)}
+    dcp.load(state, checkpoint_id=path)
+    fresh.load_state_dict(state["model"])
+    got = steps(fresh, fresh_opt, range(3, 5))
+    bad = [f"KFAC step {3 + i}: parameters differ" for i, (g, w) in enumerate(zip(got, want)) if not torch.equal(g, w)]
+    seeds = (fresh_opt.mc_seed, opt.mc_seed, drawn)
+    step_counts = (fresh_opt.param_groups[0]["step"], opt.param_groups[0]["step"])
+    if seeds[0] != seeds[1] or seeds[2] == seeds[1] or step_counts[0] != step_counts[1]:
+        bad.append(f"KFAC's MC seed (loaded, saved, fresh's own) {seeds} or step count {step_counts} was not restored")
+    return {"bad": bad}
+
+
+def worker(root: str, rank: int, world: int, port: int, results) -> None:
+    torch.set_num_threads(1)
+    out: dict = {}
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+        for strategy, factor_sync in CASES:
+            out[strategy] = check_fsdp(rank, world, root, strategy, factor_sync)
+        out["kfac"] = check_kfac(rank, world, root)
+    except Exception:
+        out["crash"] = traceback.format_exc()
+    finally:
+        results.put((rank, out))
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+_RESULTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def world2():
+    if "got" not in _RESULTS:
+        root = tempfile.mkdtemp(prefix="kfac_dcp_")
+        got: dict = {}
+        with running_world(functools.partial(worker, root), 2, join_s=30) as results:
+            try:
+                for _ in range(2):
+                    rank, out = results.get(timeout=150)
+                    got[rank] = out
+            except queue_mod.Empty:
+                pass
+        _RESULTS.update(got=got, root=root)
+    got = _RESULTS["got"]
+    assert sorted(got) == [0, 1], f"only ranks {sorted(got)} of 2 reported"
+    for rank, out in got.items():
+        assert "crash" not in out, f"rank {rank} crashed:\n{out['crash']}"
+    return got, _RESULTS["root"]
+
+
+@pytest.mark.parametrize("strategy", [s for s, _ in CASES])
+def test_fsdp_dcp_save_load_resumes_bit_identically(world2, strategy):
+    got, _ = world2
+    for rank, out in got.items():
+        assert out[strategy]["bad"] == [], f"rank {rank}: {out[strategy]['bad']}"
+
+
+def test_memory_strategy_loads_owned_decompositions_only(world2):
+    got, _ = world2
+    owners = got[0]["memory"]["owners"]
+    assert sorted(set(owners.values())) == [0, 1]
+    for rank, out in got.items():
+        assert out["memory"]["held"] == sorted(n for n, r in owners.items() if r == rank)
+    assert got[0]["communication"]["held"] == sorted(owners)
+
+
+def test_memory_layout_is_sharded_by_owner(world2):
+    from torch.distributed.checkpoint import FileSystemReader
+    got, root = world2
+    owners = got[0]["memory"]["owners"]
+    for strategy, factor_sync in CASES:
+        md = FileSystemReader(f"{root}/{strategy}-{factor_sync}").read_metadata()
+        files = {}
+        for index, info in md.storage_data.items():
+            if index.fqn.startswith("kfac.preconditioner.layers."):
+                files.setdefault(index.fqn, set()).add(info.relative_path)
+        names = {fqn[len("kfac.preconditioner.layers."):].rsplit(".", 1)[0] for fqn in files}
+        assert names == set(owners), (strategy, sorted(names))
+        assert all(len(f) == 1 for f in files.values())  # each tensor written once (dedup under communication)
+        writers = {f.split("_")[2] for fqn in files for f in files[fqn]}
+        assert writers == {"0", "1"}, (strategy, writers)  # spread over both ranks in both layouts
+        if strategy == "memory":
+            for fqn, f in files.items():
+                name = fqn[len("kfac.preconditioner.layers."):].rsplit(".", 1)[0]
+                assert f == {f"__{owners[name]}_0.distcp"}, (fqn, f)
+
+
+@pytest.mark.parametrize("strategy", [s for s, _ in CASES])
+def test_two_rank_checkpoint_loads_in_one_process(world2, strategy):
+    """World 2 -> world 1: the owners are re-derived (every key read); the next steps on
+    the whole batch equal the 2-rank run's to rounding (ranks vs one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.optim import SGD
+    got, root = world2
+    factor_sync = dict(CASES)[strategy]
+    model = make_model()
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    precond = KFACPreconditioner(model, distributed=False, **KW)
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt),
+             "kfac": kd.KFACState(precond)}
+    dcp.load(state, checkpoint_id=f"{root}/{strategy}-{factor_sync}")
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    assert all(layer.qa is not None and layer.a_factor is not None for layer in precond.layers.values())
+    mine = run(model, precond, opt, None, range(SAVE_AT, STEPS))
+    want = torch.load(io.BytesIO(got[0][strategy]["want"]), weights_only=True)
+    for step, (g, w) in enumerate(zip(mine, want)):
+        for k, t in w.items():
+            assert torch.allclose(g["params"][k], t, rtol=1e-9, atol=1e-12), (step, k)
+
+
+def test_kfac_optimizer_dcp_round_trip(world2):
+    got, _ = world2
+    for rank, out in got.items():
+        assert out["kfac"]["bad"] == [], f"rank {rank}: {out['kfac']['bad']}"
+
+
+def test_kfac_state_argument_errors():
+    with pytest.raises(TypeError, match="KFACPreconditioner or a kfac_fast.KFAC"):
+        kd.KFACState(nn.Linear(2, 2))
+    precond = KFACPreconditioner(make_model(), distributed=False, **KW)
+    other = io.BytesIO()
+    torch.save({"layout": "something else v9"}, other)
+    with pytest.raises(ValueError, match="layout is 'something else v9'"):
+        kd.KFACState(precond).load_state_dict({"preconditioner": {"meta": other.getvalue(), "layers": {}}})
+    with pytest.raises(ValueError, match="meta does not load"):
+        kd.KFACState(precond).load_state_dict({"preconditioner": {"meta": b"damaged", "layers": {}}})
+    with pytest.raises(ValueError, match="must be KFACState.state_dict"):
+        kd.KFACState(precond).load_state_dict({"layers": {}})
