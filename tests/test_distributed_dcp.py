@@ -125,6 +125,7 @@ def check_fsdp(rank, world, root, strategy, factor_sync) -> dict:
     run(model, precond, opt, rank, range(SAVE_AT))
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
               "kfac": kd.KFACState(precond)}, checkpoint_id=path)
+    counters = (dict(precond.refresh_stats), precond.health())
     want = run(model, precond, opt, rank, range(SAVE_AT, STEPS))
     fresh, fresh_opt, fresh_precond = build(world, strategy, factor_sync)
     state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt),
@@ -133,19 +134,25 @@ def check_fsdp(rank, world, root, strategy, factor_sync) -> dict:
     set_model_state_dict(fresh, state["model"])
     set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
     held = sorted(n for n, layer in fresh_precond.layers.items() if layer.qa is not None)
+    loaded = (dict(fresh_precond.refresh_stats), fresh_precond.health())
     got = run(fresh, fresh_precond, fresh_opt, rank, range(SAVE_AT, STEPS))
     owners = {n: fresh_precond.distributed.owners()[(n, "a")] for n in fresh_precond.layers}
     params = io.BytesIO()  # bytes, not tensors: the queue would share tensors through fds of a finished process
     torch.save([w["params"] for w in want], params)
-    return {"bad": differences(got, want), "want": params.getvalue() if rank == 0 else None, "owners": owners,
+    bad = differences(got, want) + ([] if loaded == counters else [f"counters {loaded} != saved {counters}"])
+    return {"bad": bad, "want": params.getvalue() if rank == 0 else None, "owners": owners,
             "held": held}
 
 
-def check_kfac(rank, world, root) -> dict:
+def check_kfac(rank, world, root, fsdp) -> dict:
+    """kfac_fast.KFAC (momentum, the LM adaptation, the gamma search) on a bare module or
+    an FSDP2 one: 3 steps, dcp.save, 2 steps; a fresh one loaded takes the same 2 steps."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from kfac_fast import KFAC
-    kw = dict(damping=1.0, damping_interval=2, gamma_interval=3, inv_update_steps=2, factor_dtype=torch.float64)
+    kw = dict(damping=1.0, damping_interval=2, gamma_interval=3, inv_update_steps=2, factor_dtype=torch.float64,
+              distributed=kd.DistributedOptions(timeout=60))
 
     def steps(model, opt, which) -> list:
         out = []
@@ -160,27 +167,31 @@ def check_kfac(rank, world, root) -> dict:
                 out = model(xs)
                 return F.cross_entropy(out, ys), out
             opt.step(closure)
-            out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone())
+            out.append(torch.cat([whole(p).detach().reshape(-1) for p in model.parameters()]).clone())
         return out
 
-    path = f"{root}/kfac"
-    model = make_model()
-    opt = KFAC(model, distributed=kd.DistributedOptions(timeout=60), **kw)
+    def build():
+        model = shard(make_model(), world) if fsdp else make_model()
+        return model, KFAC(model, **kw)
+
+    path = f"{root}/kfac-{'fsdp' if fsdp else 'bare'}"
+    model, opt = build()
     steps(model, opt, range(3))
-    dcp.save({"model": model.state_dict(), "kfac": kd.KFACState(opt)}, checkpoint_id=path)
+    dcp.save({"model": get_model_state_dict(model), "kfac": kd.KFACState(opt)}, checkpoint_id=path)
     want = steps(model, opt, range(3, 5))
-    fresh = make_model()
-    fresh_opt = KFAC(fresh, distributed=kd.DistributedOptions(timeout=60), **kw)
+    fresh, fresh_opt = build()
     fresh_opt.mc_seed = drawn = (opt.mc_seed + 1) % 2 ** 64  # not the saved seed: the load must replace it
-    state = {"model": fresh.state_dict(), "kfac": kd.KFACState(fresh_opt)}
+    state = {"model": get_model_state_dict(fresh), "kfac": kd.KFACState(fresh_opt)}
     dcp.load(state, checkpoint_id=path)
-    fresh.load_state_dict(state["model"])
+    set_model_state_dict(fresh, state["model"])
     got = steps(fresh, fresh_opt, range(3, 5))
     bad = [f"KFAC step {3 + i}: parameters differ" for i, (g, w) in enumerate(zip(got, want)) if not torch.equal(g, w)]
     seeds = (fresh_opt.mc_seed, opt.mc_seed, drawn)
     step_counts = (fresh_opt.param_groups[0]["step"], opt.param_groups[0]["step"])
     if seeds[0] != seeds[1] or seeds[2] == seeds[1] or step_counts[0] != step_counts[1]:
         bad.append(f"KFAC's MC seed (loaded, saved, fresh's own) {seeds} or step count {step_counts} was not restored")
+    if not all("prev_update" in s for s in fresh_opt.state.values()) or not fresh_opt.state:
+        bad.append("KFAC's momentum state (prev_update) was not restored")
     return {"bad": bad}
 
 
@@ -192,7 +203,8 @@ def worker(root: str, rank: int, world: int, port: int, results) -> None:
                                              world_size=world, timeout=datetime.timedelta(seconds=60))
         for strategy, factor_sync in CASES:
             out[strategy] = check_fsdp(rank, world, root, strategy, factor_sync)
-        out["kfac"] = check_kfac(rank, world, root)
+        out["kfac"] = check_kfac(rank, world, root, fsdp=False)
+        out["kfac_fsdp"] = check_kfac(rank, world, root, fsdp=True)
     except Exception:
         out["crash"] = traceback.format_exc()
     finally:
@@ -286,10 +298,11 @@ def test_two_rank_checkpoint_loads_in_one_process(world2, strategy):
             assert torch.allclose(g["params"][k], t, rtol=1e-9, atol=1e-12), (step, k)
 
 
-def test_kfac_optimizer_dcp_round_trip(world2):
+@pytest.mark.parametrize("key", ["kfac", "kfac_fsdp"])
+def test_kfac_optimizer_dcp_round_trip(world2, key):
     got, _ = world2
     for rank, out in got.items():
-        assert out["kfac"]["bad"] == [], f"rank {rank}: {out['kfac']['bad']}"
+        assert out[key]["bad"] == [], f"rank {rank}: {out[key]['bad']}"
 
 
 def test_kfac_state_argument_errors():

@@ -37,13 +37,14 @@ second one. A model layer absent from the checkpoint fails inside DCP first (its
 refresh_stats when the world size is the saved one, rank 0's otherwise (as a file
 checkpoint loaded on every rank). For `kfac_fast.KFAC`, its torch optimizer state and MC
 seed are one more `bytes` value (`<key>.optimizer`), checked to be the same on every rank
-at save time; KFAC on FSDP2 (sharded parameters) is refused.
+at save time (KFAC's state holds whole, replicated tensors, under FSDP2 too: it steps on the
+unsharded parameters).
 """
 from __future__ import annotations
 
 import hashlib
 import io
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -175,12 +176,6 @@ class KFACState:
         from ..optimizer import KFAC
         from ..preconditioner import KFACPreconditioner
         if isinstance(obj, KFAC):
-            params = [p for group in obj.param_groups for p in group["params"]]
-            dtensor = _dtensor()
-            if dtensor is not None and any(isinstance(p, dtensor) for p in params):
-                raise NotImplementedError("KFACState: kfac_fast.KFAC on FSDP2 (sharded parameters) is not "
-                                          "supported (its torch state is per-rank shards); save KFAC's "
-                                          "synced_state_dict() from one rank instead")
             self.precond, self.optimizer = obj.preconditioner, obj
         elif isinstance(obj, KFACPreconditioner):
             self.precond, self.optimizer = obj, None
@@ -192,7 +187,10 @@ class KFACState:
         out = {"preconditioner": precond_state(self.precond)}
         if self.optimizer is not None:
             torch_state = torch.optim.Optimizer.state_dict(self.optimizer)
-            _check_saveable(torch_state, "KFAC's optimizer state")
+            try:
+                _check_saveable(torch_state, "KFAC's optimizer state")
+            except TypeError as exc:
+                raise TypeError(f"KFACState: {exc}") from None
             blob = _to_bytes({"optimizer": torch_state, "mc_seed": self.optimizer.mc_seed})
             digests = _gather(self.precond, hashlib.sha256(blob).hexdigest(), "the DCP optimizer-state check")
             if len(set(digests)) > 1:
@@ -217,11 +215,3 @@ class KFACState:
                                             "mc_seed": saved["mc_seed"]})
         if self.precond.distributed is not None:
             self.precond.distributed.after_owned_load(ready)
-
-
-def _dtensor() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return None
-    return DTensor
