@@ -411,6 +411,42 @@ def check_world_of_one(rank, world) -> list[str]:
     return bad
 
 
+def check_empty_masks(rank, world) -> list[str]:
+    """factor_sync="update", weighted by rows: a step whose row mask is all False on every
+    rank (no rows anywhere) keeps one process's F = beta F, never 0 / 0."""
+    kw = dict(factor_dtype=torch.float64, inv_update_steps=1)
+    torch.manual_seed(0)
+    lin, ref = nn.Linear(3, 4).double(), nn.Linear(3, 4).double()
+    ref.load_state_dict(lin.state_dict())
+    precond = KFACPreconditioner(nn.Sequential(lin), distributed=kd.DistributedOptions(factor_sync="update",
+                                                                                        timeout=30), **kw)
+    oracle = KFACPreconditioner(nn.Sequential(ref), distributed=False, **kw)
+    bad = []
+    for step in range(3):
+        xs = [torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(10 * step + r), dtype=torch.float64)
+              for r in range(world)]
+        mask = torch.full((2, 5), step != 1)
+        precond.set_row_mask(mask)
+        oracle.set_row_mask(torch.cat([mask] * world))
+        lin.zero_grad()
+        ref.zero_grad()
+        lin(xs[rank]).pow(2).mean().backward()
+        ref(torch.cat(xs)).pow(2).mean().backward()
+        for p in lin.parameters():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+        precond.step()
+        oracle.step()
+        got, want = precond.layers["0"], oracle.layers["0"]
+        for side in ("a", "g"):
+            g, w = getattr(got, f"{side}_factor"), getattr(want, f"{side}_factor")
+            if not torch.allclose(g, w, **TOL):
+                bad.append(f"step {step}: {side} factor is not one process's ({g.flatten()[:2].tolist()})")
+        if not torch.allclose(lin.weight.grad, ref.weight.grad, **TOL):
+            bad.append(f"step {step}: the preconditioned gradient is not one process's")
+    return bad
+
+
 def check_sharded_refused(rank, world) -> dict:
     """FSDP2's placement (Shard(0) on a 1-D mesh over the group) is accepted; any other
     DTensor placement and FSDP1 are refused naming the parameter or module."""
@@ -469,6 +505,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
             out["nonfinite_hooks"] = check_nonfinite_agreement(rank, world, hooks=True)
             out["refresh"] = check_refresh_paths(rank, world)
             out["kfac"] = check_kfac_data_parallel(rank, world)
+            out["empty_masks"] = check_empty_masks(rank, world)
         if world == 4:
             # two independent pairs: group ranks differ from global ranks
             pairs = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
@@ -584,3 +621,8 @@ def test_owner_refresh_uses_fallbacks_and_warm_eigh(world_results):
 def test_kfac_optimizer_runs_data_parallel_unless_opted_out(world_results):
     for rank, out in _ranks_of_world(world_results, 2):
         assert out["kfac"] == [], f"rank {rank}: {out['kfac']}"
+
+
+def test_row_masks_all_false_on_every_rank_keep_the_factors(world_results):
+    for rank, out in _ranks_of_world(world_results, 2):
+        assert out["empty_masks"] == [], f"rank {rank}: {out['empty_masks']}"

@@ -272,6 +272,65 @@ def check_mixed_precision(rank, world) -> list[str]:
     return bad
 
 
+class Branchy(nn.Module):
+    """fc1 -> (br on some ranks only) -> fc2; br's parameters always get a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.br, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x, use_branch):
+        h = torch.tanh(self.fc1(x))
+        h = h + self.br(h) if use_branch else h + 0 * (self.br.weight.sum() + self.br.bias.sum())
+        return self.fc2(h)
+
+
+def check_partial_memory(rank, world) -> list[str]:
+    """strategy 'memory' on FSDP2: a layer that fires on rank 0 only is preconditioned, its
+    factors on the owner being one process's on rank 0's batch (the other ranks weigh 0);
+    a step whose row mask is all False on every rank keeps F = beta F (no 0 / 0)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    ref = Branchy().double()
+    torch.manual_seed(0)
+    model = fully_shard(Branchy().double(), mesh=init_device_mesh("cpu", (world,)))
+    kw = dict(factor_dtype=torch.float64, inv_update_steps=1, kl_clip=None)
+    oracle = KFACPreconditioner(ref, distributed=False, **kw)
+    precond = KFACPreconditioner(model, distributed=kd.DistributedOptions(strategy="memory", timeout=60), **kw)
+    owner = precond.distributed.owners()[("br", "a")]
+    bad = []
+    for step in range(4):
+        data = {}
+        for r in (0, rank):
+            gen = torch.Generator().manual_seed(1000 * step + r)
+            data[r] = (torch.randn(2, 3, 4, generator=gen, dtype=torch.float64),
+                       torch.randn(2, 3, 2, generator=gen, dtype=torch.float64))
+        for net, pc, (x, y), branch in ((ref, oracle, data[0], True), (model, precond, data[rank], rank == 0)):
+            if step == 3:
+                pc.set_row_mask(torch.zeros(2, 3, dtype=torch.bool))
+            net.zero_grad()
+            F.mse_loss(net(x, branch), y).backward()
+            plain = whole(net.br.weight.grad).clone()
+            pc.step()
+            changed = not torch.equal(plain, whole(net.br.weight.grad))
+        if not changed:
+            bad.append(f"step {step}: br's gradient was not preconditioned")
+        layer, want = precond.layers["br"], oracle.layers["br"]
+        if layer.a_count != want.a_count:
+            bad.append(f"step {step}: br's k is {layer.a_count}, one process has {want.a_count}")
+        if rank == owner:
+            for side in ("a", "g"):
+                got, w = getattr(layer, f"{side}_factor"), getattr(want, f"{side}_factor")
+                if got is None or not torch.allclose(got, w, **TOL):
+                    bad.append(f"step {step}: br's {side} factor is not one process's on rank 0's batch")
+        for name, other in precond.layers.items():
+            if other.a_factor is not None and not bool(torch.isfinite(other.a_factor).all()):
+                bad.append(f"step {step}: {name}'s A is not finite")
+    precond.remove_hooks()
+    return bad
+
+
 def check_example(rank, world) -> str:
     """examples/fsdp_train.py's main on this world (a batch the ranks do not divide)."""
     import contextlib
@@ -297,6 +356,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
         out["state_dict"] = check_state_dict(rank, world)
         out["state_dict_memory"] = check_state_dict(rank, world, strategy="memory")
         out["memory"] = check_memory_refusals(rank, world)
+        out["partial_memory"] = check_partial_memory(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
             out["mixed_precision"] = check_mixed_precision(rank, world)
@@ -381,3 +441,9 @@ def test_fsdp_bf16_mixed_precision_policy(world_results):
         pytest.skip("run in the world of 2")
     for rank, out in got.items():
         assert out["mixed_precision"] == [], f"rank {rank}: {out['mixed_precision']}"
+
+
+def test_fsdp_memory_layer_fired_on_some_ranks_and_empty_masks(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        assert out["partial_memory"] == [], f"rank {rank}: {out['partial_memory']}"

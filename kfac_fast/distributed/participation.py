@@ -13,7 +13,8 @@ preconditioner does not call `begin_step`, per factor step (`factors_updated`):
   summed and divided by the number of ranks that hold them (the average over the ranks
   that saw the layer), and every rank takes the largest k. The ranks that saw it keep
   the same weight as if every rank had; layers that fire on every rank are untouched,
-  so normal training is bit-identical.
+  so normal training is bit-identical. On FSDP2 under "memory" (`sharded_memory`) no
+  resync: the owners' reduce weighs each rank by its rows, 0 where the layer did not fire.
 - ready: a layer counts as decomposed only when it is on every rank (e.g. ranks that
   loaded different states re-solve it together).
 
@@ -68,6 +69,11 @@ class Participation:
             fired, held = self._sums
         self._sums = None
         world = d.world_size
+        if d.sharded_memory is not None:
+            # FSDP2 "memory": the owners' reduce weights every rank by its rows (0 where the
+            # layer did not fire), so a layer fired on some ranks only is exact as it is;
+            # ShardedMemory.after_update sets the same k everywhere (no resync here)
+            return [d.layers[n] for i, n in enumerate(names) if fired[i] > 0]
         partial = [(d.layers[n], held[i]) for i, n in enumerate(names) if 0 < held[i] < world]
         uneven = [d.layers[n] for i, n in enumerate(names) if held[i] == world and 0 < fired[i] < world]
         if partial or uneven:

@@ -162,7 +162,9 @@ class ShardedMemory:
             parts, offset = [], 0
             for k, i in enumerate(ids):
                 n = _triangle(factors[i])
-                parts.append(flat[offset:offset + n] / flat[start + k])
+                total = flat[start + k]  # 0: no rank had rows, a zero statistic as in one process
+                parts.append(torch.where(total > 0, flat[offset:offset + n] / total.clamp_min(1e-30),
+                                         torch.zeros_like(flat[offset:offset + n])))
                 offset += n
             ops.unpack_triangles_([factors[i] for i in ids], torch.cat(parts))
 

@@ -7,7 +7,9 @@ same only for equal shards). `RowWeights.record` notes R_r and N_r of each layer
 factor update from the captures the preconditioner held for it (the normalisers the
 update itself used, a masked capture's real rows included); `allreduce_weighted_factors_`
 all-reduces w_r F_r together with w_r in the same bucketed buffers (no other collective,
-no host sync) and divides. The weight is the latest update's: exact whenever each rank's
+no host sync) and divides; where the weights sum to zero (no rank had a row: every mask
+all False) each rank keeps its own factor, which is then beta F_prev on every rank under
+factor_sync="update", as in one process. The weight is the latest update's: exact whenever each rank's
 share stays the same between two averagings (always with factor_sync="update"; a fixed
 uneven split with "inverse"). With update_factors_in_hooks=True the captures are gone by
 then and ranks are weighted equally, as before (exact for equal shards).
@@ -22,6 +24,7 @@ from .. import ops
 from .collectives import _bucketed_mean_
 
 Weight = Union[int, float, torch.Tensor]
+_TINY = 1e-30  # the divisor's floor where no rank had rows (the quotient is not used then)
 
 
 class RowWeights:
@@ -70,10 +73,15 @@ def allreduce_weighted_factors_(factors: list, weights: list, group: Any, bucket
     def unpack(bucket: list, flat: torch.Tensor) -> None:
         fs = [f for f, _ in bucket]
         start = flat.numel() - len(fs)  # the summed weights follow the triangles
+        local = ops.pack_triangles(fs)
         parts, offset = [], 0
         for i, f in enumerate(fs):
             count = f.shape[0] * (f.shape[0] + 1) // 2
-            parts.append(flat[offset:offset + count] / flat[start + i])
+            total = flat[start + i]
+            # no rows anywhere (every rank's mask all False): keep this rank's factor, as one
+            # process does (its zero statistic leaves beta F); decided on the device
+            parts.append(torch.where(total > 0, flat[offset:offset + count] / total.clamp_min(_TINY),
+                                     local[offset:offset + count]))
             offset += count
         ops.unpack_triangles_(fs, torch.cat(parts))
 
