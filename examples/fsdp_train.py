@@ -1,6 +1,8 @@
 """K-FAC on an FSDP2 (`fully_shard`) model: the CURVES autoencoder on CURVES-like data.
 
     torchrun --nproc_per_node=2 examples/fsdp_train.py [--steps 20] [--checkpointing]
+    torchrun --nproc_per_node=2 examples/fsdp_train.py --steps 10 --save /tmp/ckpt
+    torchrun --nproc_per_node=2 examples/fsdp_train.py --steps 10 --resume /tmp/ckpt
 
 Runs on CPU with gloo (NCCL when every rank has a GPU). Every Linear is its own
 `fully_shard` unit and the root another, so each parameter and its `.grad` are DTensors
@@ -13,6 +15,10 @@ loss_average=N / world), so that FSDP's equal average over ranks is the global b
 gradient (docs/distributed.md, "FSDP2"). `--strategy memory` keeps each layer's factors,
 decomposition and preconditioning on one owner rank. Prints the global loss per step,
 the bytes of K-FAC's own collectives by kind and the K-FAC state each rank holds.
+`--save DIR` writes the model, optimizer and K-FAC state with torch.distributed.checkpoint
+at the end (`kfac_fast.distributed.KFACState`; sharded under "memory"), `--resume DIR`
+loads them first and continues from the saved step: 10 steps, save, 10 steps resumed take
+the same steps as 20 in one run.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from kfac_fast import KFACPreconditioner
 from kfac_fast.curves import make_curves
 from kfac_fast.demo import build_autoencoder
-from kfac_fast.distributed import DistributedOptions
+from kfac_fast.distributed import DistributedOptions, KFACState
 
 
 class Checkpointed(nn.Module):
@@ -46,6 +52,14 @@ class Checkpointed(nn.Module):
         return checkpoint(self.inner, x, use_reentrant=False)
 
 
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, precond: KFACPreconditioner,
+                     step: int) -> dict:
+    """What --save writes and --resume reads (dcp.load fills it in place)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+            "kfac": KFACState(precond), "step": step}
+
+
 def main(argv: Optional[list] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -56,6 +70,8 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--factor-sync", choices=("inverse", "update"), default="inverse")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on the encoder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--save", metavar="DIR", help="torch.distributed.checkpoint directory written at the end")
+    parser.add_argument("--resume", metavar="DIR", help="torch.distributed.checkpoint directory to start from")
     args = parser.parse_args(argv)
 
     started = not dist.is_initialized()  # a caller (a test) may have initialised the group
@@ -82,9 +98,18 @@ def main(argv: Optional[list] = None) -> None:
                                  loss_average=n / world,  # the loss rule below
                                  distributed=DistributedOptions(strategy=args.strategy, factor_sync=args.factor_sync))
 
-    data = make_curves(args.steps * n, seed=0).to(device)
+    first = 0
+    if args.resume:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        state = checkpoint_state(model, optimizer, precond, 0)
+        dcp.load(state, checkpoint_id=args.resume)  # every rank; K-FAC's state is loaded by KFACState
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        first = state["step"]
+    data = make_curves((first + args.steps) * n, seed=0).to(device)
     start = time.perf_counter()
-    for step in range(args.steps):
+    for step in range(first, first + args.steps):
         x = torch.tensor_split(data[step * n:(step + 1) * n], world)[rank]  # n_local may differ by one
         optimizer.zero_grad()
         # sum over the local examples * world / N: FSDP's average over ranks is then the
@@ -98,6 +123,9 @@ def main(argv: Optional[list] = None) -> None:
         if rank == 0:
             print(f"step {step:3d}  loss {total.item() / world:8.3f}", flush=True)
     seconds = time.perf_counter() - start
+    if args.save:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(checkpoint_state(model, optimizer, precond, first + args.steps), checkpoint_id=args.save)
     sent = precond.distributed.bytes if precond.distributed is not None else {}
     line = ", ".join(f"{k} {v / 2 ** 20:.2f}" for k, v in sent.items())
     state = torch.tensor([float(sum(t.numel() * t.element_size() for layer in precond.layers.values()

@@ -195,6 +195,26 @@ def check_kfac(rank, world, root, fsdp) -> dict:
     return {"bad": bad}
 
 
+def check_example(rank, world, root) -> dict:
+    """examples/fsdp_train.py (strategy "memory"): 2 steps, --save, 2 steps --resume print the
+    losses of 4 steps in one run."""
+    import contextlib
+    import pathlib
+    import runpy
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fsdp_train.py"
+    main = runpy.run_path(str(path), run_name="fsdp_train")["main"]
+    common = ["--batch-size", "33", "--strategy", "memory"]
+    runs = [["--steps", "4"], ["--steps", "2", "--save", f"{root}/example"], ["--steps", "2", "--resume",
+                                                                             f"{root}/example"]]
+    out = []
+    for extra in runs:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            main(common + extra)
+        out.append([line for line in buf.getvalue().splitlines() if line.startswith("step")])
+    return {"straight": out[0], "resumed": out[1] + out[2]}
+
+
 def worker(root: str, rank: int, world: int, port: int, results) -> None:
     torch.set_num_threads(1)
     out: dict = {}
@@ -205,6 +225,7 @@ def worker(root: str, rank: int, world: int, port: int, results) -> None:
             out[strategy] = check_fsdp(rank, world, root, strategy, factor_sync)
         out["kfac"] = check_kfac(rank, world, root, fsdp=False)
         out["kfac_fsdp"] = check_kfac(rank, world, root, fsdp=True)
+        out["example"] = check_example(rank, world, root)
     except Exception:
         out["crash"] = traceback.format_exc()
     finally:
@@ -303,6 +324,12 @@ def test_kfac_optimizer_dcp_round_trip(world2, key):
     got, _ = world2
     for rank, out in got.items():
         assert out[key]["bad"] == [], f"rank {rank}: {out[key]['bad']}"
+
+
+def test_example_save_resume(world2):
+    got, _ = world2
+    example = got[0]["example"]
+    assert len(example["straight"]) == 4 and example["resumed"] == example["straight"], example
 
 
 def test_kfac_state_argument_errors():
