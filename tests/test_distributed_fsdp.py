@@ -215,6 +215,48 @@ def check_state_dict(rank, world, strategy="communication") -> list[str]:
     return bad
 
 
+def check_memory_state_and_raise(rank, world) -> dict:
+    """strategy 'memory' on FSDP2: (1) a step that raises after the factors were set aside
+    (forced in the factor update) leaves the counts and the owner's factors as they were;
+    (2) rank 0's plain state_dict() loaded on every rank is refused on every rank, naming
+    synced_state_dict() (it lacks the factors of the layers other ranks own)."""
+    sizes = [3] * world
+    kw = dict(KW, method="eigen", loss_average=float(sizes[0]),
+              distributed=kd.DistributedOptions(strategy="memory", factor_sync="update", timeout=60))
+    model = shard(make_model(), world, True)
+    precond = KFACPreconditioner(model, **kw)
+    run(model, precond, sizes, rank, steps=range(2))
+    before = {n: (layer.a_count, layer.g_count, layer.a_factor, layer.g_factor) for n, layer in precond.layers.items()}
+
+    def fail(held):
+        raise RuntimeError("forced")
+
+    precond._update_factors = fail
+    out: dict = {"raise": []}
+    try:
+        run(model, precond, sizes, rank, steps=range(2, 3))
+        out["raise"].append("the forced error was not raised")
+    except RuntimeError as exc:
+        if "forced" not in str(exc):
+            raise
+    for n, layer in precond.layers.items():
+        a, g, fa, fg = before[n]
+        if (layer.a_count, layer.g_count) != (a, g) or layer.a_factor is not fa or layer.g_factor is not fg:
+            out["raise"].append(f"{n}: k ({layer.a_count}, {layer.g_count}) or factors not restored after the error")
+    del precond._update_factors
+    states = [precond.state_dict() if rank == 0 else None]
+    torch.distributed.broadcast_object_list(states, src=0)
+    precond.remove_hooks()
+    fresh = KFACPreconditioner(model, **kw)
+    try:
+        fresh.load_state_dict(states[0])
+        out["load"] = "loaded"
+    except ValueError as exc:
+        out["load"] = str(exc)
+    fresh.remove_hooks()
+    return out
+
+
 def check_memory_refusals(rank, world) -> dict:
     """strategy='memory' on FSDP2 refuses hooks mode (ValueError) and a registered layer that
     is not sharded (NotImplementedError), naming what to change."""
@@ -357,6 +399,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
         out["state_dict_memory"] = check_state_dict(rank, world, strategy="memory")
         out["memory"] = check_memory_refusals(rank, world)
         out["partial_memory"] = check_partial_memory(rank, world)
+        out["memory_state"] = check_memory_state_and_raise(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
             out["mixed_precision"] = check_mixed_precision(rank, world)
@@ -447,3 +490,11 @@ def test_fsdp_memory_layer_fired_on_some_ranks_and_empty_masks(world_results):
     _, got = world_results
     for rank, out in got.items():
         assert out["partial_memory"] == [], f"rank {rank}: {out['partial_memory']}"
+
+
+def test_fsdp_memory_error_mid_step_and_unsynced_state(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        msg = out["memory_state"]
+        assert msg["raise"] == [], f"rank {rank}: {msg}"
+        assert "synced_state_dict()" in msg["load"] and "not synced" in msg["load"], f"rank {rank}: {msg}"

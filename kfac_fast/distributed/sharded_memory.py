@@ -169,6 +169,22 @@ class ShardedMemory:
             ops.unpack_triangles_([factors[i] for i in ids], torch.cat(parts))
 
     # ---- checkpoints ----------------------------------------------------------------------
+    def check_loadable(self, state: Any) -> None:
+        """Refuse (ValueError, the same on every rank: every rank loads the same state) a
+        rank's plain `state_dict()` whose layers have k > 0 but no factors: it holds only
+        the factors its rank owned, and the other layers' owners could not refresh them."""
+        entry = state.get("distributed") if isinstance(state, dict) else None
+        layers = state.get("layers") if isinstance(state, dict) else None
+        if not isinstance(entry, dict) or entry.get("synced", True) or not isinstance(layers, dict):
+            return
+        missing = [name for name, e in layers.items() if isinstance(e, dict) and int(e.get("a_count", 0) or 0) > 0
+                   and (e.get("a_factor") is None or e.get("g_factor") is None)]
+        if missing:
+            raise ValueError(f"load_state_dict: state is rank {entry.get('rank')}'s state_dict(), not synced: under "
+                             f"strategy='memory' on FSDP2 it holds only the factors that rank owns, and layers "
+                             f"{missing[:4]} have k > 0 but no factors; save precond.synced_state_dict() (a "
+                             "collective, on every rank) or use kfac_fast.distributed.KFACState")
+
     def drop_unowned_factors(self) -> None:
         for layer in self.driver.layers.values():
             if not self._mine(layer):

@@ -302,6 +302,13 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
         for layer in self.layers.values():
             layer.install(self)
 
+    def load_state_dict(self, state: dict) -> None:
+        """`StateMixin.load_state_dict`; under strategy "memory" on FSDP2 a rank's plain
+        `state_dict()` lacking factors is refused first (use `synced_state_dict()`)."""
+        if self.distributed is not None and self.distributed.sharded_memory is not None:
+            self.distributed.sharded_memory.check_loadable(state)
+        super().load_state_dict(state)
+
     def remove_hooks(self) -> None:
         """Remove every hook this preconditioner installed (it stops capturing)."""
         for layer in self.layers.values():
@@ -357,6 +364,8 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
                 self._health.count(cause, ok)
             self._step_causes = {}
             self._row_mask = None  # a mask describes one batch
+            if self.distributed is not None and self.distributed.sharded_memory is not None:
+                self.distributed.sharded_memory.restore()  # what a step that raised had set aside
             self.steps += 1
         self._record_step(step, factor_step and bool(fired), refresh)
 

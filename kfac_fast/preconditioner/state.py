@@ -22,8 +22,10 @@ left as the plain gradient. Checkpoint files (`kfac_fast.checkpoint`, format v2)
 
 Data-parallel: `state_dict()` is not a collective: it is this rank's state (under
 factor_sync="inverse" its local factors since the last inversion; under "memory" only the
-decompositions it owns, the others are recomputed after a load). `synced_state_dict()` is
-the collective that gives every rank the same, global state, from which a resume is exact.
+decompositions it owns, the others are recomputed after a load; on FSDP2-sharded layers
+under "memory" also only the factors of the layers it owns, so loading it is refused with a
+ValueError naming `synced_state_dict()`). `synced_state_dict()` is the collective that gives
+every rank the same, global state, from which a resume is exact.
 """
 from __future__ import annotations
 
