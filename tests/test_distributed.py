@@ -87,6 +87,29 @@ def test_assignment_is_least_loaded_and_deterministic():
         kd.assign_work([1.0, -2.0], 2)
 
 
+def test_memory_owners_bound_memory_per_rank():
+    """FSDP2 'memory' assigns owners on memory: per rank <= total / world + the largest
+    layer's, where decomposition time (n^3) breaks it (one 1001 x 10 layer and 200 layers
+    101 x 100 at world 2: 2.0M vs 8.12M elements against a bound of 7.07M)."""
+    from kfac_fast.distributed.assignment import factor_owners, memory_cost
+    dims = {"big": (1001, 10), **{f"l{i}": (101, 100) for i in range(200)}}
+    held = {n: memory_cost(a) + memory_cost(g) for n, (a, g) in dims.items()}
+    world = 2
+    bound = sum(held.values()) / world + max(held.values())
+
+    def per_rank(owners):
+        loads = [0.0] * world
+        for n in dims:
+            loads[owners[(n, "a")]] += held[n]
+        return loads
+
+    by_time = per_rank(factor_owners(dims, world, whole_layers=True))
+    assert max(by_time) > bound  # the counterexample: decomposition time is not memory
+    by_memory = per_rank(factor_owners(dims, world, whole_layers=True, cost=memory_cost))
+    assert max(by_memory) <= bound, (by_memory, bound)
+    assert max(by_memory) < 0.6 * sum(by_memory)
+
+
 def test_buckets_respect_the_cap():
     assert _buckets([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]
     assert _buckets([], 8) == []

@@ -244,6 +244,10 @@ def check_memory_state_and_raise(rank, world) -> dict:
         if (layer.a_count, layer.g_count) != (a, g) or layer.a_factor is not fa or layer.g_factor is not fg:
             out["raise"].append(f"{n}: k ({layer.a_count}, {layer.g_count}) or factors not restored after the error")
     del precond._update_factors
+    from kfac_fast.distributed.assignment import factor_owners, memory_cost
+    dims = {n: (layer.a_dim, layer.g_dim) for n, layer in precond.layers.items()}
+    if precond.distributed.owners() != factor_owners(dims, world, whole_layers=True, cost=memory_cost):
+        out["raise"].append("the owners are not balanced on memory")
     states = [precond.state_dict() if rank == 0 else None]
     torch.distributed.broadcast_object_list(states, src=0)
     precond.remove_hooks()

@@ -1,4 +1,5 @@
-"""Which rank decomposes which factor: a deterministic greedy split on cost n^3.
+"""Which rank decomposes which factor: a deterministic greedy split on cost n^3 (or, for
+FSDP2's "memory" strategy, on the elements held, `memory_cost`).
 
 Every rank runs the same rule on the same rank-identical inputs (sizes in registration
 order), so every rank computes the same owners without communicating.
@@ -6,7 +7,7 @@ order), so every rank computes the same owners without communicating.
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def assign_work(costs: Sequence[float], world_size: int) -> list[int]:
@@ -46,17 +47,27 @@ def decomposition_cost(n: int) -> float:
     return float(n) ** 3
 
 
-def factor_owners(dims: dict, world_size: int, *, whole_layers: bool) -> dict:
+def memory_cost(n: int) -> float:
+    """Elements held for one n x n factor: the factor and its decomposition (an n x n basis
+    or inverse, plus n eigenvalues)."""
+    return 2.0 * n * n + n
+
+
+def factor_owners(dims: dict, world_size: int, *, whole_layers: bool,
+                  cost: Callable[[int], float] = decomposition_cost) -> dict:
     """(layer name, "a" or "g") -> owning rank, from dims: name -> (a_dim, g_dim).
 
     whole_layers=False balances single factors; True keeps a layer's A and G on one rank
-    (which then preconditions the layer) and balances their summed cost.
+    (which then preconditions the layer) and balances their summed cost. cost: an item's
+    weight from its dimension n, the decomposition's time by default; `memory_cost`
+    balances the memory (then each rank holds at most total / world + the largest
+    layer's, the greedy least-loaded bound).
     """
     names = list(dims)
     if whole_layers:
-        costs = [decomposition_cost(dims[n][0]) + decomposition_cost(dims[n][1]) for n in names]
+        costs = [cost(dims[n][0]) + cost(dims[n][1]) for n in names]
         owner = assign_work(costs, world_size)
         return {(n, s): r for n, r in zip(names, owner) for s in ("a", "g")}
     items = [(n, s) for n in names for s in ("a", "g")]
-    costs = [decomposition_cost(dims[n][0] if s == "a" else dims[n][1]) for n, s in items]
+    costs = [cost(dims[n][0] if s == "a" else dims[n][1]) for n, s in items]
     return dict(zip(items, assign_work(costs, world_size)))

@@ -17,7 +17,7 @@ import torch
 from .. import ops
 from ..health import Health
 from .agreement import agree_counts, check_same_setup, collective_error
-from .assignment import factor_owners
+from .assignment import factor_owners, memory_cost
 from .checkpoint_sync import CheckpointSync
 from .collectives import (
     DEFAULT_BUCKET_CAP_MB,
@@ -189,11 +189,13 @@ class DataParallelKFAC(CheckpointSync):
         """(layer name, "a" or "g") -> owning rank; fixed at the first refresh.
 
         "communication" balances single factors; "memory" keeps a layer's A and G on one
-        rank (its owner preconditions the layer) and balances their summed cost.
+        rank (its owner preconditions the layer) and balances their summed cost; on FSDP2
+        (only owners hold factors) the cost is the memory held, `assignment.memory_cost`.
         """
         if self._owners is None:
             dims = {name: (layer.a_dim, layer.g_dim) for name, layer in self.layers.items()}
-            self._owners = factor_owners(dims, self.world_size, whole_layers=self.strategy == "memory")
+            kw = {"cost": memory_cost} if self.sharded_memory is not None else {}
+            self._owners = factor_owners(dims, self.world_size, whole_layers=self.strategy == "memory", **kw)
         return self._owners
 
     def is_ready(self, layer: Any) -> bool:

@@ -1,7 +1,8 @@
 """Strategy "memory" on FSDP2-sharded layers: a layer's factors, decomposition and
 preconditioning live on its owner alone.
 
-Owners are `factor_owners(..., whole_layers=True)` (A and G of a layer on one rank).
+Owners are `factor_owners(..., whole_layers=True, cost=memory_cost)` (A and G of a layer on
+one rank, balanced by the elements held, not by decomposition time).
 
 Factors, reduced to the owner at every factor update (so between steps no other rank
 holds them). At the start of a factor step (`before_update`) every rank sets each layer's
@@ -24,9 +25,9 @@ owner), each rank writing nu * its rows into its shard, or keeping the plain gra
 a non-finite step.
 
 Memory per rank between steps: the factors and decomposition of its own layers, at most
-total / world + the largest layer's share (greedy least-loaded assignment on whole
-layers). During a factor step every rank briefly holds one statistic buffer per layer
-and the owner its previous factors as well.
+total / world + the largest layer's (greedy least-loaded assignment of whole layers on
+their memory, so the list-scheduling bound holds for memory). During a factor step every
+rank briefly holds one statistic buffer per layer and the owner its previous factors too.
 """
 from __future__ import annotations
 
