@@ -86,58 +86,6 @@ def test_bad_methods_are_refused_naming_the_argument(capsys):
     assert "--methods" in capsys.readouterr().err
 
 
-def test_eigen_adam_is_adam_in_the_kfac_eigenbasis():
-    """EigenAdam against an independent float64 recursion: m kept in the original
-    coordinates (so carrying m into a new basis is checked), v in each step's basis, Adam's
-    bias correction; the Linear layers' .grad is the plain gradient (not preconditioned)
-    and the embedding's is K-FAC's. inv_update_steps=1: the basis changes every step."""
-    from kfac_fast.demo_lm.eigen_adam import EigenAdam
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(7, 5), torch.nn.Linear(5, 6), torch.nn.Tanh(),
-                                torch.nn.Linear(6, 7, bias=False)).double()
-    lr, (b1, b2), eps = 0.05, (0.9, 0.99), 1e-8
-    opt = EigenAdam(model, lr=lr, betas=(b1, b2), eps=eps, damping=0.1, factor_update_steps=1, inv_update_steps=1,
-                    factor_decay=0.5, loss_average="tokens", factor_dtype=torch.float64)
-    dense = {name: model[int(name)] for name in ("1", "3")}
-    assert [layer.name for layer in opt.dense] == list(dense)
-    ref = {n: dict(M=None, v=None) for n in dense}
-    expected = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
-                for n, m in dense.items()}
-    for t in range(1, 5):
-        x, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
-        opt.zero_grad()
-        token_loss(model(x), y).backward()
-        raw = {n: torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) if m.bias is not None else m.weight.grad.clone()
-               for n, m in dense.items()}
-        emb_raw = model[0].weight.grad.clone()
-        opt.step()
-        assert not torch.equal(model[0].weight.grad, emb_raw)  # the embedding was preconditioned
-        for n, m in dense.items():
-            torch.testing.assert_close(m.weight.grad, raw[n][:, :m.in_features], rtol=0, atol=0)
-            layer = opt.precond.layers[n]
-            qa, qg, g = layer.qa, layer.qg, raw[n]
-            r = ref[n]
-            r["M"] = (1 - b1) * g if r["M"] is None else b1 * r["M"] + (1 - b1) * g
-            rot = qg.T @ g @ qa
-            r["v"] = (1 - b2) * rot ** 2 if r["v"] is None else b2 * r["v"] + (1 - b2) * rot ** 2
-            u = qg @ ((qg.T @ r["M"] @ qa) / (1 - b1 ** t) / ((r["v"] / (1 - b2 ** t)).sqrt() + eps)) @ qa.T
-            w, b = expected[n]
-            expected[n] = (w - lr * u[:, :m.in_features], None if b is None else b - lr * u[:, -1])
-            torch.testing.assert_close(m.weight.detach(), expected[n][0], rtol=1e-6, atol=1e-8)
-            if m.bias is not None:
-                torch.testing.assert_close(m.bias.detach(), expected[n][1], rtol=1e-6, atol=1e-8)
-    assert opt.moments["1"]["t"] == 4
-
-
-def test_eigen_adam_refuses_a_closure():
-    from kfac_fast.demo_lm.eigen_adam import EigenAdam
-
-    opt = EigenAdam(torch.nn.Sequential(torch.nn.Linear(3, 2)), lr=0.01)
-    with pytest.raises(ValueError, match="closure"):
-        opt.step(lambda: None)
-
-
 def test_timing_alternates_every_method_and_states_ratios(capsys):
     from kfac_fast.demo_lm import timing
 

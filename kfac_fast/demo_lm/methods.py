@@ -43,9 +43,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..eigen_adam import EigenAdam
 from ..optimizer import KFAC
 from ..preconditioner import KFACPreconditioner
-from .eigen_adam import EigenAdam
 
 
 @dataclasses.dataclass

@@ -1,0 +1,282 @@
+"""kfac_fast.EigenAdam: Adam in the eigenbasis of K-FAC's factors (AdamW for the rest).
+
+The float64 recursion oracle, the state round trip (bit-identical resume, between and at
+refreshes), parameter groups under an lr scheduler, argument checks and refusals.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kfac_fast
+from kfac_fast import EigenAdam
+from kfac_fast.demo_lm.model import token_loss
+from kfac_fast.distributed import DistributedOptions
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+def test_eigen_adam_is_adam_in_the_kfac_eigenbasis(weight_decay):
+    """EigenAdam against an independent float64 recursion: m kept in the original
+    coordinates (so carrying m into a new basis is checked), v in each step's basis, Adam's
+    bias correction, AdamW's decoupled weight decay; the Linear layers' .grad is the plain
+    gradient (not preconditioned) and the embedding's is K-FAC's. inv_update_steps=1: the
+    basis changes every step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 5), torch.nn.Linear(5, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 7, bias=False)).double()
+    lr, (b1, b2), eps, wd = 0.05, (0.9, 0.99), 1e-8, weight_decay
+    opt = EigenAdam(model, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, damping=0.1, factor_update_steps=1,
+                    inv_update_steps=1, factor_decay=0.5, loss_average="tokens", factor_dtype=torch.float64)
+    dense = {name: model[int(name)] for name in ("1", "3")}
+    assert [layer.name for layer in opt.dense] == list(dense)
+    ref = {n: dict(M=None, v=None) for n in dense}
+    expected = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+                for n, m in dense.items()}
+    for t in range(1, 5):
+        x, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
+        opt.zero_grad()
+        token_loss(model(x), y).backward()
+        raw = {n: torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) if m.bias is not None else m.weight.grad.clone()
+               for n, m in dense.items()}
+        emb_raw = model[0].weight.grad.clone()
+        opt.step()
+        assert not torch.equal(model[0].weight.grad, emb_raw)  # the embedding was preconditioned
+        for n, m in dense.items():
+            torch.testing.assert_close(m.weight.grad, raw[n][:, :m.in_features], rtol=0, atol=0)
+            layer = opt.precond.layers[n]
+            qa, qg, g = layer.qa, layer.qg, raw[n]
+            r = ref[n]
+            r["M"] = (1 - b1) * g if r["M"] is None else b1 * r["M"] + (1 - b1) * g
+            rot = qg.T @ g @ qa
+            r["v"] = (1 - b2) * rot ** 2 if r["v"] is None else b2 * r["v"] + (1 - b2) * rot ** 2
+            u = qg @ ((qg.T @ r["M"] @ qa) / (1 - b1 ** t) / ((r["v"] / (1 - b2 ** t)).sqrt() + eps)) @ qa.T
+            w, b = expected[n]
+            expected[n] = (w * (1 - lr * wd) - lr * u[:, :m.in_features],
+                           None if b is None else b * (1 - lr * wd) - lr * u[:, -1])
+            torch.testing.assert_close(m.weight.detach(), expected[n][0], rtol=1e-6, atol=1e-8)
+            if m.bias is not None:
+                torch.testing.assert_close(m.bias.detach(), expected[n][1], rtol=1e-6, atol=1e-8)
+    assert opt.state[model[1].weight]["step"] == 4 and opt.state[model[3].weight]["step"] == 4
+    assert "step" not in opt.state[model[1].bias]  # the moments of [W | b] live with the weight
+
+
+def test_eigen_adam_refuses_a_closure():
+    opt = EigenAdam(torch.nn.Sequential(torch.nn.Linear(3, 2)), lr=0.01)
+    with pytest.raises(ValueError, match="closure"):
+        opt.step(lambda: None)
+
+
+def test_public_and_demo_names_are_the_same_class():
+    from kfac_fast.demo_lm import eigen_adam, methods
+
+    assert "EigenAdam" in kfac_fast.__all__ and kfac_fast.EigenAdam is eigen_adam.EigenAdam is methods.EigenAdam
+
+
+# ---------------------------------------------------------------------------------------
+# state round trip
+# ---------------------------------------------------------------------------------------
+class Tiny(nn.Module):
+    """Embedding (K-FAC preconditioned, then AdamW), LayerNorm (plain AdamW), two Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.norm = nn.LayerNorm(6)
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 9, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(self.norm(self.emb(x)))))
+
+
+KW = dict(lr=0.02, betas=(0.9, 0.95), weight_decay=0.01, damping=0.05, factor_update_steps=2, inv_update_steps=3,
+          factor_decay=0.8, loss_average="tokens")
+
+
+def batch(step: int) -> tuple:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 9, (4, 5), generator=g), torch.randint(0, 9, (4, 5), generator=g)
+
+
+def train(model: nn.Module, opt: EigenAdam, steps: range) -> None:
+    for step in steps:
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+
+
+def fresh() -> tuple:
+    torch.manual_seed(0)
+    model = Tiny()
+    return model, EigenAdam(model, **KW)
+
+
+@pytest.mark.parametrize("saved_after", [4, 6], ids=["between-refreshes", "before-a-refresh"])
+def test_state_dict_resumes_bit_identically(saved_after):
+    """Train, save (through torch.save / weights_only load), load into a fresh model and
+    optimizer, train on: every parameter equals the uninterrupted run's bit for bit.
+    Refreshes at steps 0, 3, 6, 9: saved after 4 steps the next refresh is two steps
+    away; saved after 6 the very next step refreshes (m carried from the loaded basis)."""
+    model, opt = fresh()
+    train(model, opt, range(saved_after))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, range(saved_after, 11))
+
+    model2, opt2 = fresh()
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    state = opt2.state[model2.fc1.weight]
+    assert state["step"] == saved_after and state["exp_avg"].shape == (10, 7)
+    assert not torch.equal(state["exp_avg"], torch.zeros_like(state["exp_avg"]))
+    train(model2, opt2, range(saved_after, 11))
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, p2), name
+    assert opt2.state[model2.fc1.weight]["step"] == 11 and opt2.state[model2.emb.weight]["step"] == 11
+
+
+def test_load_attaches_the_moments_to_the_loaded_basis():
+    """After a load the moments' basis is the loaded preconditioner's (new tensors, the
+    same values): the next non-refresh step carries nothing; a stale association (the
+    fresh optimizer's own, identity) would rotate m by Q and change the step."""
+    model, opt = fresh()
+    train(model, opt, range(4))
+    model2, opt2 = fresh()
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for layer in opt2.dense:
+        assert opt2._bases[layer.name][0] is layer.qa and opt2._bases[layer.name][1] is layer.qg
+        assert layer.qa is not opt.precond.layers[layer.name].qa
+        assert torch.equal(layer.qa, opt.precond.layers[layer.name].qa)
+    m_before = opt2.state[model2.fc1.weight]["exp_avg"]
+    train(model2, opt2, range(4, 5))  # no refresh at step 4: m updated in place, not rotated
+    assert opt2.state[model2.fc1.weight]["exp_avg"] is m_before
+
+
+def test_load_refuses_a_foreign_or_mismatched_state():
+    model, opt = fresh()
+    train(model, opt, range(2))
+    with pytest.raises(ValueError, match="EigenAdam.state_dict"):
+        opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    key = state["param_groups"][0]["params"][0]  # fc1.weight
+    state["state"][key]["exp_avg"] = torch.ones(10, 6)
+    before = opt.state[model.fc1.weight]["exp_avg"].clone()
+    with pytest.raises(ValueError, match="'fc1'.*exp_avg"):
+        opt.load_state_dict(state)
+    assert torch.equal(opt.state[model.fc1.weight]["exp_avg"], before)
+
+
+# ---------------------------------------------------------------------------------------
+# groups, schedulers
+# ---------------------------------------------------------------------------------------
+def test_groups_split_linear_from_the_rest_and_steplr_changes_both():
+    model, opt = fresh()
+    linear = {id(p) for m in (model.fc1, model.fc2) for p in m.parameters()}
+    assert {id(p) for p in opt.param_groups[0]["params"]} == linear
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in model.parameters()} - linear
+    assert opt.adamw.param_groups[0] is opt.param_groups[1] and opt.adamw.state is opt.state
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for step in range(5):
+        train(model, opt, range(step, step + 1))
+        sched.step()
+        want = KW["lr"] * 0.5 ** ((step + 1) // 2)
+        assert [g["lr"] for g in opt.param_groups] == [want, want]
+        assert opt.adamw.param_groups[0]["lr"] == want
+
+
+def test_an_lr_of_zero_from_a_scheduler_freezes_every_part():
+    """Both parts read the scheduled lr: at lr 0 no parameter moves (the Linear layers'
+    eigen-Adam step, the embedding's and the norm's AdamW step), though the moments do."""
+    model, opt = fresh()
+    sched = torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda epoch: 0.0)
+    train(model, opt, range(2))
+    sched.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    m = opt.state[model.fc1.weight]["exp_avg"].clone()
+    train(model, opt, range(2, 4))
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    assert not torch.equal(opt.state[model.fc1.weight]["exp_avg"], m)
+
+
+def test_add_param_group_is_refused():
+    model, opt = fresh()
+    with pytest.raises(NotImplementedError, match="add_param_group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+
+
+# ---------------------------------------------------------------------------------------
+# arguments, refusals, gradients
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(lr=-0.1), ValueError, "lr"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr="0.1"), TypeError, "lr"),
+    (dict(betas=(1.0, 0.9)), ValueError, r"betas\[0\]"),
+    (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
+    (dict(betas=(0.9,)), ValueError, "betas"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(method="inverse"), ValueError, "method"),
+    (dict(kl_clip=1e-3), ValueError, "kl_clip"),
+    (dict(distributed=DistributedOptions(strategy="memory")), NotImplementedError, "memory"),
+])
+def test_bad_arguments_are_refused_by_name(kw, error, match):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(error, match=match):
+        EigenAdam(model, **{"lr": 0.01, **kw})
+
+
+def test_a_model_without_linear_layers_or_not_a_module_is_refused():
+    with pytest.raises(ValueError, match="nn.Linear"):
+        EigenAdam(nn.Sequential(nn.Embedding(5, 3)), lr=0.01)
+    with pytest.raises(TypeError, match="model"):
+        EigenAdam([nn.Parameter(torch.ones(2))], lr=0.01)
+
+
+def test_frozen_layers_are_skipped_and_half_frozen_ones_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = EigenAdam(model, lr=0.01, inv_update_steps=1)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.equal(model[0].weight, frozen) and "step" not in opt.state[model[0].weight]
+    assert opt.state[model[2].weight]["step"] == 1
+    model[0].weight.requires_grad_(True)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="bias has none"), pytest.raises(ValueError, match="'0'.*weight and bias"):
+        opt.step()
+
+
+def test_steps_between_refreshes_read_nothing_on_the_host(monkeypatch):
+    """Eigen-Adam's own per-step math (the preconditioner's step and the inner AdamW run
+    outside the guard: the CPU reference ops and torch's AdamW read CPU scalars)."""
+    model, opt = fresh()
+    train(model, opt, range(1))
+    precond_step, adamw_step = opt.precond.step, opt.adamw.step
+    for step in (1, 2):  # neither refreshes (every 3)
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        precond_step()
+        with monkeypatch.context() as m:
+            m.setattr(opt.precond, "step", lambda: None)
+            m.setattr(opt.adamw, "step", lambda: None)
+            for name in ("item", "tolist", "__float__", "__int__", "__index__", "__bool__", "cpu", "numpy"):
+                m.setattr(torch.Tensor, name, lambda self, *a, _n=name, **k: pytest.fail(f"host read: {_n}"))
+            opt.step()
+        adamw_step()
+    assert opt.state[model.fc1.weight]["step"] == 3
