@@ -161,6 +161,30 @@ def test_load_attaches_the_moments_to_the_loaded_basis():
     assert opt2.state[model2.fc1.weight]["exp_avg"] is m_before
 
 
+def test_a_layer_frozen_across_a_refresh_resumes_bit_identically():
+    """fc1 has no gradient on steps 2-4 (the refresh at step 3 changes its basis) and trains
+    again from step 5. Its m is carried into the new basis at the refresh itself, not at its
+    next gradient, so the state saved after step 4 is in the basis saved with it and the
+    resumed run equals the uninterrupted one (a carry deferred to step 5 would need the
+    old basis, which no checkpoint holds)."""
+    def run(model, opt, steps):
+        for step in steps:
+            model.fc1.requires_grad_(not 2 <= step <= 4)
+            train(model, opt, range(step, step + 1))
+
+    model, opt = fresh()
+    run(model, opt, range(5))
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    run(model, opt, range(5, 8))
+    model2, opt2 = fresh()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    run(model2, opt2, range(5, 8))
+    assert opt.state[model.fc1.weight]["step"] == 5  # steps 0, 1, 5, 6, 7
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, p2), name
+
+
 def test_load_refuses_a_foreign_or_mismatched_state():
     model, opt = fresh()
     train(model, opt, range(2))
