@@ -4,6 +4,7 @@ One spawn of 2 ranks runs every check and reports through a queue: a fully_shard
 torch SGD with momentum (its state through get_optimizer_state_dict) and a
 KFACPreconditioner trained 5 steps (refreshes at steps 0 and 3, so the save falls between
 refreshes and the first resumed step uses the loaded decompositions), saved with dcp.save,
+(also "memory" under plain data parallelism, where every rank holds every factor),
 then 2 more steps (the second refreshes); a FRESH model, optimizer and
 preconditioner dcp.load the checkpoint and take the same 2 steps: parameters, gradients and
 factors must equal the continuing run's bit for bit. The continuing run is the reference
@@ -81,6 +82,8 @@ def run(model, precond, opt, rank, steps) -> list:
             loss = F.mse_loss(model(x[lo:lo + SIZES[rank]]), y[lo:lo + SIZES[rank]], reduction="sum") \
                 * len(SIZES) / (sum(SIZES) * y.shape[1])  # the whole batch's mean over examples and outputs
         loss.backward()
+        if rank is not None and not hasattr(next(model.parameters()), "full_tensor"):
+            kd.average_gradients_(model.parameters(), timeout=60)  # plain data parallelism (the DDP case)
         precond.step()
         grads = {k: whole(p.grad).clone() for k, p in model.named_parameters()}
         opt.step()
@@ -104,9 +107,9 @@ def differences(got: list, want: list) -> list[str]:
     return bad
 
 
-def build(world: int, strategy: str, factor_sync: str):
+def build(world: int, strategy: str, factor_sync: str, ddp: bool = False):
     from torch.optim import SGD
-    model = shard(make_model(), world)
+    model = make_model() if ddp else shard(make_model(), world)
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
     precond = KFACPreconditioner(model, loss_average=sum(SIZES) / world, **KW,
                                  distributed=kd.DistributedOptions(strategy=strategy, factor_sync=factor_sync,
@@ -114,7 +117,7 @@ def build(world: int, strategy: str, factor_sync: str):
     return model, opt, precond
 
 
-def check_fsdp(rank, world, root, strategy, factor_sync) -> dict:
+def check_fsdp(rank, world, root, strategy, factor_sync, ddp=False) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -122,14 +125,14 @@ def check_fsdp(rank, world, root, strategy, factor_sync) -> dict:
         set_model_state_dict,
         set_optimizer_state_dict,
     )
-    path = f"{root}/{strategy}-{factor_sync}"
-    model, opt, precond = build(world, strategy, factor_sync)
+    path = f"{root}/{'ddp-' if ddp else ''}{strategy}-{factor_sync}"
+    model, opt, precond = build(world, strategy, factor_sync, ddp)
     run(model, precond, opt, rank, range(SAVE_AT))
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
               "kfac": kd.KFACState(precond)}, checkpoint_id=path)
     counters = (dict(precond.refresh_stats), precond.health())
     want = run(model, precond, opt, rank, range(SAVE_AT, STEPS))
-    fresh, fresh_opt, fresh_precond = build(world, strategy, factor_sync)
+    fresh, fresh_opt, fresh_precond = build(world, strategy, factor_sync, ddp)
     state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt),
              "kfac": kd.KFACState(fresh_precond)}
     dcp.load(state, checkpoint_id=path)
@@ -142,7 +145,7 @@ def check_fsdp(rank, world, root, strategy, factor_sync) -> dict:
     params = io.BytesIO()  # bytes, not tensors: the queue would share tensors through fds of a finished process
     torch.save([w["params"] for w in want], params)
     bad = differences(got, want) + ([] if loaded == counters else [f"counters {loaded} != saved {counters}"])
-    if strategy == "communication":  # the other strategy loads it too (owners re-derived per layer)
+    if strategy == "communication" and not ddp:  # the other strategy loads it too (owners re-derived per layer)
         other, other_opt, other_precond = build(world, "memory", "update")
         state = {"model": get_model_state_dict(other), "optim": get_optimizer_state_dict(other, other_opt),
                  "kfac": kd.KFACState(other_precond)}
@@ -235,6 +238,7 @@ def worker(root: str, rank: int, world: int, port: int, results) -> None:
                                              world_size=world, timeout=datetime.timedelta(seconds=60))
         for strategy, factor_sync in CASES:
             out[strategy] = check_fsdp(rank, world, root, strategy, factor_sync)
+        out["ddp_memory"] = check_fsdp(rank, world, root, "memory", "inverse", ddp=True)
         out["kfac"] = check_kfac(rank, world, root, fsdp=False)
         out["kfac_fsdp"] = check_kfac(rank, world, root, fsdp=True)
         out["example"] = check_example(rank, world, root)
@@ -269,7 +273,7 @@ def world2():
     return got, _RESULTS["root"]
 
 
-@pytest.mark.parametrize("strategy", [s for s, _ in CASES])
+@pytest.mark.parametrize("strategy", [s for s, _ in CASES] + ["ddp_memory"])
 def test_fsdp_dcp_save_load_resumes_bit_identically(world2, strategy):
     got, _ = world2
     for rank, out in got.items():
