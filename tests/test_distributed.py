@@ -471,9 +471,12 @@ def check_empty_masks(rank, world) -> list[str]:
 
 
 def check_sharded_refused(rank, world) -> dict:
-    """FSDP2's placement (Shard(0) on a 1-D mesh over the group) is accepted; any other
-    DTensor placement and FSDP1 are refused naming the parameter or module."""
+    """FSDP2 (fully_shard: Shard(0) on a 1-D mesh over the group) is accepted; DTensor
+    parameters outside fully_shard (tensor parallelism, bare distribute_tensor, whatever
+    the placement), another placement under fully_shard, and FSDP1 are refused naming the
+    module or parameter."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     mesh = init_device_mesh("cpu", (world,))
     out = {}
@@ -484,6 +487,30 @@ def check_sharded_refused(rank, world) -> dict:
             out[key] = "built" if KFACPreconditioner(model).distributed.sharded is not None else "not sharded"
         except NotImplementedError as exc:
             out[key] = str(exc)
+    try:
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+        tp = parallelize_module(nn.Sequential(nn.Linear(4, 2 * world).double()), mesh, {"0": ColwiseParallel()})
+    except Exception as exc:  # tensor parallelism cannot be built here
+        out["colwise"] = f"skipped: {exc}"
+    else:
+        try:
+            KFACPreconditioner(tp)
+            out["colwise"] = "built"
+        except NotImplementedError as exc:
+            out["colwise"] = str(exc)
+    fsdp = fully_shard(nn.Sequential(nn.Linear(4, 2 * world).double()), mesh=mesh)
+    out["fully_shard"] = "built" if KFACPreconditioner(fsdp).distributed.sharded is not None else "not sharded"
+    try:
+        dim1 = fully_shard(nn.Sequential(nn.Linear(2 * world, 4).double()), mesh=mesh,
+                           shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 else Shard(0))
+    except Exception as exc:  # this torch has no shard_placement_fn
+        out["fully_shard_dim1"] = f"skipped: {exc}"
+    else:
+        try:
+            KFACPreconditioner(dim1)
+            out["fully_shard_dim1"] = "built"
+        except NotImplementedError as exc:
+            out["fully_shard_dim1"] = str(exc)
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
         wrapped = nn.Sequential(FullyShardedDataParallel(nn.Linear(4, 2 * world).double(),
@@ -615,9 +642,15 @@ def test_process_group_is_a_parameter(world_results):
 def test_sharded_parameters_fsdp2_accepted_others_refused(world_results):
     for rank, out in _ranks_of_world(world_results, 2):
         got = out["sharded"]
-        assert got["shard0"] == "built", f"rank {rank}: {got}"
-        for key in ("shard1", "replicate"):
-            assert "weight" in got[key] and "Shard(0) on a 1-D mesh" in got[key], f"rank {rank}: {got}"
+        assert got["fully_shard"] == "built", f"rank {rank}: {got}"
+        for key in ("shard0", "shard1", "replicate"):
+            assert "'<root>'" in got[key] and "fully_shard" in got[key] and "tensor parallelism" in got[key], \
+                f"rank {rank}: {got}"
+        if not got["fully_shard_dim1"].startswith("skipped"):
+            assert "0.weight" in got["fully_shard_dim1"] and "Shard(0) on a 1-D mesh" in got["fully_shard_dim1"], \
+                f"rank {rank}: {got}"
+        if not got["colwise"].startswith("skipped"):
+            assert "'0'" in got["colwise"] and "FSDPModule" in got["colwise"], f"rank {rank}: {got}"
         if not got["fsdp1"].startswith("skipped"):
             assert "FSDP1" in got["fsdp1"] and "fully_shard" in got["fsdp1"], f"rank {rank}: {got}"
 

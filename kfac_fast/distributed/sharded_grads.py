@@ -48,9 +48,10 @@ def layer_parameters(layer: Any) -> list:
 def check_sharding(model: nn.Module, layers: dict, group: Any) -> bool:
     """Whether K-FAC's layers hold FSDP2-sharded parameters it can precondition.
 
-    FSDP1 (`FullyShardedDataParallel`, flat parameters) and a DTensor parameter of a
-    registered layer placed other than Shard(0) on a 1-D mesh over exactly the ranks of
-    `group` (in order) raise NotImplementedError naming the module or parameter.
+    FSDP1 (`FullyShardedDataParallel`, flat parameters), a DTensor parameter of a
+    registered layer outside every fully_shard'ed module (tensor parallelism, a bare
+    distribute_tensor), or one placed other than Shard(0) on a 1-D mesh over exactly the
+    ranks of `group` (in order) raise NotImplementedError naming the module or parameter.
     """
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as fsdp1
@@ -67,11 +68,18 @@ def check_sharding(model: nn.Module, layers: dict, group: Any) -> bool:
         return False
     dist = _dist()
     ranks = dist.get_process_group_ranks(group)
+    under_fsdp = _under_fully_shard(model)
     sharded = False
     for lname, layer in layers.items():
         for pname, p in zip(("weight", "bias"), layer_parameters(layer)):
             if not isinstance(p, dtensor):
                 continue
+            if id(layer.module) not in under_fsdp:
+                raise NotImplementedError(
+                    f"kfac_fast.distributed: module {lname or '<root>'!r} ({type(layer.module).__name__}) has "
+                    "DTensor parameters but neither it nor a parent is fully_shard'ed (FSDPModule): only "
+                    "FSDP2 sharding is supported (no tensor parallelism such as ColwiseParallel, no bare "
+                    "distribute_tensor); skip the layer or use fully_shard")
             where = f"parameter {lname + '.' if lname else ''}{pname!s}"
             mesh = p.device_mesh
             if mesh.ndim != 1 or len(p.placements) != 1 or not p.placements[0].is_shard(0):
@@ -86,6 +94,15 @@ def check_sharding(model: nn.Module, layers: dict, group: Any) -> bool:
                     f"over ranks {ranks}; pass the mesh's group as process_group")
             sharded = True
     return sharded
+
+
+def _under_fully_shard(model: nn.Module) -> set:
+    """ids of the modules that are, or are inside, an FSDP2 module (fully_shard)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return set()
+    return {id(m) for top in model.modules() if isinstance(top, FSDPModule) for m in top.modules()}
 
 
 class ShardedGrads:
