@@ -77,6 +77,7 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
+HASH_CHUNK = 2 ** 24  # entries `ExampleSeed.uniform` hashes at once (~400 MB of int64 temporaries)
 _GOLDEN = 0x9E3779B9  # an odd constant: keeps 0 inputs away from the hash's fixed point 0
 
 
@@ -125,10 +126,20 @@ class ExampleSeed:
                              f"offset {self.offset} + {n} examples of {per}")
         key = self._key(stream)
         examples = _mix32_(torch.arange(self.offset, self.offset + n, dtype=torch.int64, device=device) ^ key)
-        positions = _mix32_(torch.arange(per, dtype=torch.int64, device=device).add_(_GOLDEN).bitwise_and_(_M32))
-        h = _mix32_(examples[:, None] ^ positions[None, :])
-        u = ((h >> 9).to(torch.float32) * 2.0 + 1.0) * 2.0 ** -24
-        return u.reshape(shape)
+        out = torch.empty((n, per), dtype=torch.float32, device=device)
+        # blocks of at most HASH_CHUNK entries: the int64 temporaries (3 of them, 24 bytes
+        # an entry) stay bounded; every entry is hashed alone, so the values do not
+        # depend on the blocks
+        cols = max(1, min(per, HASH_CHUNK))
+        rows = max(1, HASH_CHUNK // cols)
+        for c0 in range(0, per, cols):
+            c1 = min(c0 + cols, per)
+            positions = _mix32_(torch.arange(c0, c1, dtype=torch.int64, device=device)
+                                .add_(_GOLDEN).bitwise_and_(_M32))
+            for r0 in range(0, n, rows):
+                h = _mix32_(examples[r0:r0 + rows, None] ^ positions[None, :])
+                out[r0:r0 + rows, c0:c1] = ((h >> 9).to(torch.float32) * 2.0 + 1.0) * 2.0 ** -24
+        return out.reshape(shape)
 
 
 def _uniform(shape, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

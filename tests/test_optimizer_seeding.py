@@ -124,3 +124,44 @@ def test_kfac_draws_its_seed_once_and_checkpoints_it():
     del old["mc_seed"]  # a state from before the seed existed keeps the optimiser's own
     b.load_state_dict(old)
     assert b.mc_seed == a.mc_seed
+
+
+def _unchunked_uniform(s: ExampleSeed, shape: tuple, stream: int = 0) -> torch.Tensor:
+    """ExampleSeed.uniform before it hashed in blocks (the whole (n, per) grid at once),
+    kept verbatim as the oracle: the blocks must not change a single value."""
+    import math
+
+    from kfac_fast.fisher import _GOLDEN, _M32
+    n, per = shape[0], math.prod(shape[1:])
+    key = s._key(stream)
+    examples = _mix32_(torch.arange(s.offset, s.offset + n, dtype=torch.int64) ^ key)
+    positions = _mix32_(torch.arange(per, dtype=torch.int64).add_(_GOLDEN).bitwise_and_(_M32))
+    h = _mix32_(examples[:, None] ^ positions[None, :])
+    return (((h >> 9).to(torch.float32) * 2.0 + 1.0) * 2.0 ** -24).reshape(shape)
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 64, 500, 2 ** 24])
+@pytest.mark.parametrize("shape", [(9, 5, 7), (3, 200), (11, 1)])
+def test_blocked_hash_equals_the_whole_grid_bit_for_bit(monkeypatch, chunk, shape):
+    import kfac_fast.fisher as fisher
+    seed = ExampleSeed(seed=2 ** 50 + 3, step=4, offset=13, draw=1)
+    want = _unchunked_uniform(seed, shape, stream=2)
+    monkeypatch.setattr(fisher, "HASH_CHUNK", chunk)
+    got = seed.uniform(shape, torch.device("cpu"), stream=2)
+    # blocks of rows (per <= chunk < numel), of columns (per > chunk), single entries
+    # (chunk 1), one block (chunk >= numel)
+    assert torch.equal(got, want)
+
+
+def test_blocked_hash_bounds_its_temporaries(monkeypatch):
+    import kfac_fast.fisher as fisher
+    monkeypatch.setattr(fisher, "HASH_CHUNK", 40)
+    sizes = []
+    real = fisher._mix32_
+
+    def spy(x):
+        sizes.append(x.numel())
+        return real(x)
+    monkeypatch.setattr(fisher, "_mix32_", spy)
+    ExampleSeed(seed=5).uniform((6, 30), torch.device("cpu"))
+    assert max(sizes) <= 40 and sum(sizes) >= 6 * 30
