@@ -110,6 +110,26 @@ def test_memory_owners_bound_memory_per_rank():
     assert max(by_memory) < 0.6 * sum(by_memory)
 
 
+def test_waits_block_the_host_only_on_cpu_tensors():
+    """A timed wait blocks the host until the collective completes (NCCL): per-step waits
+    on device tensors are plain wait() (the group's own timeout applies); CPU (gloo) keeps
+    the explicit timeout."""
+    from kfac_fast.distributed.collectives import _wait
+
+    class Work:
+        def __init__(self):
+            self.calls = []
+
+        def wait(self, **kw):
+            self.calls.append(kw)
+
+    on_device, on_cpu = Work(), Work()
+    assert _wait(on_device, 5.0, torch.empty(1, device="meta"))
+    assert _wait(on_cpu, 5.0, torch.empty(1))
+    assert on_device.calls == [{}]
+    assert len(on_cpu.calls) == 1 and on_cpu.calls[0]["timeout"].total_seconds() == 5.0
+
+
 def test_buckets_respect_the_cap():
     assert _buckets([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]
     assert _buckets([], 8) == []

@@ -74,7 +74,7 @@ def _bucketed_mean_(groups: Iterable[list], sizes: Callable[[list], list], pack:
     sent = 0
     for bucket, flat, work in pending:
         try:
-            done = _wait(work, timeout)
+            done = _wait(work, timeout, flat)
         except RuntimeError as exc:  # the group broke (a peer died or timed out)
             raise RuntimeError(f"kfac_fast.distributed: an all-reduce failed: {exc} (another rank raised, hung "
                                "or died)") from exc
@@ -87,11 +87,13 @@ def _bucketed_mean_(groups: Iterable[list], sizes: Callable[[list], list], pack:
     return sent
 
 
-def _wait(work: Any, timeout: Optional[float]) -> bool:
+def _wait(work: Any, timeout: Optional[float], tensor: Optional[torch.Tensor] = None) -> bool:
     """Wait for `work` at most `timeout` seconds (None: the group's timeout); False when
-    it timed out."""
+    it timed out. For a collective on a device `tensor` (NCCL) a plain wait(): it only
+    orders the current stream after the collective, where wait(timeout) would block the
+    host until it completes; the group's own timeout (`own_groups` sets it) then applies."""
     import datetime
-    if timeout is None:
+    if timeout is None or (tensor is not None and tensor.device.type != "cpu"):
         work.wait()
         return True
     try:
@@ -129,7 +131,8 @@ def average_gradients_(parameters: Iterable[torch.Tensor], process_group: Option
     not run on this rank (a branch, layer drop) has no `.grad` yet and contributes
     zeros (its `.grad` becomes the average of the other ranks'), so the ranks' buffers
     always match (pass the same parameters, in the same order, on every rank).
-    timeout: seconds to wait for the other ranks (None: the process group's timeout, 30
+    timeout: seconds to wait for the other ranks on CPU tensors (gloo; None, and always for
+    device tensors, where a timed wait would block the host: the process group's timeout, 30
     minutes by default); past it a RuntimeError instead of a hang when a rank raised or
     stopped before its own call. The group stays usable (the late rank's all-reduce still
     completes), but this call's gradients are not averaged: end the step on every rank."""

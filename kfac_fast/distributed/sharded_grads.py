@@ -176,7 +176,7 @@ class ShardedGrads:
                 recv = send.new_empty(world * total)
                 pending.append((ids, total, recv, gather_into(recv, send, group=d.group, async_op=True)))
         for ids, total, recv, work in pending:
-            if not _wait(work, d.timeout):
+            if not _wait(work, d.timeout, recv):
                 raise RuntimeError(f"the sharded-gradient all-gather timed out after {d.timeout:g} s")
             d.bytes["gradient_gather"] += _nbytes(recv)
             offset = 0

@@ -154,7 +154,7 @@ class ShardedMemory:
                 pending.append((owner, ids, flat, dist.reduce(flat, dst=self._src(owner), group=d.group,
                                                               async_op=True)))
         for owner, ids, flat, work in pending:
-            if not _wait(work, d.timeout):
+            if not _wait(work, d.timeout, flat):
                 raise RuntimeError(f"the factor reduce timed out after {d.timeout:g} s")
             d.bytes["factors"] += _nbytes(flat)
             if owner != d.rank:
@@ -280,7 +280,7 @@ class ShardedMemory:
                                                                    async_op=True)))
         grads: dict = {}
         for owner, ps, send, recv, work in pending:
-            if not _wait(work, d.timeout):
+            if not _wait(work, d.timeout, send):
                 raise RuntimeError(f"the gradient gather timed out after {d.timeout:g} s")
             d.bytes["gradients"] += _nbytes(send) * (world if owner == rank else 1)
             if owner != rank:
@@ -315,7 +315,7 @@ class ShardedMemory:
                 pending.append((ps, recv, dist.scatter(recv, chunks, src=self._src(owner), group=d.group,
                                                        async_op=True)))
         for ps, recv, work in pending:
-            if not _wait(work, d.timeout):
+            if not _wait(work, d.timeout, recv):
                 raise RuntimeError(f"the gradient scatter timed out after {d.timeout:g} s")
             d.bytes["gradients"] += _nbytes(recv)
             offset = 0
