@@ -46,6 +46,7 @@ exact for any scaling) but shifts lambda's meaningful range.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, ContextManager, Iterable, Optional, Union
 
@@ -237,6 +238,10 @@ class KFAC(torch.optim.Optimizer):
                              "kfac_fast.optimizer docstring")
         group = self.param_groups[0]
         step_lr(group)  # what a scheduler wrote is checked before anything runs
+        with contextlib.nullcontext() if self._fsdp is None else self._fsdp.during():  # FSDP2: unsharded inside
+            return self._run(closure, group)
+
+    def _run(self, closure: Callable[[], tuple], group: dict) -> torch.Tensor:
         params = [p for p in group["params"] if p.requires_grad]
         for p in params:
             p.grad = None
@@ -300,8 +305,8 @@ class KFAC(torch.optim.Optimizer):
         for p, d in zip(keys, update):
             self.state[p]["prev_update"] = d
         self._average(live)
-        if self._fsdp is not None:
-            self._fsdp.end()
+        if self._fsdp is not None:  # each rank's rows of the update into its shards
+            self._fsdp.end(live, update)
         group["step"] = step + 1
         self.last_metrics = record_step(self, step, loss, solved, adapted=adapt, searched=search,
                                         damping=damping, gamma=gamma, gamma_before=gamma_before)

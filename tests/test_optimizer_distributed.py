@@ -156,6 +156,151 @@ def check_fsdp2(rank, world, method, *, checkpointed=False) -> dict:
     return {"bad": bad}
 
 
+def check_fsdp2_eval_and_errors(rank, world) -> dict:
+    """Outside `step` FSDP2 keeps its own resharding: an eval forward after a step, or a
+    step whose closure raised, leaves the parameters sharded (DTensors)."""
+    from kfac_fast import KFAC
+    model = fully_sharded(world)
+    opt = KFAC(model, **KW)
+    x, y = make_batch(0, 3 + rank)
+    opt.step(closure_of(model, x, y))
+    bad = []
+    with torch.no_grad():
+        model(x)
+    kinds = {type(p).__name__ for p in model.parameters()}
+    if kinds != {"DTensor"}:
+        bad.append(f"after an eval forward the parameters are {kinds}")
+
+    def failing():
+        model(x)
+        raise ValueError("the closure failed after its forward")
+    try:
+        opt.step(failing)
+        bad.append("the failing closure did not raise")
+    except ValueError:
+        pass
+    kinds = {type(p).__name__ for p in model.parameters()}
+    if kinds != {"DTensor"}:
+        bad.append(f"after a failed step the parameters are {kinds}")
+    with torch.no_grad():
+        model(x)
+    kinds = {type(p).__name__ for p in model.parameters()}
+    if kinds != {"DTensor"}:
+        bad.append(f"after a failed step and an eval forward the parameters are {kinds}")
+    return {"bad": bad}
+
+
+def check_fsdp2_partial(rank, world) -> dict:
+    """Only the first Linear under fully_shard (the others plain, replicated parameters):
+    still one process on the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from kfac_fast import KFAC
+    sizes = SPLITS[world]["unequal"]
+    batches = [make_batch(step, sum(sizes)) for step in range(4)]
+    ref_model = make_model()
+    want = run(ref_model, KFAC(ref_model, distributed=False, **KW), batches)
+    model = make_model()
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))
+    got = run(model, KFAC(model, **KW), [shard(b, sizes, rank) for b in batches])
+    kinds = [type(p).__name__ for p in model.parameters()]
+    bad = compare(got, want)
+    if kinds[:2] != ["DTensor", "DTensor"] or "DTensor" in kinds[2:]:
+        bad.append(f"parameter kinds after the steps: {kinds}")
+    return {"bad": bad}
+
+
+def check_fsdp2_placements(rank, world) -> dict:
+    """A parameter FSDP2 shards on dim 1 (shard_placement_fn) is refused at construction,
+    named, also in a layer K-FAC skips."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from kfac_fast import KFAC
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[2], mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)
+    fully_shard(model, mesh=mesh)
+    try:
+        KFAC(model, skip_layers=("2",), **KW)
+    except NotImplementedError as exc:
+        return {"error": str(exc)}
+    return {"error": "accepted"}
+
+
+def check_fsdp2_mixed_precision(rank, world) -> dict:
+    """FSDP2 with bf16 parameters for compute and float32 shards: the update is added to the
+    float32 masters (not rounded to the bf16 grid), and two steps are the float32 single
+    process's on the whole batch up to bf16 rounding."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from kfac_fast import KFAC
+    sizes = SPLITS[world]["unequal"]
+    batches = [tuple(t.float() if t.is_floating_point() else t for t in make_batch(step, sum(sizes)))
+               for step in range(2)]
+    kw = dict(KW, lr=0.3)
+
+    def closure_mp(model, x, y):
+        def closure():
+            out = model(x)
+            return F.cross_entropy(out.float(), y), out
+        return closure
+
+    ref_model = make_model().float()
+    start = flat_params(ref_model)
+    ref_opt = KFAC(ref_model, distributed=False, **kw)
+    for x, y in batches:
+        ref_opt.step(closure_of(ref_model, x, y))
+    want = flat_params(ref_model) - start
+    model = make_model().float()
+    mesh = init_device_mesh("cpu", (world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for i in (0, 2, 4):
+        fully_shard(model[i], mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    opt = KFAC(model, **kw)
+    for x, y in (shard(b, sizes, rank) for b in batches):
+        opt.step(closure_mp(model, x, y))
+    masters = flat_params(model)
+    got = masters - start
+    return {"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+            "on_grid": torch.equal(masters, masters.bfloat16().float()),
+            "err": float((got - want).abs().max() / want.abs().max()),
+            "moved": float(want.abs().max())}
+
+
+def check_products_loss(rank, world) -> dict:
+    """The reduced loss travels in float64 for a float32 model: sum_r (n_r / N) h_r exactly."""
+    from kfac_fast.distributed.products import ReducedProducts
+
+    class Local:
+        def __init__(self, params):
+            self.params = params
+            self.gradient = [torch.full_like(p, 0.25) for p in params]
+
+    params = [torch.zeros(3, dtype=torch.float32)]
+    h = [torch.tensor(1.0 / 3.0, dtype=torch.float32), torch.tensor(2.0 / 7.0, dtype=torch.float32)]
+    n = [2, 5]
+    world_group = torch.distributed.group.WORLD
+    out = ReducedProducts(Local(params), params, h[rank], n[rank], sum(n), world_group, timeout=60)
+    want = sum(n[r] / sum(n) * float(h[r]) for r in range(2))
+    return {"dtype": str(out.loss.dtype), "err": abs(float(out.loss) - want),
+            "grad": out.gradient[0].tolist()}
+
+
+def check_batch_limit(rank, world) -> dict:
+    """More than 2^32 examples in all (each rank's share below it): every rank raises."""
+    from kfac_fast.distributed.products import batch_split
+    try:
+        batch_split(2 ** 31 + 1, torch.distributed.group.WORLD, timeout=60)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": "accepted"}
+
+
 def check_agreement(rank, world) -> dict:
     """Shards whose own losses would pick different gammas still pick one, the global batch's."""
     from kfac_fast import KFAC
@@ -281,6 +426,12 @@ def worker(rank: int, world: int, port: int, results) -> None:
         report("fsdp2-inverse", check_fsdp2, rank, world, "inverse")
         report("fsdp2-eigen-ckpt", check_fsdp2, rank, world, "eigen", checkpointed=True)
         if world == 2:
+            report("fsdp2-eval", check_fsdp2_eval_and_errors, rank, world)
+            report("fsdp2-partial", check_fsdp2_partial, rank, world)
+            report("fsdp2-placements", check_fsdp2_placements, rank, world)
+            report("fsdp2-mixed", check_fsdp2_mixed_precision, rank, world)
+            report("products-loss", check_products_loss, rank, world)
+            report("batch-limit", check_batch_limit, rank, world)
             report("memory", check_equivalence, rank, world, SPLITS[2]["unequal"], "inverse", strategy="memory")
             # shard sizes that change every step (factor_sync="update": the factors' weights
             # are exact only when a rank's share is constant between averagings)
@@ -370,3 +521,71 @@ def test_a_failing_rank_is_an_error_on_the_others(world):
     got = {rank: out["error"] for rank, out in _case(world, "failed_rank")}
     assert got[1].startswith("ValueError: rank 1's data loader failed"), got[1]
     assert got[0].startswith("RuntimeError: kfac_fast.KFAC: the batch-size all-gather failed or timed out"), got[0]
+
+
+def _world2(world):
+    if world[0] != 2:
+        pytest.skip("checked in the world of 2")
+
+
+def test_fsdp2_reshards_outside_the_step_and_after_an_error(world):
+    _world2(world)
+    for rank, out in _case(world, "fsdp2-eval"):
+        assert out["bad"] == [], f"rank {rank}: {out['bad']}"
+
+
+def test_fsdp2_with_parameters_outside_fully_shard_equals_one_process(world):
+    _world2(world)
+    for rank, out in _case(world, "fsdp2-partial"):
+        assert out["bad"] == [], f"rank {rank}: {out['bad']}"
+
+
+def test_fsdp2_parameter_not_sharded_on_dim_0_is_refused_by_name(world):
+    _world2(world)
+    for rank, out in _case(world, "fsdp2-placements"):
+        assert "'2.weight'" in out["error"] and "Shard(0)" in out["error"], f"rank {rank}: {out['error']}"
+
+
+def test_fsdp2_bf16_compute_keeps_float32_masters(world):
+    _world2(world)
+    for rank, out in _case(world, "fsdp2-mixed"):
+        assert out["dtypes"] == ["torch.float32"], out
+        assert not out["on_grid"], f"rank {rank}: the float32 shards were rounded to the bf16 grid"
+        # bf16 forward/backward against float32: a few bf16 ulps of the step (measured 1.1%)
+        assert out["moved"] > 1e-3 and out["err"] < 0.05, f"rank {rank}: {out}"
+
+
+def test_reduced_loss_travels_in_float64(world):
+    _world2(world)
+    for rank, out in _case(world, "products-loss"):
+        assert out["dtype"] == "torch.float64" and out["err"] < 1e-15, f"rank {rank}: {out}"
+        assert out["grad"] == [0.25] * 3
+
+
+def test_more_than_2_to_the_32_examples_are_refused_on_every_rank(world):
+    _world2(world)
+    for rank, out in _case(world, "batch-limit"):
+        assert "at most 2^32 examples" in out["error"] and "4294967298" in out["error"], f"rank {rank}: {out}"
+
+
+@pytest.mark.parametrize("backend, bounded", [("gloo", True), ("nccl", False)])
+def test_waits_take_the_timeout_on_gloo_only(monkeypatch, backend, bounded):
+    """Under NCCL a wait with a timeout blocks the host until the kernel ends: a plain wait."""
+    from kfac_fast.distributed import products
+
+    class Dist:
+        @staticmethod
+        def get_backend(group):
+            assert group == "the group"
+            return backend
+
+    class Work:
+        kwargs: dict = {}
+
+        def wait(self, **kw):
+            Work.kwargs = kw
+    monkeypatch.setattr(products, "_dist", lambda: Dist)
+    products._wait_all([(Work(), "the group")], 5.0, "a test")
+    assert ("timeout" in Work.kwargs) == bounded
+    products._wait_all([(Work(), "the group")], None, "a test")
+    assert Work.kwargs == {}

@@ -8,17 +8,19 @@ gradient, its Fisher (GGN) and every quadratic form of it are the same n-weighte
 of the ranks' local values. `ReducedProducts` wraps a local implementation and returns
 those sums, so N ranks on N shards equal one process on the whole batch:
 
-- construction: one all-reduce of [w g (every requested parameter, zeros where this
-  rank's outputs do not reach it), w h] (w = n_r / N) in the parameters' dtype (one
-  buffer per dtype), and with it one host all-reduce of a flag per parameter (which
-  parameters the outputs reach on some rank);
+- construction: one all-reduce of w g (every requested parameter, zeros where this
+  rank's outputs do not reach it; w = n_r / N) in the parameters' dtype (one buffer per
+  dtype) and of w h in float64 (in the float64 buffer, or its own), and with it one
+  host all-reduce of a flag per parameter (which parameters the outputs reach on some
+  rank);
 - `gram(vectors)`: one all-reduce of the k x k float64 matrix.
 
 `batch_split` all-gathers the ranks' batch sizes (host ints, over a CPU group), and
 `weighted_sum` reduces the losses the optimiser re-evaluates (h(theta + delta)). Every
 function here is a collective: every rank calls it in the same order (the optimiser's
 branches are decided from the reduced values, so they are the same on every rank).
-Each wait is bounded by `timeout` (None: the group's own).
+Each wait on a gloo group is bounded by `timeout` (None: the group's own); on other
+backends (NCCL) a plain wait, bounded by the group's own timeout.
 """
 from __future__ import annotations
 
@@ -37,10 +39,18 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _bounded(group: Any) -> bool:
+    """Whether a wait on `group`'s work takes the timeout: gloo only. Under NCCL a wait
+    with a timeout blocks the host until the kernel ends (a sync per step); plain wait()
+    orders the stream, and `own_groups` puts the timeout on the NCCL group itself."""
+    return _dist().get_backend(group) == "gloo"
+
+
 def _wait_all(works: list, timeout: Optional[float], what: str) -> None:
-    for work in works:
+    """Wait on (work, group) pairs; a gloo group's wait bounded by `timeout`."""
+    for work, group in works:
         try:
-            if timeout is None:
+            if timeout is None or not _bounded(group):
                 work.wait()
             else:
                 work.wait(timeout=datetime.timedelta(seconds=timeout))
@@ -51,7 +61,7 @@ def _wait_all(works: list, timeout: Optional[float], what: str) -> None:
 
 def _all_reduce_sum_(tensors: list, group: Any, timeout: Optional[float], what: str) -> None:
     dist = _dist()
-    works = [dist.all_reduce(t, group=group, async_op=True) for t in tensors]
+    works = [(dist.all_reduce(t, group=group, async_op=True), group) for t in tensors]
     _wait_all(works, timeout, what)
 
 
@@ -64,13 +74,17 @@ def batch_split(n_local: int, group: Any, timeout: Optional[float] = None,
     world = dist.get_world_size(group)
     mine = torch.tensor([n_local], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    _wait_all([dist.all_gather(sizes, mine, group=group, async_op=True)], timeout, "the batch-size all-gather")
+    _wait_all([(dist.all_gather(sizes, mine, group=group, async_op=True), group)], timeout,
+              "the batch-size all-gather")
     if counter is not None:
         counter["batch_sizes"] = counter.get("batch_sizes", 0) + world * _nbytes(mine)
     counts = [int(s) for s in sizes]
     if min(counts) < 1:  # seen alike by every rank: all raise, none waits on the others
         raise ValueError(f"kfac_fast.KFAC: every rank needs at least one example per step (the closure's "
                          f"outputs' dim 0), the ranks' batch sizes are {counts}")
+    if sum(counts) > 2 ** 32:  # fisher.ExampleSeed's limit, checked alike on every rank
+        raise ValueError(f"kfac_fast.KFAC: at most 2^32 examples per step over all ranks (the per-example "
+                         f"MC seed's index), the ranks' batch sizes sum to {sum(counts)}")
     return sum(counts[:dist.get_rank(group)]), sum(counts)
 
 
@@ -104,7 +118,8 @@ class ReducedProducts:
         params: the requested parameters the outputs reach on at least one rank, in
             order (the same on every rank).
         gradient: the global gradient sum_r (n_r / N) g_r for them (detached).
-        loss: the global loss sum_r (n_r / N) h_r, 0-dim in the loss's dtype.
+        loss: the global loss sum_r (n_r / N) h_r, 0-dim float64 (reduced in float64
+            whatever the parameters' dtype, like the re-evaluated losses).
     """
 
     def __init__(self, local: Any, requested: Sequence[torch.Tensor], loss: torch.Tensor, n_local: int,
@@ -122,14 +137,14 @@ class ReducedProducts:
         # which parameters some rank's outputs reach: host flags over the CPU group, in
         # flight with the gradients (no device sync)
         used = torch.tensor([int(g is not None) for g in local_grad], dtype=torch.int64)
-        works = [dist.all_reduce(used, group=group if meta_group is None else meta_group, async_op=True)]
+        host = group if meta_group is None else meta_group
+        works = [(dist.all_reduce(used, group=host, async_op=True), host)]
         # one flat buffer per dtype: w g (zeros where this rank's outputs do not reach),
-        # and w h in the widest one
+        # and w h in float64 (the float64 one, or its own)
         by_dtype: dict = {}
         for i, p in enumerate(requested):
             by_dtype.setdefault(p.dtype, []).append(i)
-        widest = max(by_dtype, key=lambda d: torch.finfo(d).bits)
-        scalar_dtype = widest if torch.finfo(widest).bits >= 32 else torch.float64
+        scalar_dtype = torch.float64
         scaled = loss.detach().reshape(1).to(torch.float64) * self.weight
         buffers, layout = [], []
         for dtype, idx in by_dtype.items():
@@ -142,7 +157,7 @@ class ReducedProducts:
         if scalar_dtype not in by_dtype:
             buffers.append(scaled)
             layout.append([])
-        works += [dist.all_reduce(b, group=group, async_op=True) for b in buffers]
+        works += [(dist.all_reduce(b, group=group, async_op=True), group) for b in buffers]
         _wait_all(works, timeout, "the gradient all-reduce")
         self.counter["gradient"] = self.counter.get("gradient", 0) + sum(_nbytes(b) for b in buffers)
         self.counter["flags"] = self.counter.get("flags", 0) + _nbytes(used)
@@ -154,7 +169,7 @@ class ReducedProducts:
                 grads[i] = flat[offset:offset + n].view_as(requested[i])
                 offset += n
             if flat.dtype == scalar_dtype:
-                self.loss = flat[-1].to(loss.dtype)
+                self.loss = flat[-1]
         live = [i for i, count in enumerate(used.tolist()) if count > 0]  # a CPU tensor: no sync
         self.params = [requested[i] for i in live]
         self.gradient = [grads[i] for i in live]
