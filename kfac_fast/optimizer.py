@@ -57,6 +57,7 @@ from .fisher import canonical_loss
 from .fvp import CurvatureProducts, FisherProducts, dot, twice_differentiable
 from .metrics import StepMetrics
 from .optimizer_args import check_distributed, learning_rate, positive_float, positive_int, step_lr, unit_interval
+from .optimizer_args import exponential_batch_size as exponential_batch_size  # the public name's old home
 from .optimizer_damping import adapt_lambda, search_gamma
 from .optimizer_distributed import DataParallelSteps, draw_seed, example_seed, refuse_wrappers
 from .optimizer_fsdp import sharded_step
@@ -68,16 +69,6 @@ from .quadratic import solve_in_span
 
 KFAC_METHODS = ("inverse", "eigen")
 KFAC_APPROXIMATIONS = ("blockdiag", "tridiag")
-
-
-def exponential_batch_size(step: int, initial: int = 1000, total: int = 60000,
-                           ramp_steps: int = 500) -> int:
-    """The paper's growing mini-batch: m_k = m1 (N / m1)^min(k / ramp_steps, 1)."""
-    if initial < 1 or total < initial or ramp_steps < 1 or step < 0:
-        raise ValueError(f"exponential_batch_size: need step >= 0, 1 <= initial <= total and "
-                         f"ramp_steps >= 1, got step={step}, initial={initial}, total={total}, "
-                         f"ramp_steps={ramp_steps}")
-    return int(round(initial * (total / initial) ** min(step / ramp_steps, 1.0)))
 
 
 class KFAC(torch.optim.Optimizer):
@@ -119,8 +110,9 @@ class KFAC(torch.optim.Optimizer):
         average_decay: keep an exponential average of the iterates with this decay
             (None: off); see `swap_averaged`.
         generator: where the base seed of the MC Fisher's samples comes from: one draw
-            at construction (default: torch's global generator). Each example's sample is
-            then a hash of (that seed, the step, its global index): see `fisher.ExampleSeed`.
+            at construction (default: torch's global generator), none per step. Each
+            example's sample is then a hash of (that seed, the step, its global index): see
+            `fisher.ExampleSeed`; reseeding `generator` after construction changes nothing.
         skip_layers, factor_dtype: passed to KFACPreconditioner.
         approx: "blockdiag" (the default) or "tridiag", the paper's block-tridiagonal
             inverse (section 4.3) on chains of Linear layers (`kfac_fast.tridiag`;
@@ -132,11 +124,14 @@ class KFAC(torch.optim.Optimizer):
             same model; each closure evaluates this rank's shard (its loss the mean over
             the shard's examples, dim 0 of the outputs, which may differ in number across
             ranks). KFAC then reduces the gradient, the loss, the Fisher Gram matrices and
-            the re-evaluated losses, each weighted by n_rank / n_total, so N ranks equal
-            one process on the concatenated batch, and every rank takes the same step
+            the re-evaluated losses, each weighted by n_rank / n_total (n counts examples,
+            not tokens: a token-mean loss with per-rank sequence lengths or ignore_index
+            counts is not exact), so N ranks equal one process on the concatenated batch,
+            and every rank takes the same step
             (docs/optimizer.md, "Across ranks"). Pass the bare module, not a
             DistributedDataParallel wrapper (TypeError): KFAC averages the gradients itself.
-            An FSDP2 (fully_shard) model runs its step unsharded (`kfac_fast.optimizer_fsdp`).
+            An FSDP2 (fully_shard) model runs its step unsharded (`kfac_fast.optimizer_fsdp`:
+            Shard(0) on a 1-D mesh; bf16 param_dtype keeps float32 masters).
             approx="tridiag" is single-process only.
 
     Attributes:

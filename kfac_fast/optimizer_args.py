@@ -63,3 +63,13 @@ def check_distributed(process_group: Optional[Any], distributed: Any, approx: st
         raise NotImplementedError(
             "approx='tridiag' is single-process only: its chain inverses are not shared across ranks; use "
             "approx='blockdiag' data-parallel, or pass distributed=False for an independent KFAC per rank")
+
+
+def exponential_batch_size(step: int, initial: int = 1000, total: int = 60000,
+                           ramp_steps: int = 500) -> int:
+    """The paper's growing mini-batch: m_k = m1 (N / m1)^min(k / ramp_steps, 1)."""
+    if initial < 1 or total < initial or ramp_steps < 1 or step < 0:
+        raise ValueError(f"exponential_batch_size: need step >= 0, 1 <= initial <= total and "
+                         f"ramp_steps >= 1, got step={step}, initial={initial}, total={total}, "
+                         f"ramp_steps={ramp_steps}")
+    return int(round(initial * (total / initial) ** min(step / ramp_steps, 1.0)))

@@ -9,7 +9,7 @@ concatenated batch (`kfac_fast.distributed.products`). Per step:
 
 - one host all-gather of the batch sizes (gives the weights and this shard's global
   example offset for the MC samples, `fisher.ExampleSeed`);
-- one all-reduce of the gradients and the loss (parameters' dtype), with a host
+- one all-reduce of the gradients (parameters' dtype) and the loss (float64), with a host
   all-reduce of one flag per parameter;
 - one k x k float64 all-reduce per quadratic-model solve (k = 1 or 2; three solves on a
   gamma-search step);
