@@ -258,6 +258,9 @@ class EigenAdam(torch.optim.Optimizer):
             entry = state_dict["state"].get(ids[0], {}) if ids else {}
             want = (layer.g_dim, layer.a_dim)
             for key in ("exp_avg", "exp_avg_sq"):
+                if key in entry and not isinstance(entry[key], torch.Tensor):
+                    raise TypeError(f"state_dict: layer {layer.name!r}: {key} must be a tensor, "
+                                    f"got {type(entry[key]).__name__}")
                 if key in entry and tuple(entry[key].shape) != want:
                     raise ValueError(f"state_dict: layer {layer.name!r} has {key} of shape "
                                      f"{tuple(entry[key].shape)}, this model's needs {want}")

@@ -196,6 +196,9 @@ def test_load_refuses_a_foreign_or_mismatched_state():
     before = opt.state[model.fc1.weight]["exp_avg"].clone()
     with pytest.raises(ValueError, match="'fc1'.*exp_avg"):
         opt.load_state_dict(state)
+    state["state"][key]["exp_avg"] = [1.0]
+    with pytest.raises(TypeError, match="'fc1'.*exp_avg"):
+        opt.load_state_dict(state)
     assert torch.equal(opt.state[model.fc1.weight]["exp_avg"], before)
 
 
@@ -398,8 +401,8 @@ def test_ddp_communication_equals_one_process_and_fsdp2_is_refused():
     raise NotImplementedError on every rank. Rounding is amplified here (Adam normalises each
     rotated coordinate, G has null directions): one process on the same batch with its rows
     reversed moves the parameters by 4.7e-8 in these 6 steps (float64; the 2 ranks: 1.0e-7),
-    so the bound is 1e-6; the parameters
-    move by 0.4, and a missing factor or gradient average moves them by far more."""
+    so the bound is 1e-6; the parameters move by 0.4, and a missing factor average moves
+    them by 0.3."""
     from tests.adversarial._dist_harness import running_world
 
     got = {}
