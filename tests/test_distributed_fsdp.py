@@ -261,6 +261,44 @@ def check_memory_state_and_raise(rank, world) -> dict:
     return out
 
 
+def check_wrong_shard(rank, world) -> list[str]:
+    """A gradient shard that is not its rank's torch.chunk share on the last rank only:
+    that rank raises ValueError after joining the all-gather, the others drop the step as
+    non-finite (plain gradient kept, counted) instead of waiting for it; the next step runs."""
+    from torch.distributed.tensor import DTensor
+    sizes = [3] * world
+    model = shard(make_model(), world, True)
+    precond = KFACPreconditioner(model, distributed=kd.DistributedOptions(timeout=60),
+                                 **dict(KW, method="eigen", loss_average=3.0))
+    run(model, precond, sizes, rank, steps=range(1))
+    x, y = make_data(sizes, 1)
+    model.zero_grad()
+    F.mse_loss(model(x[3 * rank:3 * rank + 3]), y[3 * rank:3 * rank + 3], reduction="sum").backward()
+    plain = {n: p.grad.to_local().clone() for n, p in model.named_parameters()}
+    g = model.fc1.weight.grad
+    if rank == world - 1:
+        bad_local = torch.ones(g.to_local().shape[0] + 1, *g.shape[1:], dtype=g.dtype)
+        model.fc1.weight.grad = DTensor.from_local(bad_local, g.device_mesh, g.placements, run_check=False,
+                                                   shape=g.shape, stride=g.stride())
+    bad = []
+    try:
+        precond.step()
+        if rank == world - 1:
+            bad.append("the wrong shard was not refused")
+    except ValueError as exc:
+        if rank != world - 1 or "torch.chunk share" not in str(exc):
+            bad.append(f"unexpected error: {exc}")
+    if rank != world - 1:
+        if precond.health()["nonfinite_steps"] != 1:
+            bad.append(f"the step was not dropped as non-finite: {precond.health()}")
+        for n, p in model.named_parameters():
+            if not torch.equal(p.grad.to_local(), plain[n]):
+                bad.append(f"{n}: the plain gradient was not kept")
+    run(model, precond, sizes, rank, steps=range(2, 3))  # the group is still usable
+    precond.remove_hooks()
+    return bad
+
+
 def check_memory_refusals(rank, world) -> dict:
     """strategy='memory' on FSDP2 refuses hooks mode (ValueError) and a registered layer that
     is not sharded (NotImplementedError), naming what to change."""
@@ -404,6 +442,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
         out["memory"] = check_memory_refusals(rank, world)
         out["partial_memory"] = check_partial_memory(rank, world)
         out["memory_state"] = check_memory_state_and_raise(rank, world)
+        out["wrong_shard"] = check_wrong_shard(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
             out["mixed_precision"] = check_mixed_precision(rank, world)
@@ -502,3 +541,9 @@ def test_fsdp_memory_error_mid_step_and_unsynced_state(world_results):
         msg = out["memory_state"]
         assert msg["raise"] == [], f"rank {rank}: {msg}"
         assert "synced_state_dict()" in msg["load"] and "not synced" in msg["load"], f"rank {rank}: {msg}"
+
+
+def test_fsdp_wrong_shard_on_one_rank_raises_there_without_a_hang(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        assert out["wrong_shard"] == [], f"rank {rank}: {out['wrong_shard']}"

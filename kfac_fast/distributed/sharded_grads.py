@@ -112,6 +112,7 @@ class ShardedGrads:
     def __init__(self, driver: Any) -> None:
         self.driver = driver
         self.dtensor = _dtensor_type()
+        self.last_ok: Optional[torch.Tensor] = None  # the latest gather's: every rank's shards well-formed
         driver.bytes.setdefault("gradient_gather", 0)
 
     def sharded_params(self, layers: list) -> list:
@@ -124,6 +125,7 @@ class ShardedGrads:
         """Point `.grad` of the sharded parameters of `layers` at whole gradients (module
         docstring); each rank's rows go back into its shard on a clean exit."""
         params = self.sharded_params(layers)
+        self.last_ok = None
         if not params:
             yield
             return
@@ -145,15 +147,22 @@ class ShardedGrads:
 
     def gather(self, local: list, shapes: list) -> list:
         """Whole tensors of the given global shapes from every rank's dim-0 shard `local`
-        (bucketed all-gathers, by dtype and device); adds the bytes received to `bytes`."""
+        (bucketed all-gathers, by dtype and device); adds the bytes received to `bytes`.
+        A shard that is not this rank's torch.chunk share still joins the all-gather (zeros,
+        and a NaN flag each bucket carries: `last_ok` is then False on every rank and the
+        preconditioner's non-finite guard drops the step, instead of waiting for a rank
+        that raised) and raises ValueError here after it (the group stays usable)."""
         d = self.driver
         world, rank = d.world_size, d.rank
+        local = list(local)
         padded = []
-        for t, shape in zip(local, shapes):
+        wrong = []  # shards that are not this rank's torch.chunk share: sent as NaN, raised after
+        for i, (t, shape) in enumerate(zip(local, shapes)):
             rows = chunk_rows(shape[0], world, rank)[1]
             if tuple(t.shape) != (rows, *shape[1:]):
-                raise RuntimeError(f"kfac_fast.distributed: a gradient shard of shape {tuple(t.shape)} is not "
-                                   f"rank {rank}'s torch.chunk share of {shape} over {world} ranks")
+                wrong.append(f"a gradient shard of shape {tuple(t.shape)} is not rank {rank}'s torch.chunk share "
+                             f"of {shape} over {world} ranks")
+                local[i] = t.new_zeros((rows, *shape[1:]))
             padded.append(chunk_rows(shape[0], world, 0)[1] * _rest(shape))  # rows padded to ceil(n / world)
         dist = _dist()
         # torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns there)
@@ -167,29 +176,35 @@ class ShardedGrads:
             item = local[members[0]].element_size()
             for idx in _buckets([padded[i] * item for i in members], d.bucket_cap):
                 ids = [members[j] for j in idx]
-                total = sum(padded[i] for i in ids)
+                total = sum(padded[i] for i in ids) + 1  # + this rank's flag: NaN for a wrong shard
                 send = torch.zeros(total, dtype=local[ids[0]].dtype, device=local[ids[0]].device)
+                if wrong:
+                    send[-1] = float("nan")
                 offset = 0
                 for i in ids:
                     send[offset:offset + local[i].numel()] = local[i].reshape(-1)
                     offset += padded[i]
                 recv = send.new_empty(world * total)
                 pending.append((ids, total, recv, gather_into(recv, send, group=d.group, async_op=True)))
+        flags = []
         for ids, total, recv, work in pending:
             if not _wait(work, d.timeout, recv):
                 raise RuntimeError(f"the sharded-gradient all-gather timed out after {d.timeout:g} s")
             d.bytes["gradient_gather"] += _nbytes(recv)
             offset = 0
+            by_rank = recv.view(world, total)
+            flags.append(by_rank[:, -1])
             for i in ids:
                 shape = shapes[i]
-                whole = recv.new_empty(shape)
-                rest = _rest(shape)
-                for r in range(world):
-                    start, rows = chunk_rows(shape[0], world, r)
-                    base = r * total + offset
-                    whole[start:start + rows] = recv[base:base + rows * rest].view(rows, *shape[1:])
-                out[i] = whole
+                # the ranks' padded shares in rank order are the rows, padding last: one copy
+                size = chunk_rows(shape[0], world, 0)[1]
+                whole = recv.new_empty((world * size, *shape[1:]))  # its own storage (in-place ops)
+                whole.view(world, padded[i]).copy_(by_rank[:, offset:offset + padded[i]])
+                out[i] = whole[:shape[0]]
                 offset += padded[i]
+        self.last_ok = torch.isfinite(torch.cat(flags)).all() if flags else None
+        if wrong:  # every rank joined the all-gather; the others see the flag and drop the step
+            raise ValueError(f"kfac_fast.distributed: {wrong[0]} (the other ranks drop this step as non-finite)")
         return out
 
 

@@ -309,9 +309,8 @@ class ShardedMemory:
                 recv = torch.empty(sum(_padded(p.shape, world) for p in ps), dtype=ps[0].grad.dtype,
                                    device=ps[0].grad.device)
                 chunks = None
-                if src is not None:
-                    chunks = [torch.cat([_pad(_rows(src[i], r, world), params[i].shape, world) for i in idx])
-                              for r in range(world)]
+                if src is not None:  # one padded copy per parameter, one cat per bucket
+                    chunks = list(torch.cat([_by_rank(src[i], world) for i in idx], dim=1).unbind(0))
                 pending.append((ps, recv, dist.scatter(recv, chunks, src=self._src(owner), group=d.group,
                                                        async_op=True)))
         for ps, recv, work in pending:
@@ -346,15 +345,17 @@ def _pad(local: torch.Tensor, shape: Any, world: int) -> torch.Tensor:
     return flat if flat.numel() == n else torch.cat([flat, flat.new_zeros(n - flat.numel())])
 
 
-def _rows(whole: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    start, rows = chunk_rows(whole.shape[0], world, rank)
-    return whole[start:start + rows]
-
-
 def _unpad(recv: list, offset: int, shape: Any, world: int) -> torch.Tensor:
-    whole = recv[0].new_empty(tuple(shape))
-    rest = _rest(tuple(shape))
-    for r, buf in enumerate(recv):
-        start, rows = chunk_rows(shape[0], world, r)
-        whole[start:start + rows] = buf[offset:offset + rows * rest].view(rows, *shape[1:])
-    return whole
+    """The whole tensor from the ranks' padded shares (rows in rank order, padding last): one copy."""
+    n = _padded(shape, world)
+    size = chunk_rows(shape[0], world, 0)[1]
+    return torch.cat([buf[offset:offset + n] for buf in recv]).view(world * size, *shape[1:])[:shape[0]]
+
+
+def _by_rank(whole: torch.Tensor, world: int) -> torch.Tensor:
+    """(world, padded share) rows of `whole`, zero-padded to world * ceil(n / world) rows."""
+    size = chunk_rows(whole.shape[0], world, 0)[1]
+    flat = whole.reshape(whole.shape[0], -1) if whole.dim() > 1 else whole.reshape(-1, 1)
+    if world * size != whole.shape[0]:
+        flat = torch.cat([flat, flat.new_zeros(world * size - whole.shape[0], flat.shape[1])])
+    return flat.reshape(world, size * flat.shape[1])

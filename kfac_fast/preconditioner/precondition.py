@@ -55,6 +55,10 @@ class PreconditionMixin(PreconditionerBase):
             self._precondition_on_owners(layers)
             return
         with self._whole_gradients(layers):
+            gathered = None if self.distributed is None or self.distributed.sharded is None \
+                else self.distributed.sharded.last_ok  # False: some rank's shard was malformed
+            if gathered is not None:
+                self._captures_ok = gathered if self._captures_ok is None else self._captures_ok & gathered
             self._guarded_precondition_whole(layers)
 
     def _precondition_on_owners(self, layers: list[KFACLayer]) -> None:
