@@ -299,6 +299,44 @@ def check_wrong_shard(rank, world) -> list[str]:
     return bad
 
 
+def check_owner_precision_and_causes(rank, world) -> dict:
+    """strategy 'memory' on FSDP2: the owners precondition with precision='tf32' (the op
+    receives it), a non-finite gradient on one rank is counted as nonfinite_grad on every
+    rank, and the grad_scaler refusal names only the grad_scaler."""
+    from kfac_fast import ops
+    sizes = [3] * world
+    kw = dict(KW, method="eigen", loss_average=3.0, precision="tf32",
+              distributed=kd.DistributedOptions(strategy="memory", timeout=60))
+    model = shard(make_model(), world, True)
+    precond = KFACPreconditioner(model, **kw)
+    seen, original = [], ops.precondition_eigen
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("precision"))
+        return original(*args, **kwargs)
+
+    ops.precondition_eigen = recording
+    try:
+        run(model, precond, sizes, rank, steps=range(2))
+    finally:
+        ops.precondition_eigen = original
+    out: dict = {"owns": any(o == rank for o in precond.distributed.owners().values()), "seen": seen}
+    x, y = make_data(sizes, 2)
+    model.zero_grad()
+    F.mse_loss(model(x[3 * rank:3 * rank + 3]), y[3 * rank:3 * rank + 3], reduction="sum").backward()
+    if rank == 0:
+        model.fc1.weight.grad.to_local().fill_(float("nan"))
+    precond.step()
+    out["health"] = precond.health()
+    precond.remove_hooks()
+    try:
+        KFACPreconditioner(shard(make_model(), world, True), grad_scaler=torch.amp.GradScaler("cpu"), **kw)
+        out["scaler"] = "no error"
+    except ValueError as exc:
+        out["scaler"] = str(exc)
+    return out
+
+
 def check_memory_refusals(rank, world) -> dict:
     """strategy='memory' on FSDP2 refuses hooks mode (ValueError) and a registered layer that
     is not sharded (NotImplementedError), naming what to change."""
@@ -443,6 +481,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
         out["partial_memory"] = check_partial_memory(rank, world)
         out["memory_state"] = check_memory_state_and_raise(rank, world)
         out["wrong_shard"] = check_wrong_shard(rank, world)
+        out["owner_precision"] = check_owner_precision_and_causes(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
             out["mixed_precision"] = check_mixed_precision(rank, world)
@@ -547,3 +586,13 @@ def test_fsdp_wrong_shard_on_one_rank_raises_there_without_a_hang(world_results)
     _, got = world_results
     for rank, out in got.items():
         assert out["wrong_shard"] == [], f"rank {rank}: {out['wrong_shard']}"
+
+
+def test_fsdp_memory_owners_take_tf32_and_count_causes(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        o = out["owner_precision"]
+        assert (not o["owns"] or (o["seen"] and set(o["seen"]) == {"tf32"})), f"rank {rank}: {o}"
+        assert o["health"]["nonfinite_steps"] == 1 and o["health"]["nonfinite_grad"] == 1, f"rank {rank}: {o}"
+        assert o["health"]["nonfinite_output"] == 0, f"rank {rank}: {o}"
+        assert "grad_scaler" in o["scaler"] and "update_factors_in_hooks" not in o["scaler"], f"rank {rank}: {o}"

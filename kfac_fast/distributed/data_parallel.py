@@ -108,6 +108,7 @@ class DataParallelKFAC(CheckpointSync):
         check_same_setup([(n, layer.kind, layer.a_dim, layer.g_dim, layer.has_bias)
                           for n, layer in layers.items()], own, group)
         self.participation = Participation(self, (settings or {}).get("factor_dtype"))
+        self.precision = (settings or {}).get("precision")  # the owners' preconditioning follows it
 
     # ---- rank agreement -----------------------------------------------------------------
     @contextmanager
@@ -340,7 +341,7 @@ class DataParallelKFAC(CheckpointSync):
         with self._timed("preconditioning"):
             if mine:
                 inner.update(self._local_work("the owners' preconditioning", lambda: precondition_owned(
-                    self.method, mine, damping, with_inner=kl_clip is not None)))
+                    self.method, mine, damping, with_inner=kl_clip is not None, precision=self.precision)))
             else:
                 self._local_work("the owners' preconditioning", lambda: None)
         tensors, item_owners = [], []

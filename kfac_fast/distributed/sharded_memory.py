@@ -61,6 +61,8 @@ class ShardedMemory:
                                               f"registered layer sharded, but {name!r} has a parameter that is "
                                               "not a DTensor: fully_shard it (or its parent) or skip it")
         self.driver = driver
+        self.grad_ok: Optional[torch.Tensor] = None  # the latest precondition's agreed flags
+        self.output_ok: Optional[torch.Tensor] = None
         self._prev: dict = {}  # layer name -> (a_count, g_count, owner's previous (A, G) or None)
 
     def _mine(self, layer: Any) -> bool:
@@ -231,31 +233,34 @@ class ShardedMemory:
                 swapped.append((p, p.grad))
                 p.grad = w
         inner = {layer.name: torch.zeros((), dtype=torch.float64, device=device) for layer in layers}
-        bad = torch.zeros((), dtype=torch.float64, device=device)
+        bad = torch.zeros((), dtype=torch.float64, device=device)  # non-finite outputs
+        bad_grad = torch.zeros((), dtype=torch.float64, device=device)  # non-finite gradients
         try:
             if mine:
                 before = all_finite(wholes_of(mine, wholes))
                 with d._timed("preconditioning"):
                     inner.update(d._local_work("the owners' preconditioning", lambda: precondition_owned(
-                        d.method, mine, damping, with_inner=True)))
+                        d.method, mine, damping, with_inner=True, precision=d.precision)))
                 after = all_finite(wholes_of(mine, wholes))
-                for flag in (before, after):
-                    if flag is not None:
-                        bad = bad + (~flag).to(torch.float64)
+                if before is not None:
+                    bad_grad = bad_grad + (~before).to(torch.float64)
+                if after is not None:
+                    bad = bad + (~after).to(torch.float64)
             else:
                 d._local_work("the owners' preconditioning", lambda: None)
         finally:
             for p, g in swapped:
                 p.grad = g
-        terms = torch.stack([inner[layer.name] for layer in layers] + [bad])
+        terms = torch.stack([inner[layer.name] for layer in layers] + [bad_grad, bad])
         with d._timed("communication"), d._collective("the KL-clip all-reduce"):
             _dist().all_reduce(terms, group=d.group)
-        ok = terms[-1] == 0
+        self.grad_ok, self.output_ok = terms[-2] == 0, terms[-1] == 0  # health's causes, rank-identical
+        ok = self.grad_ok & self.output_ok
         if captures_ok is not None:
             ok = ok & captures_ok.to(device)
         nu = torch.ones((), dtype=torch.float64, device=device)
         if kl_clip is not None:
-            total = terms[:-1].sum().abs() * (lr * lr)
+            total = terms[:-2].sum().abs() * (lr * lr)
             nu = torch.where(total > 0, torch.clamp(torch.sqrt(kl_clip / total.clamp_min(1e-300)), max=1.0), nu)
         nu = torch.where(ok, nu, torch.ones_like(nu))
         with d._timed("communication"), d._collective("the gradient scatter from the owners"):

@@ -292,8 +292,9 @@ class KFACPreconditioner(RegistrationMixin, CaptureMixin, FactorUpdateMixin, Ref
                              "(data-parallel K-FAC takes one damping and the fp32 ops)")
         if self.distributed is not None and self.distributed.sharded_memory is not None and (
                 self.update_factors_in_hooks or grad_scaler is not None):
-            raise ValueError("strategy='memory' on FSDP2-sharded layers needs update_factors_in_hooks=False and "
-                             "no grad_scaler (its factors are reduced from the held captures)")
+            bad = "update_factors_in_hooks=True" if self.update_factors_in_hooks else "a grad_scaler"
+            raise ValueError(f"strategy='memory' on FSDP2-sharded layers does not take {bad} (its factors are "
+                             "reduced from the held captures)")
         unsupported = [layer for layer in self.layers.values() if not layer.data_parallel]
         if self.distributed is not None and unsupported:
             what = type(unsupported[0].module).__name__

@@ -70,10 +70,12 @@ class PreconditionMixin(PreconditionerBase):
         if not chosen:
             self.last_nu = None
             return
-        nu, ok = self.distributed.sharded_memory.precondition(
-            chosen, self.damping(self.steps), self.lr(self.steps), self.kl_clip(self.steps),
-            self._captures_ok if self.guard_nonfinite else None)
+        sharded = self.distributed.sharded_memory
+        nu, ok = sharded.precondition(chosen, self.damping(self.steps), self.lr(self.steps), self.kl_clip(self.steps),
+                                      self._captures_ok if self.guard_nonfinite else None)
         if self.guard_nonfinite:
+            self._step_causes["nonfinite_grad"] = sharded.grad_ok
+            self._step_causes["nonfinite_output"] = sharded.output_ok | ~sharded.grad_ok  # as single-process
             self._health.count_nonfinite(ok)
         self.last_nu = nu
 
@@ -150,13 +152,14 @@ class PreconditionMixin(PreconditionerBase):
 
         if self.precision == "bf16" or self._curvatures or not all(layer.grouped for layer in chosen):
             self.last_nu = self._precondition_out_of_place(chosen, kl_clip)
-        elif self.distributed is None:
+        else:
             with tf32_products(chosen[0].module.weight.grad.device) if self.precision == "tf32" \
                     else contextlib.nullcontext():
-                self.last_nu = local(chosen)
-        else:
-            self.last_nu = self.distributed.precondition(chosen, local, damping=self.damping(self.steps),
-                                                         lr=self.lr(self.steps), kl_clip=kl_clip)
+                if self.distributed is None:
+                    self.last_nu = local(chosen)
+                else:
+                    self.last_nu = self.distributed.precondition(chosen, local, damping=self.damping(self.steps),
+                                                                 lr=self.lr(self.steps), kl_clip=kl_clip)
 
     def _kernel_precision(self) -> Optional[str]:
         """The ops' `precision` for this policy: "tf32" reaches the Triton and CUDA kernels
