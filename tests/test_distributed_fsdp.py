@@ -337,6 +337,42 @@ def check_owner_precision_and_causes(rank, world) -> dict:
     return out
 
 
+VARYING = {2: [[2, 5], [4, 1], [3, 3], [1, 6]], 4: [[1, 4, 2, 3], [3, 3, 1, 1], [2, 2, 2, 2], [5, 1, 1, 1]]}
+
+
+def check_varying_batch(rank, world) -> list[str]:
+    """A global batch N that changes every step: the loss rule (sum * world / N) with
+    `precond.loss_average = N / world` assigned before each step equals one process on
+    each whole batch, under both strategies."""
+    bad = []
+    for strategy in ("communication", "memory"):
+        kw = dict(KW, method="eigen")
+        ref, model = make_model(), shard(make_model(), world, True)
+        oracle = KFACPreconditioner(ref, distributed=False, **kw)
+        precond = KFACPreconditioner(model, loss_average=1.0, **kw,
+                                     distributed=kd.DistributedOptions(strategy=strategy, factor_sync="update",
+                                                                       timeout=60))
+        for step, sizes in enumerate(VARYING[world]):
+            x, y = make_data(sizes, step)
+            n, lo = sum(sizes), sum(sizes[:rank])
+            ref.zero_grad()
+            model.zero_grad()
+            F.mse_loss(ref(x), y).backward()
+            F.mse_loss(model(x[lo:lo + sizes[rank]]), y[lo:lo + sizes[rank]], reduction="sum").mul(world / n).backward()
+            precond.loss_average = n / world
+            oracle.step()
+            precond.step()
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                if not torch.allclose(whole(p.grad), q.grad, **TOL):
+                    bad.append(f"{strategy} step {step}: grad of {name} is not one process's")
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), ref.parameters()):
+                    p.sub_(0.3 * p.grad)
+                    q.sub_(0.3 * q.grad)
+        precond.remove_hooks()
+    return bad
+
+
 def check_memory_refusals(rank, world) -> dict:
     """strategy='memory' on FSDP2 refuses hooks mode (ValueError) and a registered layer that
     is not sharded (NotImplementedError), naming what to change."""
@@ -499,6 +535,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
         out["memory_state"] = check_memory_state_and_raise(rank, world)
         out["wrong_shard"] = check_wrong_shard(rank, world)
         out["owner_precision"] = check_owner_precision_and_causes(rank, world)
+        out["varying_batch"] = check_varying_batch(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
             out["mixed_precision"] = check_mixed_precision(rank, world)
@@ -613,3 +650,9 @@ def test_fsdp_memory_owners_take_tf32_and_count_causes(world_results):
         assert o["health"]["nonfinite_steps"] == 1 and o["health"]["nonfinite_grad"] == 1, f"rank {rank}: {o}"
         assert o["health"]["nonfinite_output"] == 0, f"rank {rank}: {o}"
         assert "grad_scaler" in o["scaler"] and "update_factors_in_hooks" not in o["scaler"], f"rank {rank}: {o}"
+
+
+def test_fsdp_global_batch_varying_per_step_with_loss_average_assigned(world_results):
+    _, got = world_results
+    for rank, out in got.items():
+        assert out["varying_batch"] == [], f"rank {rank}: {out['varying_batch']}"

@@ -187,13 +187,15 @@ class ShardedGrads:
                 recv = send.new_empty(world * total)
                 pending.append((ids, total, recv, gather_into(recv, send, group=d.group, async_op=True)))
         flags = []
-        for ids, total, recv, work in pending:
+        pending.reverse()
+        while pending:  # each bucket's receive buffer is freed once its whole tensors are copied out
+            ids, total, recv, work = pending.pop()
             if not _wait(work, d.timeout, recv):
                 raise RuntimeError(f"the sharded-gradient all-gather timed out after {d.timeout:g} s")
             d.bytes["gradient_gather"] += _nbytes(recv)
             offset = 0
             by_rank = recv.view(world, total)
-            flags.append(by_rank[:, -1])
+            flags.append(by_rank[:, -1].clone())
             for i in ids:
                 shape = shapes[i]
                 # the ranks' padded shares in rank order are the rows, padding last: one copy
