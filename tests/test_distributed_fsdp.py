@@ -536,6 +536,7 @@ def worker(rank: int, world: int, port: int, results) -> None:
         out["wrong_shard"] = check_wrong_shard(rank, world)
         out["owner_precision"] = check_owner_precision_and_causes(rank, world)
         out["varying_batch"] = check_varying_batch(rank, world)
+        out["distributed_false"] = check_distributed_false(rank, world)
         if world == 2:
             out["example"] = check_example(rank, world)
             out["mixed_precision"] = check_mixed_precision(rank, world)
@@ -656,3 +657,65 @@ def test_fsdp_global_batch_varying_per_step_with_loss_average_assigned(world_res
     _, got = world_results
     for rank, out in got.items():
         assert out["varying_batch"] == [], f"rank {rank}: {out['varying_batch']}"
+
+
+def check_distributed_false(rank, world) -> str:
+    """An FSDP2 model on more than one rank with distributed=False: the ValueError naming it."""
+    try:
+        KFACPreconditioner(shard(make_model(), world, True), distributed=False, **KW)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def check_world_of_one(rank, world) -> dict:
+    """FSDP2 on a group of one rank (single-process path: no driver, the DTensor `.grad`
+    on a 1-device mesh is whole already): equal to the unwrapped model in the same process
+    (KL clip and non-finite guard on), and its state_dict loads."""
+    bad: list = []
+    for method in ("eigen", "inverse"):
+        kw = dict(KW, method=method, guard_nonfinite=True)
+        ref = make_model()
+        want = run(ref, KFACPreconditioner(ref, **kw), [6], None)
+        model = shard(make_model(), 1, True)
+        precond = KFACPreconditioner(model, **kw)
+        # the loss rule with world 1 (sum * 1 / N) is the mean of the single process
+        got = run(model, precond, [6], 0)
+        bad += [f"{method}: {b}" for b in compare(got, want, factor_steps=range(STEPS))]
+        state = precond.state_dict()
+        fresh = KFACPreconditioner(model, **kw)
+        fresh.load_state_dict(state)
+        if fresh.steps != precond.steps:
+            bad.append(f"{method}: state_dict did not round-trip")
+        precond.remove_hooks()
+        fresh.remove_hooks()
+    return {"bad": bad}
+
+
+def worker_one(rank: int, world: int, port: int, results) -> None:
+    torch.set_num_threads(1)
+    out: dict = {}
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+        out = check_world_of_one(rank, world)
+    except Exception:
+        out["crash"] = traceback.format_exc()
+    finally:
+        results.put((rank, out))
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_fsdp_world_of_one_runs_single_process_on_the_local_gradient():
+    with running_world(worker_one, 1, join_s=30) as results:
+        rank, out = results.get(timeout=120)
+    assert "crash" not in out, out["crash"]
+    assert out["bad"] == [], out["bad"]
+
+
+def test_fsdp_with_distributed_false_is_refused(world_results):
+    world, got = world_results
+    for rank, out in got.items():
+        msg = out["distributed_false"]
+        assert "distributed=False" in msg and f"mesh of {world} devices" in msg, f"rank {rank}: {msg}"

@@ -11,7 +11,7 @@ from ..health import Health
 from .collectives import _dist
 from .data_parallel import DataParallelKFAC
 from .options import DistributedOptions
-from .sharded_grads import ShardedGrads, check_sharding
+from .sharded_grads import ShardedGrads, _dtensor_type, check_sharding, layer_parameters, refuse_multi_device
 from .sharded_memory import ShardedMemory
 
 
@@ -48,6 +48,11 @@ def setup(model: nn.Module, layers: dict, method: str, process_group: Optional[A
     if distributed is False:
         if process_group is not None:
             raise ValueError("process_group was given but distributed=False")
+        dtensor = _dtensor_type()
+        for layer in layers.values() if dtensor is not None else ():
+            for p in layer_parameters(layer):
+                if isinstance(p, dtensor):
+                    refuse_multi_device(layer, p)
         return None
     if not (distributed is None or distributed is True or isinstance(distributed, DistributedOptions)):
         raise TypeError(f"distributed must be None, a bool or a DistributedOptions, got {distributed!r}")

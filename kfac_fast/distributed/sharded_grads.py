@@ -105,6 +105,42 @@ def _under_fully_shard(model: nn.Module) -> set:
     return {id(m) for top in model.modules() if isinstance(top, FSDPModule) for m in top.modules()}
 
 
+def refuse_multi_device(layer: Any, t: Any) -> None:
+    """ValueError when DTensor `t` (a parameter of `layer` or its gradient) lives on a mesh
+    of more than one device: without the distributed driver nothing gathers its shards."""
+    if t.device_mesh.size() != 1:
+        raise ValueError(
+            f"kfac_fast: a parameter of {type(layer.module).__name__} is a DTensor on a mesh of "
+            f"{t.device_mesh.size()} devices (FSDP2), but the preconditioner runs single-process: pass "
+            "distributed=None or True (not distributed=False) so that its sharded gradients are gathered")
+
+
+@contextmanager
+def local_whole(layers: list) -> Iterator[None]:
+    """Without a distributed driver (a group of one rank, or distributed=False): point
+    `.grad` of the parameters of `layers` that is a DTensor on a 1-device mesh (FSDP2 on a
+    world of one: whole already) at its `.to_local()` (the same storage, so writes go
+    through) and restore the DTensor on exit. A DTensor `.grad` on a larger mesh raises
+    ValueError: sharded gradients need the distributed driver."""
+    dtensor = _dtensor_type()
+    swapped = []
+    if dtensor is not None:
+        for layer in layers:
+            for p in layer_parameters(layer):
+                g = p.grad
+                if not isinstance(g, dtensor):
+                    continue
+                refuse_multi_device(layer, g)
+                swapped.append((p, g))
+    for p, g in swapped:
+        p.grad = g.to_local()
+    try:
+        yield
+    finally:
+        for p, g in swapped:
+            p.grad = g
+
+
 class ShardedGrads:
     """Gathers and scatters the sharded gradients of one DataParallelKFAC (its `group`,
     bucket cap, timeout and `bytes`, to which it adds "gradient_gather")."""

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from .. import ops
+from ..distributed.sharded_grads import local_whole
 from ..health import all_finite
 from ..layers import KFACLayer
 from ..precision import eigen_denominators, ekfac_denominators, precondition_bf16, tf32_products
@@ -43,8 +44,12 @@ class PreconditionMixin(PreconditionerBase):
 
     def _whole_gradients(self, layers: list[KFACLayer]) -> Any:
         """A context in which `.grad` of FSDP2-sharded parameters of `layers` is the whole
-        gradient (`kfac_fast.distributed.sharded_grads`); nothing happens otherwise."""
-        if self.distributed is None or self.distributed.sharded is None:
+        gradient (`kfac_fast.distributed.sharded_grads`); without a driver, DTensor `.grad`
+        on a 1-device mesh (FSDP2 on a world of one) is pointed at its local tensor
+        (`sharded_grads.local_whole`); nothing happens otherwise."""
+        if self.distributed is None:
+            return local_whole(layers)
+        if self.distributed.sharded is None:
             return contextlib.nullcontext()
         return self.distributed.sharded.whole(layers)
 
