@@ -129,8 +129,8 @@ def main(argv: Optional[list] = None) -> None:
     sent = precond.distributed.bytes if precond.distributed is not None else {}
     line = ", ".join(f"{k} {v / 2 ** 20:.2f}" for k, v in sent.items())
     state = torch.tensor([float(sum(t.numel() * t.element_size() for layer in precond.layers.values()
-                                    for t in layer.state_tensors().values()))])  # factors and decompositions here
-    states = [torch.zeros(1) for _ in range(world)]
+                                    for t in layer.state_tensors().values()))], device=device)  # factors, decomps
+    states = [torch.zeros(1, device=device) for _ in range(world)]  # on `device`: NCCL gathers device tensors
     dist.all_gather(states, state)
     if rank == 0:
         held = ", ".join(f"{s.item() / 2 ** 20:.2f}" for s in states)
