@@ -52,6 +52,14 @@ def _number(name: str, value: Any, low: float, *, strict: bool = False, high: Op
     return float(value)
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing can be sharded
+        return False
+    return isinstance(p, DTensor)
+
+
 def _rotate(m: torch.Tensor, old: tuple, new: tuple) -> torch.Tensor:
     """m (in the basis `old` = (Q_A, Q_G)) in the basis `new`: Q_G'^T Q_G m Q_A^T Q_A' (None: I)."""
     (qa0, qg0), (qa1, qg1) = old, new
@@ -100,8 +108,8 @@ class EigenAdam(torch.optim.Optimizer):
     state). Tested on 2 gloo ranks with DDP (tests/test_eigen_adam.py: the ranks agree bit
     for bit, match one process on the whole batch to rounding, and resume from
     `synced_state_dict()` bit-identically). Strategy "memory" is refused (a rank holds only
-    the eigenbases it owns) and so are FSDP2-sharded layers (the rotation needs each Linear
-    layer's whole gradient); both raise NotImplementedError.
+    the eigenbases it owns) and so are FSDP2-sharded layers, on a group of one rank too (the
+    rotation needs each Linear layer's whole gradient); both raise NotImplementedError.
 
     No host sync on the per-step path (the preconditioner's refresh steps aside). A closure
     is refused: call backward before `step()`.
@@ -155,6 +163,9 @@ class EigenAdam(torch.optim.Optimizer):
             self.precond.remove_hooks()
             raise ValueError("model has no nn.Linear layer that K-FAC registers (check skip_layers): "
                              "EigenAdam would be plain AdamW")
+        if any(_is_dtensor(p) for layer in self.dense for p in layer.module.parameters()):
+            self.precond.remove_hooks()  # FSDP2 on a group of one rank: no driver, DTensor parameters
+            raise NotImplementedError(_FSDP)
         self.precond.owned = frozenset(layer.name for layer in self.dense)
         ids = {id(p) for layer in self.dense for p in layer.module.parameters()}
         rest = [p for p in model.parameters() if id(p) not in ids]

@@ -375,6 +375,19 @@ def check_ddp_and_fsdp(rank: int, world: int) -> dict:
     return out
 
 
+def check_fsdp_world_of_one() -> dict:
+    """FSDP2 on a group of one rank: the preconditioner runs its single-process path (no
+    driver) on DTensor parameters; EigenAdam refuses them at construction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        EigenAdam(fully_shard(nn.Sequential(nn.Linear(4, 2)).double(), mesh=init_device_mesh("cpu", (1,))), lr=0.01)
+        return {"fsdp": "built"}
+    except NotImplementedError as exc:
+        return {"fsdp": str(exc)}
+
+
 def dist_worker(rank: int, world: int, port: int, results) -> None:
     import datetime
     import traceback
@@ -384,7 +397,7 @@ def dist_worker(rank: int, world: int, port: int, results) -> None:
     try:
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                              world_size=world, timeout=datetime.timedelta(seconds=30))
-        out = check_ddp_and_fsdp(rank, world)
+        out = check_ddp_and_fsdp(rank, world) if world > 1 else check_fsdp_world_of_one()
     except Exception:  # reported, so the parent fails with the worker's traceback
         out["crash"] = traceback.format_exc()
     finally:
@@ -416,3 +429,12 @@ def test_ddp_communication_equals_one_process_and_fsdp2_is_refused():
         assert out["driver"] and out["same_on_every_rank"] and out["resumed_equal"], out
         assert out["moved"] > 1e-1 and out["max_diff_to_one_process"] < 1e-6, out
         assert "FSDP2" in out["fsdp"] and "whole gradient" in out["fsdp"], out
+
+
+def test_fsdp2_on_a_group_of_one_is_refused():
+    from tests.adversarial._dist_harness import running_world
+
+    with running_world(dist_worker, 1, join_s=20) as results:
+        rank, out = results.get(timeout=90)
+    assert "crash" not in out, out["crash"]
+    assert "FSDP2" in out["fsdp"] and "whole gradient" in out["fsdp"], out
