@@ -671,17 +671,17 @@ def check_distributed_false(rank, world) -> str:
 def check_world_of_one(rank, world) -> dict:
     """FSDP2 on a group of one rank (single-process path: no driver, the DTensor `.grad`
     on a 1-device mesh is whole already): equal to the unwrapped model in the same process
-    (KL clip and non-finite guard on), and its state_dict loads."""
+    (eigen, inverse, ekfac, hooks mode; KL clip and non-finite guard on), and its state_dict loads."""
     bad: list = []
-    for method in ("eigen", "inverse"):
-        kw = dict(KW, method=method, guard_nonfinite=True)
+    for method, hooks in (("eigen", False), ("inverse", False), ("ekfac", False), ("eigen", True)):
+        kw = dict(KW, method=method, guard_nonfinite=True, update_factors_in_hooks=hooks)
         ref = make_model()
         want = run(ref, KFACPreconditioner(ref, **kw), [6], None)
         model = shard(make_model(), 1, True)
         precond = KFACPreconditioner(model, **kw)
         # the loss rule with world 1 (sum * 1 / N) is the mean of the single process
         got = run(model, precond, [6], 0)
-        bad += [f"{method}: {b}" for b in compare(got, want, factor_steps=range(STEPS))]
+        bad += [f"{method}{' hooks' if hooks else ''}: {b}" for b in compare(got, want, factor_steps=range(STEPS))]
         state = precond.state_dict()
         fresh = KFACPreconditioner(model, **kw)
         fresh.load_state_dict(state)
