@@ -4,7 +4,7 @@
 # check of the Jacobi kernel and the benchmarks; writes JSON, logs and a short table under
 # $OUT (or ./gpu_out). Aim: under 8 minutes in all.
 #
-#   bash bench/gpu_check.sh [all|build|tests|issue17|profile|sanitize|compile|eigh|triton|refresh|step|e2e|attention|integrations|optimizer]
+#   bash bench/gpu_check.sh [all|build|tests|issue17|profile|sanitize|compile|eigh|triton|refresh|step|e2e|e2e19|attention|integrations|optimizer]
 #   (default: all)
 #
 # Run as one `device.run` call with a timeout that leaves room for a rerun of one part.
@@ -94,6 +94,11 @@ want eigh && bench eigh bench/bench_eigh.py 75
 want triton && bench triton bench/bench_triton.py 90
 want step && bench step bench/bench_step.py 75
 want e2e && bench e2e bench/bench_e2e.py 75
+# issue 19's GPU target: an amortised K-FAC step (factors every 10, refresh every 100) and
+# EigenAdam against AdamW on gpt_small, bf16, per-step means over whole 100-step rounds
+if want e2e19; then
+  run_part e2e19 120 $PY bench/bench_e2e.py --size gpt_small --rounds 2 --variants adamw,kfac_amortised,eigen_adam
+fi
 # The math attention kernel KFAC's graph-bearing forward uses, against the fused default
 if want attention; then
   run_part attention 60 $PY bench/bench_attention_kernel.py --device cuda --rounds 30
