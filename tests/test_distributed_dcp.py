@@ -107,17 +107,17 @@ def differences(got: list, want: list) -> list[str]:
     return bad
 
 
-def build(world: int, strategy: str, factor_sync: str, ddp: bool = False):
+def build(world: int, strategy: str, factor_sync: str, ddp: bool = False, method: str = "eigen"):
     from torch.optim import SGD
     model = make_model() if ddp else shard(make_model(), world)
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
-    precond = KFACPreconditioner(model, loss_average=sum(SIZES) / world, **KW,
+    precond = KFACPreconditioner(model, loss_average=sum(SIZES) / world, **dict(KW, method=method),
                                  distributed=kd.DistributedOptions(strategy=strategy, factor_sync=factor_sync,
                                                                    timeout=60))
     return model, opt, precond
 
 
-def check_fsdp(rank, world, root, strategy, factor_sync, ddp=False) -> dict:
+def check_fsdp(rank, world, root, strategy, factor_sync, ddp=False, method="eigen", save_at=SAVE_AT) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -125,38 +125,67 @@ def check_fsdp(rank, world, root, strategy, factor_sync, ddp=False) -> dict:
         set_model_state_dict,
         set_optimizer_state_dict,
     )
-    path = f"{root}/{'ddp-' if ddp else ''}{strategy}-{factor_sync}"
-    model, opt, precond = build(world, strategy, factor_sync, ddp)
-    run(model, precond, opt, rank, range(SAVE_AT))
+    path = f"{root}/{'ddp-' if ddp else ''}{strategy}-{factor_sync}" + ("" if method == "eigen" else f"-{method}") \
+        + ("" if save_at == SAVE_AT else f"-at{save_at}")
+    model, opt, precond = build(world, strategy, factor_sync, ddp, method)
+    run(model, precond, opt, rank, range(save_at))
+    if rank == 1:  # a health counter of one rank only: each rank must get its own back
+        precond._health.count("nonfinite_grad", torch.zeros((), dtype=torch.bool))
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
               "kfac": kd.KFACState(precond)}, checkpoint_id=path)
     counters = (dict(precond.refresh_stats), precond.health())
-    want = run(model, precond, opt, rank, range(SAVE_AT, STEPS))
-    fresh, fresh_opt, fresh_precond = build(world, strategy, factor_sync, ddp)
+    want = run(model, precond, opt, rank, range(save_at, save_at + 2))
+    fresh, fresh_opt, fresh_precond = build(world, strategy, factor_sync, ddp, method)
     state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt),
              "kfac": kd.KFACState(fresh_precond)}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, planner=kd.WeightsOnlyLoadPlanner())
     set_model_state_dict(fresh, state["model"])
     set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
-    held = sorted(n for n, layer in fresh_precond.layers.items() if layer.qa is not None)
+    held = sorted(n for n, layer in fresh_precond.layers.items()
+                  if getattr(layer, "a_inv" if method == "inverse" else "qa") is not None)
     loaded = (dict(fresh_precond.refresh_stats), fresh_precond.health())
-    got = run(fresh, fresh_precond, fresh_opt, rank, range(SAVE_AT, STEPS))
+    got = run(fresh, fresh_precond, fresh_opt, rank, range(save_at, save_at + 2))
     owners = {n: fresh_precond.distributed.owners()[(n, "a")] for n in fresh_precond.layers}
     params = io.BytesIO()  # bytes, not tensors: the queue would share tensors through fds of a finished process
     torch.save([w["params"] for w in want], params)
     bad = differences(got, want) + ([] if loaded == counters else [f"counters {loaded} != saved {counters}"])
-    if strategy == "communication" and not ddp:  # the other strategy loads it too (owners re-derived per layer)
-        other, other_opt, other_precond = build(world, "memory", "update")
+    if counters[1]["nonfinite_grad"] != rank:
+        bad.append(f"the raised health counter was not saved: {counters}")
+    if not ddp and method == "eigen" and save_at == SAVE_AT:  # the other strategy loads it too (owners re-derived)
+        other_strategy, other_sync = (("memory", "update") if strategy == "communication"
+                                      else ("communication", "inverse"))
+        other, other_opt, other_precond = build(world, other_strategy, other_sync)
         state = {"model": get_model_state_dict(other), "optim": get_optimizer_state_dict(other, other_opt),
                  "kfac": kd.KFACState(other_precond)}
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(other, state["model"])
         set_optimizer_state_dict(other, other_opt, state["optim"])
         for step, (g, w) in enumerate(zip(run(other, other_precond, other_opt, rank, range(SAVE_AT, STEPS)), want)):
-            bad += [f"'memory' from a 'communication' checkpoint, step {SAVE_AT + step}: {k} differs"
+            bad += [f"{other_strategy!r} from a {strategy!r} checkpoint, step {SAVE_AT + step}: {k} differs"
                     for k, t in w["params"].items() if not torch.allclose(g["params"][k], t, rtol=1e-9, atol=1e-12)]
     return {"bad": bad, "want": params.getvalue() if rank == 0 else None, "owners": owners,
             "held": held}
+
+
+def check_damaged(rank, world, root) -> dict:
+    """A "memory" checkpoint whose eigenbasis of a layer rank 1 owns is not finite: only
+    rank 1 reads it, and its load_state_dict refuses it after DCP's collectives; every rank
+    must raise (not rank 0 run on into the next collective alone)."""
+    import torch.distributed.checkpoint as dcp
+    path = f"{root}/damaged"
+    model, opt, precond = build(world, "memory", "update", ddp=True)
+    run(model, precond, opt, rank, range(2))
+    owners = precond.distributed.owners()
+    name = next(n for n in precond.layers if owners[(n, "a")] == 1)
+    if rank == 1:
+        precond.layers[name].qa[0, 0] = float("nan")
+    dcp.save({"kfac": kd.KFACState(precond)}, checkpoint_id=path)
+    fresh_precond = build(world, "memory", "update", ddp=True)[2]
+    try:
+        dcp.load({"kfac": kd.KFACState(fresh_precond)}, checkpoint_id=path)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "layer": name}
+    return {"error": None, "layer": name}
 
 
 def check_kfac(rank, world, root, fsdp) -> dict:
@@ -239,6 +268,11 @@ def worker(root: str, rank: int, world: int, port: int, results) -> None:
         for strategy, factor_sync in CASES:
             out[strategy] = check_fsdp(rank, world, root, strategy, factor_sync)
         out["ddp_memory"] = check_fsdp(rank, world, root, "memory", "inverse", ddp=True)
+        out["inverse_memory"] = check_fsdp(rank, world, root, "memory", "update", method="inverse")
+        out["inverse_communication"] = check_fsdp(rank, world, root, "communication", "inverse", method="inverse")
+        out["step0_memory"] = check_fsdp(rank, world, root, "memory", "update", save_at=0)
+        out["step0_communication"] = check_fsdp(rank, world, root, "communication", "inverse", save_at=0)
+        out["damaged"] = check_damaged(rank, world, root)
         out["kfac"] = check_kfac(rank, world, root, fsdp=False)
         out["kfac_fsdp"] = check_kfac(rank, world, root, fsdp=True)
         out["example"] = check_example(rank, world, root)
@@ -273,11 +307,21 @@ def world2():
     return got, _RESULTS["root"]
 
 
-@pytest.mark.parametrize("strategy", [s for s, _ in CASES] + ["ddp_memory"])
+@pytest.mark.parametrize("strategy", [s for s, _ in CASES] + ["ddp_memory", "inverse_memory", "inverse_communication",
+                                                              "step0_memory", "step0_communication"])
 def test_fsdp_dcp_save_load_resumes_bit_identically(world2, strategy):
     got, _ = world2
     for rank, out in got.items():
         assert out[strategy]["bad"] == [], f"rank {rank}: {out[strategy]['bad']}"
+
+
+def test_damaged_owned_tensor_fails_the_load_on_every_rank(world2):
+    got, _ = world2
+    for rank, out in sorted(got.items()):
+        error = out["damaged"]["error"]
+        assert error is not None, f"rank {rank}: dcp.load returned although rank 1's share failed"
+        assert "failed on rank(s) [1]" in error, (rank, error)
+    assert "not finite" in got[1]["damaged"]["error"] and repr(got[1]["damaged"]["layer"]) in got[1]["damaged"]["error"]
 
 
 def test_memory_strategy_loads_owned_decompositions_only(world2):
@@ -361,3 +405,82 @@ def test_kfac_state_argument_errors():
         kd.KFACState(precond).load_state_dict({"preconditioner": {"meta": b"damaged", "layers": {}}})
     with pytest.raises(ValueError, match="must be KFACState.state_dict"):
         kd.KFACState(precond).load_state_dict({"layers": {}})
+
+
+def test_kfac_optimizer_blob_is_built_from_host_copies(monkeypatch):
+    """The per-rank sha256 check of KFAC's torch state (and the single copy saved) must not
+    depend on where the tensors live: torch.save bytes name each storage's device (cuda:0 on
+    rank 0, cuda:1 on rank 1), so the blob is built from CPU copies. Simulated on CPU: the
+    optimizer's own storages are made to report a device "cuda:7" when serialized; the
+    blob must not name it (it does without the copies). Unmeasured on GPU."""
+    import torch.serialization as ser
+
+    from kfac_fast import KFAC
+    model = make_model()
+    opt = KFAC(model, damping=1.0, inv_update_steps=2, factor_dtype=torch.float64, distributed=False)
+    x, y = make_data(0)
+
+    def closure():
+        out = model(x)
+        return F.mse_loss(out, y), out
+    opt.step(closure)
+    own = {t.untyped_storage().data_ptr() for s in opt.state.values() for t in s.values()
+           if isinstance(t, torch.Tensor)}
+    assert own
+    tag = ser.location_tag
+    monkeypatch.setattr(ser, "location_tag", lambda st: "cuda:7" if st.data_ptr() in own else tag(st))
+    blob = kd.KFACState(opt).state_dict()["optimizer"]
+    assert b"cuda:7" not in blob
+    saved = torch.load(io.BytesIO(blob), weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(saved[i]["prev_update"], s["prev_update"]) for i, s in enumerate(opt.state.values()))
+
+
+CALLS: list = []
+
+
+def _side_effect(what: str) -> str:
+    CALLS.append(what)
+    return what
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_side_effect, ("ran during dcp.load",))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_weights_only_load_planner_refuses_a_crafted_checkpoint(tmp_path):
+    """DCP torch.save's every bytes value and its DefaultLoadPlanner reads them back with
+    weights_only=False: a crafted `meta` runs code inside dcp.load, before KFACState's own
+    weights_only read. WeightsOnlyLoadPlanner refuses it with no side effect, and still
+    loads a genuine checkpoint (model, a torch optimizer's param_groups, K-FAC state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.optim import SGD
+    model = make_model()
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    precond = KFACPreconditioner(model, distributed=False, **KW)
+    run(model, precond, opt, None, range(2))
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt),
+              "kfac": kd.KFACState(precond)}, checkpoint_id=str(tmp_path / "good"))
+    fresh = make_model()
+    fresh_opt = SGD(fresh.parameters(), lr=0.5, momentum=0.1)
+    fresh_precond = KFACPreconditioner(fresh, distributed=False, **KW)
+    state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(fresh, fresh_opt),
+             "kfac": kd.KFACState(fresh_precond)}
+    dcp.load(state, checkpoint_id=str(tmp_path / "good"), planner=kd.WeightsOnlyLoadPlanner())
+    set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
+    assert fresh_opt.param_groups[0]["lr"] == 0.1 and fresh_opt.param_groups[0]["momentum"] == 0.9
+    assert all(torch.equal(fresh_precond.layers[n].qa, layer.qa) for n, layer in precond.layers.items())
+
+    crafted = kd.KFACState(precond).state_dict()
+    crafted["preconditioner"]["meta"] = _Payload()
+    dcp.save({"kfac": crafted}, checkpoint_id=str(tmp_path / "crafted"))
+    CALLS.clear()
+    with pytest.raises(BaseException) as info:  # DCP wraps it in a CheckpointException (a BaseException)
+        dcp.load({"kfac": kd.KFACState(fresh_precond)}, checkpoint_id=str(tmp_path / "crafted"),
+                 planner=kd.WeightsOnlyLoadPlanner())
+    assert "'kfac.preconditioner.meta' does not load with weights_only=True" in str(info.value), str(info.value)
+    assert "_side_effect" in str(info.value)
+    assert CALLS == []
+    assert isinstance(kd.WeightsOnlyLoadPlanner(), dcp.DefaultLoadPlanner)

@@ -59,6 +59,16 @@ from .options import FACTOR_SYNCS, STRATEGIES, DistributedOptions
 from .sharded_grads import ShardedGrads, check_sharding
 from .sharded_memory import ShardedMemory
 
+
+def __getattr__(name: str) -> type:
+    """`WeightsOnlyLoadPlanner` (kfac_fast.distributed.dcp), built on first use: it subclasses
+    DCP's DefaultLoadPlanner, and importing torch.distributed.checkpoint costs about 0.6 s."""
+    if name == "WeightsOnlyLoadPlanner":
+        from . import dcp
+        return dcp._weights_only_planner()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_BUCKET_CAP_MB",
     "FACTOR_SYNCS",
@@ -68,6 +78,7 @@ __all__ = [
     "DataParallelKFAC",
     "DistributedOptions",
     "KFACState",
+    "WeightsOnlyLoadPlanner",
     "allreduce_factors_",
     "assign_work",
     "average_gradients_",

@@ -13,7 +13,12 @@ plus qa/da/qg/dg for "eigen", a_inv/g_inv for "inverse", and scales for "ekfac")
 held yet (before the first factor update or refresh) is written as zeros of its shape and
 marked absent. Everything else (step count, counts, kinds, health counters and
 refresh_stats of every rank, curvature extensions' state, the world size and strategy) is
-one `bytes` value, `<key>.meta` (a `torch.save`, read back with weights_only=True). The
+one `bytes` value, `<key>.meta` (a `torch.save` of CPU copies, read back with weights_only=True).
+
+Trust: DCP itself torch.save's every non-tensor value and its DefaultLoadPlanner reads them
+back with `torch.load(weights_only=False)`, so a crafted checkpoint runs code inside
+`dcp.load`, before any check of ours. Pass `planner=WeightsOnlyLoadPlanner()` to `dcp.load`
+(it reads every such value with weights_only=True); without it, load trusted checkpoints only. The
 key set depends on the model and method only, never on the world size, so a checkpoint
 loads on any number of ranks and under either strategy (the owners are re-derived).
 
@@ -35,13 +40,18 @@ layer), so this is a mapping of that format (`kfac_fast.checkpoint.FORMAT_VERSIO
 second one. A model layer absent from the checkpoint fails inside DCP first (its
 "Missing key in checkpoint state_dict"). Each rank gets back its own health counters and
 refresh_stats when the world size is the saved one, rank 0's otherwise (as a file
-checkpoint loaded on every rank). For `kfac_fast.KFAC`, its torch optimizer state and MC
-seed are one more `bytes` value (`<key>.optimizer`), checked to be the same on every rank
-at save time (KFAC's state holds whole, replicated tensors, under FSDP2 too: it steps on the
-unsharded parameters).
+checkpoint loaded on every rank). Data-parallel, each rank's load (which reads only its
+share under "memory") is followed by one small agreement: a failure on one rank (e.g. a
+non-finite tensor only its owner reads) is a RuntimeError on every rank ("... failed on
+rank(s) [r]"), not one rank running on alone. For `kfac_fast.KFAC`, its torch optimizer
+state and MC seed are one more `bytes` value (`<key>.optimizer`, CPU copies: torch.save
+bytes name each tensor's device; torch's load_state_dict moves them to the parameters'),
+checked to be the same on every rank at save time (KFAC's state holds whole, replicated
+tensors, under FSDP2 too: it steps on the unsharded parameters).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from typing import Any
@@ -76,6 +86,20 @@ def _wanted(precond: Any, name: str, t: str) -> bool:
     return d.owners()[(name, "a")] == d.rank
 
 
+def _host(obj: Any) -> Any:
+    """`obj` with every tensor replaced by a CPU copy (a fresh storage even for a CPU tensor):
+    torch.save bytes name each storage's device, so what is hashed or gathered across ranks
+    must not hold cuda:<rank> tensors (and a blob written from CPU copies loads anywhere)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_host(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
 def _to_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -99,7 +123,7 @@ def _gather(precond: Any, obj: Any, what: str) -> list:
         return [obj]
     out: list = [None] * d.world_size
     with d._collective(what):
-        _dist().all_gather_object(out, obj, group=d.meta_group)
+        _dist().all_gather_object(out, _host(obj), group=d.meta_group)
     return out
 
 
@@ -167,6 +191,44 @@ def load_precond_state(precond: Any, view: dict) -> tuple[dict, set]:
     return {"steps": meta["steps"], "method": meta["method"], "layers": layers, **per_rank}, ready
 
 
+@functools.cache
+def _weights_only_planner() -> type:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        """DCP's DefaultLoadPlanner, except that every non-tensor value of the checkpoint
+        (DCP writes them with torch.save) is read back with `torch.load(weights_only=True)`
+        instead of DCP's `weights_only=False`, so a crafted checkpoint cannot run code during
+        `dcp.load`: `dcp.load(state, checkpoint_id=path, planner=WeightsOnlyLoadPlanner())`.
+        A value weights_only refuses is a ValueError naming its key (inside DCP's
+        CheckpointException when a process group runs)."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                why = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+                raise ValueError(f"WeightsOnlyLoadPlanner: the checkpoint's value {fqn!r} does not load with "
+                                 f"weights_only=True ({why[0] if why else f'{type(exc).__name__}: {exc}'})") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    WeightsOnlyLoadPlanner.__module__, WeightsOnlyLoadPlanner.__qualname__ = __name__, "WeightsOnlyLoadPlanner"
+    return WeightsOnlyLoadPlanner
+
+
+def __getattr__(name: str) -> Any:
+    """`WeightsOnlyLoadPlanner`, built on first use (importing torch.distributed.checkpoint
+    costs about 0.6 s, which `import kfac_fast` does not pay)."""
+    if name == "WeightsOnlyLoadPlanner":
+        return _weights_only_planner()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class KFACState:
     """A `torch.distributed.checkpoint.stateful.Stateful` for a KFACPreconditioner or a
     `kfac_fast.KFAC` (module docstring). `state_dict()` is a collective: call dcp.save /
@@ -191,7 +253,7 @@ class KFACState:
                 _check_saveable(torch_state, "KFAC's optimizer state")
             except TypeError as exc:
                 raise TypeError(f"KFACState: {exc}") from None
-            blob = _to_bytes({"optimizer": torch_state, "mc_seed": self.optimizer.mc_seed})
+            blob = _to_bytes(_host({"optimizer": torch_state, "mc_seed": self.optimizer.mc_seed}))
             digests = _gather(self.precond, hashlib.sha256(blob).hexdigest(), "the DCP optimizer-state check")
             if len(set(digests)) > 1:
                 raise ValueError("KFACState: KFAC's torch optimizer state differs across ranks "
@@ -203,6 +265,14 @@ class KFACState:
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict) or "preconditioner" not in state_dict:
             raise ValueError("KFACState.load_state_dict: state_dict must be KFACState.state_dict()'s")
+        d = self.precond.distributed
+        if d is None:
+            self._load(state_dict)
+        else:  # a rank's failure (e.g. a damaged tensor only its owner reads) raises on every rank
+            ready = d._local_work("the DCP load of K-FAC's state", lambda: self._load(state_dict))
+            d.after_owned_load(ready)
+
+    def _load(self, state_dict: dict) -> set:
         state, ready = load_precond_state(self.precond, state_dict["preconditioner"])
         if self.optimizer is None:
             self.precond.load_state_dict(state)
@@ -213,5 +283,4 @@ class KFACState:
             saved = _from_bytes(state_dict["optimizer"], "optimizer state")
             self.optimizer.load_state_dict({**saved["optimizer"], "preconditioner": state,
                                             "mc_seed": saved["mc_seed"]})
-        if self.precond.distributed is not None:
-            self.precond.distributed.after_owned_load(ready)
+        return ready
