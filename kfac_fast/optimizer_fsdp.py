@@ -33,6 +33,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from .distributed.sharded_grads import chunk_rows
+
 
 def fsdp2_modules(model: nn.Module) -> list:
     """The FSDP2 (`fully_shard`) modules of `model`, outermost first (none without FSDP2)."""
@@ -48,13 +50,6 @@ def _dtensor_type() -> Any:
     return DTensor
 
 
-def _chunk_rows(n: int, world: int, rank: int) -> tuple[int, int]:
-    """(first row, row count) of `rank`'s torch.chunk share of n rows (FSDP2's split)."""
-    size = -(-n // world) if n else 0
-    start = min(rank * size, n)
-    return start, min(start + size, n) - start
-
-
 def shard_rows(name: str, p: Any) -> tuple[int, int]:
     """(first row, row count) of this rank's shard of the DTensor parameter `p`, from its
     own mesh and placement; NotImplementedError naming `name` unless Shard(0) on a 1-D mesh."""
@@ -64,7 +59,7 @@ def shard_rows(name: str, p: Any) -> tuple[int, int]:
         raise NotImplementedError(
             f"kfac_fast.KFAC on an FSDP2 model: parameter {name!r} is placed {placements} on a {mesh.ndim}-D mesh; "
             "only Shard(0) on a 1-D mesh (fully_shard on a 1-D mesh) is supported (not HSDP, not tensor parallelism)")
-    start, rows = _chunk_rows(p.shape[0] if p.dim() else 1, mesh.size(), mesh.get_local_rank())
+    start, rows = chunk_rows(p.shape[0] if p.dim() else 1, mesh.size(), mesh.get_local_rank())
     if p.dim() == 0 or tuple(p.to_local().shape) != (rows, *p.shape[1:]):
         raise NotImplementedError(f"kfac_fast.KFAC on an FSDP2 model: parameter {name!r}'s local shard "
                                   f"{tuple(p.to_local().shape)} is not torch.chunk's rows {start}:{start + rows}")

@@ -13,9 +13,6 @@ preconditioned gradients, never eigenvectors.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import queue as queue_mod
-import traceback
 
 import pytest
 import torch
@@ -25,7 +22,7 @@ from torch import nn
 from kfac_fast import KFACPreconditioner
 from kfac_fast import distributed as kd
 from kfac_fast.distributed.collectives import _buckets
-from tests.adversarial._dist_harness import running_world
+from tests.adversarial._dist_harness import collect_world, reporting_rank
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
@@ -560,10 +557,7 @@ CASES = [
 def worker(rank: int, world: int, port: int, results) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    out = {}
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world, timeout=datetime.timedelta(seconds=30))
+    with reporting_rank(rank, world, port, results, timeout_s=30) as out:
         for i, case in enumerate(CASES):
             out[f"case{i}"] = check_equivalence(rank, world, **case)
         out["state_dict"] = check_state_dict(rank, world)
@@ -581,12 +575,6 @@ def worker(rank: int, world: int, port: int, results) -> None:
             pairs = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
             out["subgroups"] = check_equivalence(rank % 2, 2, strategy="memory", factor_sync="inverse",
                                                  method="eigen", ddp=True, group=pairs[rank // 2])
-    except Exception:  # reported, so the parent fails with the worker's traceback
-        out["crash"] = traceback.format_exc()
-    finally:
-        results.put((rank, out))
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 _RESULTS: dict = {}
@@ -594,18 +582,7 @@ _RESULTS: dict = {}
 
 def spawn(world: int) -> dict:
     """Run `worker` on `world` processes (once per session); rank -> its results."""
-    if world in _RESULTS:
-        return _RESULTS[world]
-    got = {}
-    with running_world(worker, world, join_s=30) as results:
-        try:
-            for _ in range(world):
-                rank, out = results.get(timeout=120)
-                got[rank] = out
-        except queue_mod.Empty:
-            pass  # the fixture reports which ranks are missing
-    _RESULTS[world] = got
-    return got
+    return collect_world(worker, world, _RESULTS, join_s=30, wait_s=120)
 
 
 @pytest.fixture(params=[2, 4], ids=lambda w: f"world{w}")

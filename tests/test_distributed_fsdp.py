@@ -9,10 +9,7 @@ rank but rank 0), so torch.chunk's uneven and empty shards are exercised.
 """
 from __future__ import annotations
 
-import datetime
 import math
-import queue as queue_mod
-import traceback
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kfac_fast import KFACPreconditioner
 from kfac_fast import distributed as kd
-from tests.adversarial._dist_harness import running_world
+from tests.adversarial._dist_harness import collect_world, reporting_rank
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
@@ -522,10 +519,7 @@ def check_example(rank, world) -> str:
 
 def worker(rank: int, world: int, port: int, results) -> None:
     torch.set_num_threads(1)
-    out: dict = {}
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+    with reporting_rank(rank, world, port, results, timeout_s=60) as out:
         for i, case in enumerate(CASES):
             out[f"case{i}"] = check_fsdp(rank, world, **case)
         out["state_dict"] = check_state_dict(rank, world)
@@ -540,30 +534,14 @@ def worker(rank: int, world: int, port: int, results) -> None:
         if world == 2:
             out["example"] = check_example(rank, world)
             out["mixed_precision"] = check_mixed_precision(rank, world)
-    except Exception:
-        out["crash"] = traceback.format_exc()
-    finally:
-        results.put((rank, out))
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 _RESULTS: dict = {}
 
 
 def spawn(world: int) -> dict:
-    if world in _RESULTS:
-        return _RESULTS[world]
-    got = {}
-    with running_world(worker, world, join_s=30) as results:
-        try:
-            for _ in range(world):
-                rank, out = results.get(timeout=150)
-                got[rank] = out
-        except queue_mod.Empty:
-            pass
-    _RESULTS[world] = got
-    return got
+    """Run `worker` on `world` processes (once per session); rank -> its results."""
+    return collect_world(worker, world, _RESULTS, join_s=30, wait_s=150)
 
 
 @pytest.fixture(params=[2, 4], ids=lambda w: f"world{w}")
@@ -694,22 +672,14 @@ def check_world_of_one(rank, world) -> dict:
 
 def worker_one(rank: int, world: int, port: int, results) -> None:
     torch.set_num_threads(1)
-    out: dict = {}
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world, timeout=datetime.timedelta(seconds=60))
-        out = check_world_of_one(rank, world)
-    except Exception:
-        out["crash"] = traceback.format_exc()
-    finally:
-        results.put((rank, out))
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with reporting_rank(rank, world, port, results, timeout_s=60) as out:
+        out.update(check_world_of_one(rank, world))
 
 
 def test_fsdp_world_of_one_runs_single_process_on_the_local_gradient():
-    with running_world(worker_one, 1, join_s=30) as results:
-        rank, out = results.get(timeout=120)
+    got = collect_world(worker_one, 1, {}, join_s=30, wait_s=120)
+    assert list(got) == [0], "the rank did not report"
+    out = got[0]
     assert "crash" not in out, out["crash"]
     assert out["bad"] == [], out["bad"]
 

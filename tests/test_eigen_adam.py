@@ -389,21 +389,11 @@ def check_fsdp_world_of_one() -> dict:
 
 
 def dist_worker(rank: int, world: int, port: int, results) -> None:
-    import datetime
-    import traceback
+    from tests.adversarial._dist_harness import reporting_rank
 
     torch.set_num_threads(1)
-    out: dict = {}
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world, timeout=datetime.timedelta(seconds=30))
-        out = check_ddp_and_fsdp(rank, world) if world > 1 else check_fsdp_world_of_one()
-    except Exception:  # reported, so the parent fails with the worker's traceback
-        out["crash"] = traceback.format_exc()
-    finally:
-        results.put((rank, out))
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with reporting_rank(rank, world, port, results, timeout_s=30) as out:
+        out.update(check_ddp_and_fsdp(rank, world) if world > 1 else check_fsdp_world_of_one())
 
 
 def test_ddp_communication_equals_one_process_and_fsdp2_is_refused():
@@ -416,14 +406,10 @@ def test_ddp_communication_equals_one_process_and_fsdp2_is_refused():
     reversed moves the parameters by 4.7e-8 in these 6 steps (float64; the 2 ranks: 1.0e-7),
     so the bound is 1e-6; the parameters move by 0.4, and a missing factor average moves
     them by 0.3."""
-    from tests.adversarial._dist_harness import running_world
+    from tests.adversarial._dist_harness import collect_world
 
-    got = {}
-    with running_world(dist_worker, 2, join_s=20) as results:
-        for _ in range(2):
-            rank, out = results.get(timeout=90)
-            got[rank] = out
-    assert sorted(got) == [0, 1]
+    got = collect_world(dist_worker, 2, {}, join_s=20, wait_s=90)
+    assert sorted(got) == [0, 1], f"only ranks {sorted(got)} reported"
     for rank, out in got.items():
         assert "crash" not in out, f"rank {rank} crashed:\n{out['crash']}"
         assert out["driver"] and out["same_on_every_rank"] and out["resumed_equal"], out
@@ -432,9 +418,10 @@ def test_ddp_communication_equals_one_process_and_fsdp2_is_refused():
 
 
 def test_fsdp2_on_a_group_of_one_is_refused():
-    from tests.adversarial._dist_harness import running_world
+    from tests.adversarial._dist_harness import collect_world
 
-    with running_world(dist_worker, 1, join_s=20) as results:
-        rank, out = results.get(timeout=90)
+    got = collect_world(dist_worker, 1, {}, join_s=20, wait_s=90)
+    assert list(got) == [0], "the rank did not report"
+    out = got[0]
     assert "crash" not in out, out["crash"]
     assert "FSDP2" in out["fsdp"] and "whole gradient" in out["fsdp"], out

@@ -10,12 +10,15 @@ CI job). Results are cached per (target, world).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import queue as queue_mod
 import socket
 import time
+import traceback
 from typing import Iterator
 
+import torch
 import torch.multiprocessing as mp
 
 _RESULTS: dict = {}
@@ -81,3 +84,39 @@ def spawn(target, world: int, limit_s: float) -> dict:
                     got[r]["hung"] = f"rank {r} did not finish within {limit_s} s"
     _RESULTS[key] = got
     return got
+
+
+@contextlib.contextmanager
+def reporting_rank(rank: int, world: int, port: int, results, *, timeout_s: float = 30) -> Iterator[dict]:
+    """Inside a `running_world` target: join the gloo group (every collective bounded by
+    `timeout_s`) and yield the dict the checks fill. On exit it goes to the parent as
+    (rank, dict), with the traceback under "crash" if a check raised (so the parent fails
+    with the worker's traceback instead of a missing rank), and the group is destroyed."""
+    out: dict = {}
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+        yield out
+    except Exception:
+        out["crash"] = traceback.format_exc()
+    finally:
+        results.put((rank, out))
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def collect_world(target, world: int, cache: dict, *, join_s: float = 30, wait_s: float = 120) -> dict:
+    """rank -> what `target`'s rank reported through `reporting_rank`, running `target`
+    on `world` processes once per world size (kept in `cache`). A rank that reported
+    nothing within `wait_s` is missing from the result: callers assert every rank is there."""
+    if world not in cache:
+        got = {}
+        with running_world(target, world, join_s=join_s) as results:
+            try:
+                for _ in range(world):
+                    rank, out = results.get(timeout=wait_s)
+                    got[rank] = out
+            except queue_mod.Empty:
+                pass
+        cache[world] = got
+    return cache[world]
