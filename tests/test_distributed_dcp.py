@@ -484,3 +484,39 @@ def test_weights_only_load_planner_refuses_a_crafted_checkpoint(tmp_path):
     assert "_side_effect" in str(info.value)
     assert CALLS == []
     assert isinstance(kd.WeightsOnlyLoadPlanner(), dcp.DefaultLoadPlanner)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_weights_only_load_planner_gives_kfac_fast_errors(tmp_path):
+    """Through dcp.load with WeightsOnlyLoadPlanner, kfac_fast's checks run before DCP's
+    ("Missing key ... a_inv" / "Size mismatch" / no 'optimizer' key otherwise)."""
+    import torch.distributed.checkpoint as dcp
+
+    from kfac_fast import KFAC
+    model = make_model()
+    precond = KFACPreconditioner(model, distributed=False, **KW)
+    run(model, precond, torch.optim.SGD(model.parameters(), lr=0.1), None, range(2))
+    path = str(tmp_path / "eigen")
+    dcp.save({"kfac": kd.KFACState(precond)}, checkpoint_id=path)
+
+    def load(obj):
+        with pytest.raises(BaseException) as info:  # DCP's CheckpointException around our ValueError
+            dcp.load({"kfac": kd.KFACState(obj)}, checkpoint_id=path, planner=kd.WeightsOnlyLoadPlanner())
+        return str(info.value)
+
+    inverse = load(KFACPreconditioner(make_model(), distributed=False, **dict(KW, method="inverse")))
+    assert "ValueError: KFACState: the checkpoint was saved with method='eigen', this preconditioner has " \
+        "method='inverse'" in inverse, inverse
+    ekfac = load(KFACPreconditioner(make_model(), distributed=False, **dict(KW, method="ekfac")))
+    assert "method='ekfac'" in ekfac and "['scales']" in ekfac, ekfac
+    kfac = load(KFAC(make_model(), factor_dtype=torch.float64, distributed=False))
+    assert "holds a KFACPreconditioner's state, not a KFAC's" in kfac, kfac
+    torch.manual_seed(0)
+    resized = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5, bias=False), nn.Tanh(),
+                            nn.Linear(5, 3)).double()
+    message = load(KFACPreconditioner(resized, distributed=False, **KW))
+    assert "layer '0': g_factor has shape (7, 7) in the checkpoint, this model's layer needs (9, 9)" in message, \
+        message
+    wider = nn.Sequential(*make_model(), nn.Tanh(), nn.Linear(3, 2)).double()
+    message = load(KFACPreconditioner(wider, distributed=False, **KW))
+    assert "model layers missing from the checkpoint: ['6']" in message, message

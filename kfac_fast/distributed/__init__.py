@@ -41,7 +41,8 @@ examples when factors are averaged), `sharded_grads` (FSDP2: the sharding check,
 gradients gathered for "communication"), `sharded_memory` (FSDP2 under "memory": factors
 reduced to owners, gradients gathered to and scattered from them), `owned` (an owner's
 preconditioning), `checkpoint_sync` (what synced state dicts gather and loads keep), `dcp`
-(`KFACState`: K-FAC state in torch.distributed.checkpoint checkpoints, sharded under "memory").
+(`KFACState`: K-FAC state in torch.distributed.checkpoint checkpoints, sharded under "memory"),
+`dcp_planner` (`WeightsOnlyLoadPlanner`: dcp.load without unpickling code, kfac_fast's errors).
 """
 
 from .agreement import check_same_layers, settings_of

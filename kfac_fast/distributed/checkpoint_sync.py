@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def result_names(method: str) -> tuple:
+    """The decomposition tensors a layer holds under `method` (its EKFAC scales aside)."""
+    return ("a_inv", "g_inv") if method == "inverse" else ("qa", "da", "qg", "dg")
+
+
 class CheckpointSync:
     """before_state_dict / after_state_dict / after_load_state_dict of DataParallelKFAC."""
 
@@ -56,7 +61,7 @@ class CheckpointSync:
         self._drop_unowned()
 
     def _result_names(self) -> tuple:
-        return ("a_inv", "g_inv") if self.method == "inverse" else ("qa", "da", "qg", "dg")
+        return result_names(self.method)
 
     def _drop_unowned(self) -> None:
         if self.strategy != "memory":

@@ -37,8 +37,12 @@ loads on any number of ranks and under either strategy (the owners are re-derive
 Loading rebuilds a `state_dict()` and hands it to `load_state_dict` (KFACPreconditioner's,
 or KFAC's): its checks apply (layers, kinds, shapes, finiteness; a ValueError naming the
 layer), so this is a mapping of that format (`kfac_fast.checkpoint.FORMAT_VERSION`), not a
-second one. A model layer absent from the checkpoint fails inside DCP first (its
-"Missing key in checkpoint state_dict"). Each rank gets back its own health counters and
+second one. What DCP itself must read is checked earlier: with `WeightsOnlyLoadPlanner`
+(kfac_fast.distributed.dcp_planner), a checkpoint of another method, a KFACPreconditioner's
+checkpoint loaded into a KFAC, a model layer absent from the checkpoint or a resized layer
+is a ValueError saying so, raised while DCP plans the reads (inside DCP's
+CheckpointException, on every rank); with DCP's default planner these surface as DCP's
+"Missing key in checkpoint state_dict" / "Size mismatch" instead. Each rank gets back its own health counters and
 refresh_stats when the world size is the saved one, rank 0's otherwise (as a file
 checkpoint loaded on every rank). Data-parallel, each rank's load (which reads only its
 share under "memory") is followed by one small agreement: a failure on one rank (e.g. a
@@ -51,7 +55,6 @@ tensors, under FSDP2 too: it steps on the unsharded parameters).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 from typing import Any
@@ -59,21 +62,16 @@ from typing import Any
 import torch
 
 from ..checkpoint import FORMAT_VERSION, _check_saveable
+from ..layers.base import METHODS
+from ..preconditioner.state import StateMixin, _expected_shapes
+from .checkpoint_sync import result_names
 from .collectives import _dist
+from .dcp_planner import _weights_only_planner
 
 LAYOUT = "kfac_fast.distributed.dcp v1"
 FACTORS = ("a_factor", "g_factor")
-RESULTS = {"eigen": ("qa", "da", "qg", "dg"), "inverse": ("a_inv", "g_inv"), "ekfac": ("qa", "da", "qg", "dg")}
+RESULTS = {m: result_names(m) for m in METHODS}
 EXPECTED = {m: FACTORS + r + (("scales",) if m == "ekfac" else ()) for m, r in RESULTS.items()}
-_COUNTS = ("a_count", "g_count", "scale_count")
-
-
-def _shape(layer: Any, t: str) -> tuple:
-    a, g = layer.a_dim, layer.g_dim
-    if t == "a_factor":
-        return tuple(layer.a_shape())
-    return {"g_factor": (g, g), "qa": (a, a), "da": (a,), "qg": (g, g), "dg": (g,), "a_inv": (a, a),
-            "g_inv": (g, g), "scales": (g, a)}[t]
 
 
 def _wanted(precond: Any, name: str, t: str) -> bool:
@@ -150,10 +148,10 @@ def precond_state(precond: Any) -> dict:
         mine = {t for t in EXPECTED[method] if _wanted(precond, name, t)}
         device = layer.module.weight.device
         tensors[name] = {t: entry[t] if entry.get(t) is not None
-                         else torch.zeros(_shape(layer, t), dtype=precond.factor_dtype, device=device)
+                         else torch.zeros(_expected_shapes(layer)[t], dtype=precond.factor_dtype, device=device)
                          for t in EXPECTED[method] if t in mine}
         layers[name] = {"present": sorted(t for t in mine if entry.get(t) is not None),
-                        **{c: entry[c] for c in _COUNTS if c in entry},
+                        **{c: entry[c] for c in StateMixin._COUNTS if c in entry},
                         "kind": entry["kind"], "has_bias": entry["has_bias"]}
     mine_only = {k: v for k, v in state.items() if k not in ("steps", "method", "layers", "distributed")}
     ranks = _gather(precond, {"layers": layers, **mine_only}, "the DCP checkpoint's metadata gather")
@@ -189,36 +187,6 @@ def load_precond_state(precond: Any, view: dict) -> tuple[dict, set]:
         if all(t in present for t in RESULTS.get(meta["method"], ())):
             ready.add(name)
     return {"steps": meta["steps"], "method": meta["method"], "layers": layers, **per_rank}, ready
-
-
-@functools.cache
-def _weights_only_planner() -> type:
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-
-    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-        """DCP's DefaultLoadPlanner, except that every non-tensor value of the checkpoint
-        (DCP writes them with torch.save) is read back with `torch.load(weights_only=True)`
-        instead of DCP's `weights_only=False`, so a crafted checkpoint cannot run code during
-        `dcp.load`: `dcp.load(state, checkpoint_id=path, planner=WeightsOnlyLoadPlanner())`.
-        A value weights_only refuses is a ValueError naming its key (inside DCP's
-        CheckpointException when a process group runs)."""
-
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            fqn = read_item.dest_index.fqn
-            try:
-                obj = torch.load(value, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                why = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
-                raise ValueError(f"WeightsOnlyLoadPlanner: the checkpoint's value {fqn!r} does not load with "
-                                 f"weights_only=True ({why[0] if why else f'{type(exc).__name__}: {exc}'})") from None
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[fqn], obj)
-            else:
-                self.state_dict[fqn] = obj
-
-    WeightsOnlyLoadPlanner.__module__, WeightsOnlyLoadPlanner.__qualname__ = __name__, "WeightsOnlyLoadPlanner"
-    return WeightsOnlyLoadPlanner
 
 
 def __getattr__(name: str) -> Any:
