@@ -520,3 +520,28 @@ def test_weights_only_load_planner_gives_kfac_fast_errors(tmp_path):
     wider = nn.Sequential(*make_model(), nn.Tanh(), nn.Linear(3, 2)).double()
     message = load(KFACPreconditioner(wider, distributed=False, **KW))
     assert "model layers missing from the checkpoint: ['6']" in message, message
+
+
+def test_metadata_gather_sends_host_copies(monkeypatch):
+    """What the metadata all_gather_object gathers (health counters are device tensors)
+    goes as CPU copies, never the preconditioner's own tensors (pickling a cuda tensor
+    would ship a device tensor through the gloo group). Simulated with a recording
+    all_gather_object: the gathered counter must not share the live counter's storage
+    (it does without the copies). Unmeasured on GPU."""
+    import contextlib
+    import types
+
+    from kfac_fast.distributed import dcp as kdcp
+    live = torch.ones((), dtype=torch.int64)
+    sent: list = []
+
+    def all_gather_object(out, obj, group=None):
+        sent.append(obj)
+        out[0] = obj
+    monkeypatch.setattr(kdcp, "_dist", lambda: types.SimpleNamespace(all_gather_object=all_gather_object))
+    driver = types.SimpleNamespace(world_size=1, meta_group=None, _collective=lambda what: contextlib.nullcontext())
+    got = kdcp._gather(types.SimpleNamespace(distributed=driver), {"health": {"causes": {"x": live}}}, "test")
+    gathered = sent[0]["health"]["causes"]["x"]
+    assert gathered.device.type == "cpu" and torch.equal(gathered, live)
+    assert gathered.untyped_storage().data_ptr() != live.untyped_storage().data_ptr()
+    assert got == [sent[0]]
