@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from kfac_fast import KFACPreconditioner
 from kfac_fast.curves import make_curves
 from kfac_fast.demo import build_autoencoder
-from kfac_fast.distributed import DistributedOptions, KFACState
+from kfac_fast.distributed import DistributedOptions, KFACState, WeightsOnlyLoadPlanner
 
 
 class Checkpointed(nn.Module):
@@ -103,7 +103,8 @@ def main(argv: Optional[list] = None) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         state = checkpoint_state(model, optimizer, precond, 0)
-        dcp.load(state, checkpoint_id=args.resume)  # every rank; K-FAC's state is loaded by KFACState
+        # every rank; K-FAC's state is loaded by KFACState; non-tensor values read weights_only
+        dcp.load(state, checkpoint_id=args.resume, planner=WeightsOnlyLoadPlanner())
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         first = state["step"]
