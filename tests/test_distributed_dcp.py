@@ -17,12 +17,9 @@ strategies order their floating-point work differently).
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import io
-import queue as queue_mod
 import tempfile
-import traceback
 
 import pytest
 import torch
@@ -31,7 +28,7 @@ from torch import nn
 
 from kfac_fast import KFACPreconditioner
 from kfac_fast import distributed as kd
-from tests.adversarial._dist_harness import running_world
+from tests.adversarial._dist_harness import collect_world, every_rank, reporting_rank
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
@@ -261,10 +258,7 @@ def check_example(rank, world, root) -> dict:
 
 def worker(root: str, rank: int, world: int, port: int, results) -> None:
     torch.set_num_threads(1)
-    out: dict = {}
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+    with reporting_rank(rank, world, port, results, timeout_s=60) as out:
         for strategy, factor_sync in CASES:
             out[strategy] = check_fsdp(rank, world, root, strategy, factor_sync)
         out["ddp_memory"] = check_fsdp(rank, world, root, "memory", "inverse", ddp=True)
@@ -276,12 +270,6 @@ def worker(root: str, rank: int, world: int, port: int, results) -> None:
         out["kfac"] = check_kfac(rank, world, root, fsdp=False)
         out["kfac_fsdp"] = check_kfac(rank, world, root, fsdp=True)
         out["example"] = check_example(rank, world, root)
-    except Exception:
-        out["crash"] = traceback.format_exc()
-    finally:
-        results.put((rank, out))
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 _RESULTS: dict = {}
@@ -289,22 +277,10 @@ _RESULTS: dict = {}
 
 @pytest.fixture(scope="module")
 def world2():
-    if "got" not in _RESULTS:
-        root = tempfile.mkdtemp(prefix="kfac_dcp_")
-        got: dict = {}
-        with running_world(functools.partial(worker, root), 2, join_s=30) as results:
-            try:
-                for _ in range(2):
-                    rank, out = results.get(timeout=150)
-                    got[rank] = out
-            except queue_mod.Empty:
-                pass
-        _RESULTS.update(got=got, root=root)
-    got = _RESULTS["got"]
-    assert sorted(got) == [0, 1], f"only ranks {sorted(got)} of 2 reported"
-    for rank, out in got.items():
-        assert "crash" not in out, f"rank {rank} crashed:\n{out['crash']}"
-    return got, _RESULTS["root"]
+    if "root" not in _RESULTS:
+        _RESULTS["root"] = tempfile.mkdtemp(prefix="kfac_dcp_")
+    root = _RESULTS["root"]
+    return every_rank(collect_world(functools.partial(worker, root), 2, _RESULTS, join_s=30, wait_s=150), 2), root
 
 
 @pytest.mark.parametrize("strategy", [s for s, _ in CASES] + ["ddp_memory", "inverse_memory", "inverse_communication",

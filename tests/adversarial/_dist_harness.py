@@ -120,3 +120,11 @@ def collect_world(target, world: int, cache: dict, *, join_s: float = 30, wait_s
                 pass
         cache[world] = got
     return cache[world]
+
+
+def every_rank(got: dict, world: int) -> dict:
+    """`got` (rank -> report) after asserting that every rank reported and none crashed."""
+    assert sorted(got) == list(range(world)), f"only ranks {sorted(got)} of {world} reported"
+    for rank, out in got.items():
+        assert "crash" not in out, f"rank {rank} crashed:\n{out['crash']}"
+    return got
