@@ -215,7 +215,9 @@ class EigenAdam(torch.optim.Optimizer):
             if w.grad is None or (b is not None and b.grad is None):
                 raise ValueError(f"EigenAdam: layer {layer.name!r} has a gradient for only one of weight and "
                                  "bias; it updates [W | b] together (freeze both or neither)")
-            g = w.grad if b is None else torch.cat([w.grad, b.grad[:, None]], dim=1)
+            # the moments live in the basis dtype (factor_dtype), the update goes back in the
+            # parameter's: for a float32 model with float32 factors both casts are no-ops
+            g = (w.grad if b is None else torch.cat([w.grad, b.grad[:, None]], dim=1)).to(self.precond.factor_dtype)
             qa, qg = basis
             if not s:
                 s.update(step=0, exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g))
@@ -228,7 +230,7 @@ class EigenAdam(torch.optim.Optimizer):
             u = s["exp_avg"] / denom
             if qa is not None:
                 u = qg @ u @ qa.T
-            u.mul_(lr / (1 - b1 ** t))
+            u = u.mul_(lr / (1 - b1 ** t)).to(w.dtype)
             if wd != 0:
                 w.mul_(1 - lr * wd)
                 if b is not None:
@@ -279,6 +281,16 @@ class EigenAdam(torch.optim.Optimizer):
         rest = {k: v for k, v in state_dict.items() if k != "kfac"}
         super().load_state_dict(rest)
         self._share()
+        # torch casts the state to each parameter's dtype: the moments live in factor_dtype,
+        # so take them from the saved tensors again (a no-op for float32 models and factors)
+        for layer in self.dense:
+            ids = [i for i, p in index.items() if p is layer.module.weight]
+            entry = state_dict["state"].get(ids[0], {}) if ids else {}
+            s = self.state[layer.module.weight]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in entry:
+                    s[key] = entry[key].to(device=layer.module.weight.device, dtype=self.precond.factor_dtype,
+                                           copy=True)
         # the moments were saved in the bases the preconditioner saved with them
         self._bases = {layer.name: (layer.qa, layer.qg) for layer in self.dense}
 

@@ -425,3 +425,36 @@ def test_fsdp2_on_a_group_of_one_is_refused():
     out = got[0]
     assert "crash" not in out, out["crash"]
     assert "FSDP2" in out["fsdp"] and "whole gradient" in out["fsdp"], out
+
+
+# ---------------------------------------------------------------------------------------
+# review fixes (wave 5, EA-FIX)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "float64"])
+def test_a_model_in_another_dtype_than_the_factors_trains_and_resumes(dtype):
+    """Weights in bf16 / float64, factors in float32 (the default): the gradient is rotated
+    in the factors' dtype, the moments stay there (also through a state_dict round trip,
+    where torch would cast them to the parameter's dtype), the update goes back in the
+    weights' dtype. Refreshes at steps 0, 3, 6: the basis changes while training."""
+    torch.manual_seed(0)
+    model = Tiny().to(dtype)
+    opt = EigenAdam(model, **KW)
+    before = model.fc1.weight.detach().clone()
+    train(model, opt, range(4))
+    assert model.fc1.weight.dtype == dtype and not torch.equal(model.fc1.weight, before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = opt.state[model.fc1.weight]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    train(model, opt, range(4, 8))
+    torch.manual_seed(0)
+    model2 = Tiny().to(dtype)
+    opt2 = EigenAdam(model2, **KW)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    state2 = opt2.state[model2.fc1.weight]
+    assert state2["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(state2["exp_avg"], saved["opt"]["state"][0]["exp_avg"], rtol=0, atol=0)
+    train(model2, opt2, range(4, 8))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
