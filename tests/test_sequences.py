@@ -402,3 +402,62 @@ def test_linear_reduce_without_a_sequence_is_expand_and_use_reduce_checks_its_ar
     assert [layer.kind for layer in pre.layers.values()] == ["linear", "linear_reduce", "embedding"]
     with pytest.raises(ValueError, match=r"layers \['0.2'\]"):  # already reduce
         use_reduce(pre, ["0.2"])
+
+
+def test_linear_reduce_and_row_masks_refuse_each_other():
+    """K-FAC-reduce is not row-maskable: padded positions would enter its input mean, its
+    summed output gradient and the "tokens" scale. set_row_mask after use_reduce and
+    use_reduce after set_row_mask both raise; None still clears."""
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    pre = KFACPreconditioner(token_mlp())
+    use_reduce(pre, ["2"])
+    with pytest.raises(ValueError, match=r"layer '2' is K-FAC-reduce .*not supported with K-FAC-reduce"):
+        pre.set_row_mask(mask)
+    assert pre._row_mask is None
+    pre.set_row_mask(None)
+    pre = KFACPreconditioner(token_mlp())
+    pre.set_row_mask(mask)
+    with pytest.raises(ValueError, match="row mask is set.*not supported with K-FAC-reduce"):
+        use_reduce(pre)
+    assert [layer.kind for layer in pre.layers.values()] == ["linear", "linear"]
+    pre.set_row_mask(None)
+    assert use_reduce(pre) == ["0", "2"]
+
+
+@pytest.mark.parametrize("in_hooks", [False, True])
+def test_use_reduce_refuses_layers_that_already_hold_captures(in_hooks):
+    """A forward/backward captured before use_reduce (no step yet) would mix expand inputs
+    with reduce gradients in the first update: refused, for held and hooks-mode captures,
+    after a forward alone too."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, D_IN, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 3, D_OUT, generator=gen, dtype=torch.float64)
+    for backward in (True, False):
+        model = token_mlp()
+        pre = KFACPreconditioner(model, update_factors_in_hooks=in_hooks)
+        loss = seq_loss(model(x), y)
+        if backward:
+            loss.backward()
+        with pytest.raises(ValueError, match=r"layers \['0', '2'\] already hold captures"):
+            use_reduce(pre)
+        assert [layer.kind for layer in pre.layers.values()] == ["linear", "linear"]
+    model = token_mlp()
+    pre = KFACPreconditioner(model)
+    with torch.no_grad():
+        model(x)  # not captured: nothing held
+    assert use_reduce(pre) == ["0", "2"]
+
+
+def test_linear_reduce_empty_sequence_gives_finite_factors():
+    """L = 0 positions: each example's input mean is taken as zeros (not mean's NaN over
+    an empty dim); its gradient sum is zeros already. The factors stay finite."""
+    model = token_mlp()
+    pre = KFACPreconditioner(model, kl_clip=None, factor_dtype=torch.float64)
+    use_reduce(pre)
+    layer = pre.layers["0"]
+    a = layer.batched_input(torch.randn(2, 0, D_IN, dtype=torch.float64))
+    assert a.shape == (2, D_IN) and torch.equal(a, torch.zeros(2, D_IN, dtype=torch.float64))
+    x = torch.randn(2, 3, D_IN, dtype=torch.float64)
+    torch.testing.assert_close(layer.batched_input(x), x.mean(1), rtol=0, atol=0)
+    g = layer.grad_rows(torch.randn(2, 0, D_OUT, dtype=torch.float64))
+    assert g.shape == (2, 0, D_OUT)

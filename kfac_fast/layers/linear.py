@@ -20,9 +20,11 @@ Fisher of the per-sequence loss; reduce is exact for one example whose L inputs 
 equal. An (N, d) input (no sequence) gives the same factors as expand. The output
 gradient reaches the factor update as the L rows gsum_n / sqrt(L) (a broadcast view),
 so the row count behind S stays expand's N*L and G costs what expand's does; A costs
-1/L of it. Not with `set_row_mask` (padded tokens would count: the layer is not
-row-maskable) and not with method "ekfac" (its per-example gradients are not the
-reduced rows').
+1/L of it. Not with `set_row_mask` (padded tokens would count in the means, the sums
+and the "tokens" scale: `set_row_mask` and `use_reduce` refuse each other) and not with
+method "ekfac" (its per-example gradients are not the reduced rows'). The sequence must
+be a leading dim of the layer's input: a model that flattens its tokens to (N*T, d)
+before a Linear gets expand's factors for it (each row its own example).
 """
 from __future__ import annotations
 
@@ -75,7 +77,10 @@ class LinearReduce(Linear):
     def batched_input(self, x: Tensor) -> Tensor:
         """(N, d_in): each example's inputs averaged over its positions."""
         x = super().batched_input(x)
-        return x if x.dim() <= 2 else x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)
+        if x.dim() <= 2:
+            return x
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        return rows.mean(dim=1) if rows.shape[1] else rows.sum(dim=1)  # L = 0: zeros, not mean's NaN
 
     def grad_rows(self, g: Tensor) -> Tensor:
         """(N, L, d_out): each example's summed output gradient / sqrt(L), broadcast to
@@ -94,11 +99,21 @@ def use_reduce(precond: Any, layers: Optional[Iterable[str]] = None) -> list[str
     named in `layers`, to K-FAC-reduce; returns their names. Call it after construction
     and before the first `step()` (a factor must not mix expand and reduce statistics).
 
-    ValueError: a step was taken, the method is not "eigen"/"inverse", or a name in
-    `layers` is not a registered (expand) Linear layer of `precond`.
+    The sequence must be a leading dim of each layer's input, (N, ..., d_in): a model that
+    flattens its tokens to (N*T, d_in) before a Linear gets K-FAC-expand's factors for that
+    layer (every row is taken for an example of its own), silently.
+
+    ValueError: a step was taken, a layer to switch already holds captures or factor
+    updates (a forward/backward since construction: they would mix expand and reduce
+    statistics), a row mask is set (`set_row_mask`: not supported with K-FAC-reduce), the
+    method is not "eigen"/"inverse", or a name in `layers` is not a registered (expand)
+    Linear layer of `precond`.
     """
     if precond.steps:
         raise ValueError(f"use_reduce: call it before the first step (precond has taken {precond.steps})")
+    if precond._row_mask is not None:
+        raise ValueError("use_reduce: a row mask is set (set_row_mask): masks are not supported with "
+                         "K-FAC-reduce; clear it (set_row_mask(None)) first")
     if precond.method not in LinearReduce.methods:
         raise ValueError(f"use_reduce: method={precond.method!r} is not supported (K-FAC-reduce supports "
                          f"{' or '.join(map(repr, LinearReduce.methods))})")
@@ -111,6 +126,24 @@ def use_reduce(precond: Any, layers: Optional[Iterable[str]] = None) -> list[str
         if bad:
             raise ValueError(f"use_reduce: layers {bad} are not registered nn.Linear layers (K-FAC-expand) "
                              f"of this preconditioner; those are {linear}")
+    held = [name for name in names if _holds_captures(precond.layers[name])]
+    if held:
+        raise ValueError(f"use_reduce: layers {held} already hold captures or factor updates (a forward or "
+                         "backward ran since construction): call use_reduce before the first forward")
     for name in names:
         precond.layers[name].__class__ = LinearReduce  # same state, reduced captures from now on
     return names
+
+
+def _holds_captures(layer: Linear) -> bool:
+    return bool(layer.inputs or layer.grads or layer.edges or layer.a_count or layer.g_count
+                or layer.fired_forward or layer.fired_backward)
+
+
+def refuse_row_mask(layers: Iterable[Any]) -> None:
+    """ValueError naming the first K-FAC-reduce layer among `layers` (set_row_mask's check)."""
+    for layer in layers:
+        if isinstance(layer, LinearReduce):
+            raise ValueError(f"set_row_mask: layer {layer.name!r} is K-FAC-reduce (use_reduce): row masks are "
+                             "not supported with K-FAC-reduce (padded positions would enter its input mean, "
+                             "summed output gradient and scale)")

@@ -15,6 +15,7 @@ import torch
 from .. import row_mask as row_masks
 from ..fisher import ExampleSeed, canonical_loss, sampled_output_grad
 from ..layers import KFACLayer
+from ..layers.linear import refuse_row_mask
 from ..schedules import require_int
 from .base import PreconditionerBase
 
@@ -110,8 +111,11 @@ class CaptureMixin(PreconditionerBase):
         (N, T) tensor, True for real tokens, applied to every nn.Linear whose input has
         leading dims exactly (N, T), and to every registered norm (extra_kinds) whose
         input rows are (N, T, d). It holds until `step()` (which clears it) or the next
-        call; None clears it. Methods "eigen"/"inverse" with fisher="empirical"."""
+        call; None clears it. Methods "eigen"/"inverse" with fisher="empirical", and no
+        K-FAC-reduce layer (`use_reduce`)."""
         mask = row_masks.check_row_mask(mask)
+        if mask is not None:
+            refuse_row_mask(self.layers.values())
         if mask is not None and (self.method == "ekfac" or self.fisher == "mc"):
             raise ValueError(f"set_row_mask supports method 'eigen'/'inverse' with fisher='empirical', "
                              f"this preconditioner has method={self.method!r}, fisher={self.fisher!r}")
