@@ -166,6 +166,15 @@ class EigenAdam(torch.optim.Optimizer):
         if any(_is_dtensor(p) for layer in self.dense for p in layer.module.parameters()):
             self.precond.remove_hooks()  # FSDP2 on a group of one rank: no driver, DTensor parameters
             raise NotImplementedError(_FSDP)
+        for layer in self.dense:
+            m = layer.module
+            if any(getattr(m, k) is not None and not (isinstance(getattr(m, k), nn.Parameter)
+                                                      and m._parameters.get(k) is getattr(m, k))
+                   for k in ("weight", "bias")):
+                self.precond.remove_hooks()
+                raise ValueError(f"model: layer {layer.name!r} has a weight or bias that is not its own "
+                                 "nn.Parameter (a parametrization, weight_norm?): EigenAdam writes its update "
+                                 "into module.weight / module.bias; remove the parametrization or skip the layer")
         self.precond.owned = frozenset(layer.name for layer in self.dense)
         ids = {id(p) for layer in self.dense for p in layer.module.parameters()}
         rest = [p for p in model.parameters() if id(p) not in ids]

@@ -458,3 +458,17 @@ def test_a_model_in_another_dtype_than_the_factors_trains_and_resumes(dtype):
     train(model2, opt2, range(4, 8))
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["parametrize", "weight_norm"])
+def test_a_parametrized_linear_is_refused_by_name(kind):
+    """A Linear whose weight is computed (torch.nn.utils.parametrize, weight_norm) is refused
+    at construction, naming the layer (before: accepted, then failed at the first step)."""
+    torch.manual_seed(0)
+    model = Tiny()
+    if kind == "parametrize":
+        torch.nn.utils.parametrize.register_parametrization(model.fc1, "weight", nn.Identity())
+    else:
+        torch.nn.utils.parametrizations.weight_norm(model.fc1)
+    with pytest.raises(ValueError, match="'fc1'.*not its own nn.Parameter"):
+        EigenAdam(model, **KW)
