@@ -19,6 +19,7 @@ block for it (embeddings, opt-in norms) and on the plain one otherwise.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Optional
 
@@ -286,9 +287,21 @@ class EigenAdam(torch.optim.Optimizer):
                 if key in entry and tuple(entry[key].shape) != want:
                     raise ValueError(f"state_dict: layer {layer.name!r} has {key} of shape "
                                      f"{tuple(entry[key].shape)}, this model's needs {want}")
+        # torch's part can still raise (its own checks, hooks): then the preconditioner goes
+        # back to its state before, and the moments to the bases they were in
+        backup = copy.deepcopy(self.precond.state_dict())
+        current = {layer.name: (layer.qa, layer.qg) for layer in self.dense}
         self.precond.load_state_dict(state_dict["kfac"])
         rest = {k: v for k, v in state_dict.items() if k != "kfac"}
-        super().load_state_dict(rest)
+        try:
+            super().load_state_dict(rest)
+        except BaseException:
+            self.precond.load_state_dict(backup)
+            for layer in self.dense:
+                basis = self._bases.get(layer.name)
+                if basis is not None and all(x is y for x, y in zip(basis, current[layer.name])):
+                    self._bases[layer.name] = (layer.qa, layer.qg)  # the same values, new tensors
+            raise
         self._share()
         # torch casts the state to each parameter's dtype: the moments live in factor_dtype,
         # so take them from the saved tensors again (a no-op for float32 models and factors)

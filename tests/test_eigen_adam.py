@@ -472,3 +472,27 @@ def test_a_parametrized_linear_is_refused_by_name(kind):
         torch.nn.utils.parametrizations.weight_norm(model.fc1)
     with pytest.raises(ValueError, match="'fc1'.*not its own nn.Parameter"):
         EigenAdam(model, **KW)
+
+
+def test_a_load_whose_torch_part_raises_changes_nothing():
+    """torch's Optimizer.load_state_dict raising after the preconditioner's state was loaded
+    (here from a load_state_dict pre-hook) leaves the optimizer as it was: training on
+    through two refreshes equals an untouched run bit for bit."""
+    other_model, other = fresh()
+    train(other_model, other, range(7))
+    foreign = copy.deepcopy(other.state_dict())  # other factors, bases and moments
+
+    def refuse(optimizer, state_dict):
+        raise RuntimeError("refused by a pre-hook")
+
+    model, opt = fresh()
+    ref_model, ref = fresh()
+    train(model, opt, range(5))
+    train(ref_model, ref, range(5))
+    opt.register_load_state_dict_pre_hook(refuse)
+    with pytest.raises(RuntimeError, match="pre-hook"):
+        opt.load_state_dict(foreign)
+    train(model, opt, range(5, 11))
+    train(ref_model, ref, range(5, 11))
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
