@@ -10,6 +10,7 @@ rank but rank 0), so torch.chunk's uneven and empty shards are exercised.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -685,3 +686,63 @@ def test_fsdp_with_distributed_false_is_refused(world_results):
     for rank, out in got.items():
         msg = out["distributed_false"]
         assert "distributed=False" in msg and f"mesh of {world} devices" in msg, f"rank {rank}: {msg}"
+
+
+# ---- local_whole (single process, no group) ----------------------------------------------
+class _FakeDTensor(torch.Tensor):
+    """Stands in for a DTensor `.grad` on a 1-device mesh; `to_local` fails when `broken`."""
+
+    broken = False
+
+    class device_mesh:
+        @staticmethod
+        def size():
+            return 1
+
+    def to_local(self):
+        if self.broken:
+            raise RuntimeError("to_local failed")
+        return self.detach().as_subclass(torch.Tensor)
+
+
+def _fake_dtensor_grad(t: torch.Tensor, broken: bool) -> torch.Tensor:
+    g = torch.Tensor._make_subclass(_FakeDTensor, t)
+    g.broken = broken
+    return g
+
+
+def test_local_whole_restores_a_partial_swap(monkeypatch):
+    """A swap that fails half-way (the bias's to_local raises after the weight's was
+    swapped) leaves every `.grad` the DTensor it was, not the weight's local tensor."""
+    from kfac_fast.distributed import sharded_grads
+    monkeypatch.setattr(sharded_grads, "_dtensor_type", lambda: _FakeDTensor)
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", sys.modules.get("torch.distributed.tensor", math))
+    lin = nn.Linear(3, 2).double()
+    pre = KFACPreconditioner(lin)
+    weight = _fake_dtensor_grad(torch.randn(2, 3, dtype=torch.float64), broken=False)
+    bias = _fake_dtensor_grad(torch.randn(2, dtype=torch.float64), broken=True)
+    lin.weight.grad, lin.bias.grad = weight, bias
+    with pytest.raises(RuntimeError, match="to_local failed"):
+        with sharded_grads.local_whole(list(pre.layers.values())):
+            pass
+    assert lin.weight.grad is weight and lin.bias.grad is bias
+    bias.broken = False
+    with sharded_grads.local_whole(list(pre.layers.values())):
+        assert type(lin.weight.grad) is torch.Tensor and type(lin.bias.grad) is torch.Tensor
+    assert lin.weight.grad is weight and lin.bias.grad is bias
+
+
+def test_local_whole_looks_at_nothing_without_torch_distributed_tensor(monkeypatch):
+    """No torch.distributed.tensor imported: no DTensor can exist, so the parameter loop
+    (and the DTensor import) is skipped."""
+    from kfac_fast.distributed import sharded_grads
+
+    def no_lookup():
+        raise AssertionError("looked for DTensor")
+    monkeypatch.setattr(sharded_grads, "_dtensor_type", no_lookup)
+    monkeypatch.delitem(sys.modules, "torch.distributed.tensor", raising=False)
+    lin = nn.Linear(3, 2).double()
+    pre = KFACPreconditioner(lin)
+    lin(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    with sharded_grads.local_whole(list(pre.layers.values())):
+        pass

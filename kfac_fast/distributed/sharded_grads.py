@@ -16,6 +16,7 @@ and `.grad` is the DTensor again; on an exception the shards are left as they we
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -121,7 +122,12 @@ def local_whole(layers: list) -> Iterator[None]:
     `.grad` of the parameters of `layers` that is a DTensor on a 1-device mesh (FSDP2 on a
     world of one: whole already) at its `.to_local()` (the same storage, so writes go
     through) and restore the DTensor on exit. A DTensor `.grad` on a larger mesh raises
-    ValueError: sharded gradients need the distributed driver."""
+    ValueError: sharded gradients need the distributed driver. Without
+    torch.distributed.tensor imported no DTensor can exist: nothing is looked at (and
+    that package is not imported on a single-process step)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        yield
+        return
     dtensor = _dtensor_type()
     swapped = []
     if dtensor is not None:
@@ -132,9 +138,9 @@ def local_whole(layers: list) -> Iterator[None]:
                     continue
                 refuse_multi_device(layer, g)
                 swapped.append((p, g))
-    for p, g in swapped:
-        p.grad = g.to_local()
     try:
+        for p, g in swapped:  # a failed swap restores those done (and resets the rest to themselves)
+            p.grad = g.to_local()
         yield
     finally:
         for p, g in swapped:
