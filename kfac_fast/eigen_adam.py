@@ -39,7 +39,13 @@ class _BasisOnly(KFACPreconditioner):
     owned: frozenset = frozenset()
 
     def _guarded_precondition(self, layers: list) -> None:
+        # filtered here too, so that the non-finite guard checks only the gradients it rewrites
         super()._guarded_precondition([layer for layer in layers if layer.name not in self.owned])
+
+    def _precondition(self, layers: list) -> None:
+        # every path ends here (step's guarded one, already filtered: a no-op, and
+        # repeat_precondition, which calls it directly)
+        super()._precondition([layer for layer in layers if layer.name not in self.owned])
 
 
 def _number(name: str, value: Any, low: float, *, strict: bool = False, high: Optional[float] = None) -> float:

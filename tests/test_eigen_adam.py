@@ -496,3 +496,15 @@ def test_a_load_whose_torch_part_raises_changes_nothing():
     train(ref_model, ref, range(5, 11))
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_repeat_precondition_leaves_the_linear_gradients_alone():
+    """precond.repeat_precondition (which bypasses the guarded path) re-preconditions the
+    embedding but leaves the Linear layers' raw gradients, which EigenAdam reads, alone."""
+    model, opt = fresh()
+    train(model, opt, range(4))
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.precond.repeat_precondition()
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight"):
+        torch.testing.assert_close(model.get_parameter(name).grad, raw[name], rtol=0, atol=0)
+    assert not torch.equal(model.emb.weight.grad, raw["emb.weight"])
