@@ -223,6 +223,13 @@ class EigenAdam(torch.optim.Optimizer):
             w, b = layer.module.weight, layer.module.bias
             basis = (layer.qa, layer.qg)  # (None, None) before the first refresh: the identity
             s = self.state[w]
+            # a basis change is detected by identity: a refresh assigns new tensors
+            # (preconditioner/refresh.py _refresh_eigen: layer.qa, layer.qg = eigh's outputs;
+            # distributed/data_parallel.py: owners setattr eigh's outputs, the other ranks
+            # allocate new tensors in _result_tensors before the broadcast), and so do
+            # load_state_dict (preconditioner/state.py). A decomposition kept after a failed eigh
+            # keeps its tensor single-process (no rotation); data-parallel, the ranks that do not
+            # own it still get a new tensor and rotate m by Q^T Q (the identity up to rounding)
             if s and (basis[0] is not self._bases[layer.name][0] or basis[1] is not self._bases[layer.name][1]):
                 s["exp_avg"] = _rotate(s["exp_avg"], self._bases[layer.name], basis)  # a refresh: carry m
             self._bases[layer.name] = basis
