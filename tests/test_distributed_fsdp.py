@@ -746,3 +746,30 @@ def test_local_whole_looks_at_nothing_without_torch_distributed_tensor(monkeypat
     lin(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
     with sharded_grads.local_whole(list(pre.layers.values())):
         pass
+
+
+def test_sharded_memory_zero_factors_take_the_held_factors_dtype(monkeypatch):
+    """A layer updated only on other ranks contributes zero factors to the reduce: in the
+    dtype of the factors this rank holds (float64 here) when no settings say it, as
+    Participation does, not float32 (the ranks' reduce buffers would disagree)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from kfac_fast.distributed.sharded_memory import ShardedMemory
+    pre = KFACPreconditioner(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double())
+    l0, l1 = pre.layers["0"], pre.layers["1"]
+    driver = SimpleNamespace(layers=pre.layers, participation=SimpleNamespace(dtype=None), rank=0,
+                             owners=lambda: {("0", "a"): 0, ("1", "a"): 1},
+                             row_weights=SimpleNamespace(of=lambda layers: [5, 2]),
+                             _timed=lambda what: nullcontext(), _collective=lambda what: nullcontext())
+    memory = ShardedMemory.__new__(ShardedMemory)
+    memory.driver, memory._prev = driver, {}
+    seen = []
+    monkeypatch.setattr(memory, "_reduce", lambda factors, weights, dsts: seen.extend(f.dtype for f in factors))
+    memory.before_update()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    l0.a_factor, l0.g_factor = torch.cov(x.T) + 1.0, torch.eye(4, dtype=torch.float64) * 2.0  # this step's stats
+    memory.after_update([l0], [l0, l1], 0.95, None)
+    assert seen == [torch.float64] * 4
+    assert l0.g_factor.dtype == torch.float64 and l1.a_factor is None  # layer "1" is rank 1's

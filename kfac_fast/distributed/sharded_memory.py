@@ -65,6 +65,18 @@ class ShardedMemory:
         self.output_ok: Optional[torch.Tensor] = None
         self._prev: dict = {}  # layer name -> (a_count, g_count, owner's previous (A, G) or None)
 
+    def _factor_dtype(self, saved: dict) -> torch.dtype:
+        """The factors' dtype, as `Participation._resync` tells it (the settings, else a
+        factor this rank holds, or one set aside in `saved`), so every rank's buffers agree;
+        RuntimeError where this rank can tell neither."""
+        d = self.driver
+        held = [layer.g_factor for layer in d.layers.values()]
+        held += [prev[1] for _, _, prev in saved.values() if prev is not None]
+        dtype = d.participation.dtype or next((f.dtype for f in held if f is not None), None)
+        if dtype is None:
+            raise RuntimeError("kfac_fast.distributed: cannot tell the factor dtype (settings were not passed)")
+        return dtype
+
     def _mine(self, layer: Any) -> bool:
         return self.driver.owners()[(layer.name, "a")] == self.driver.rank
 
@@ -107,7 +119,7 @@ class ShardedMemory:
             if name not in names:
                 self._prev[name] = saved[name]
         self.restore()  # the layers not updated anywhere
-        dtype = d.participation.dtype or torch.float32
+        dtype = self._factor_dtype(saved)
         factors, weights, dsts = [], [], []
         owners = d.owners()
         for layer in updated:
@@ -198,7 +210,7 @@ class ShardedMemory:
         from .collectives import broadcast_from_owners_
         d = self.driver
         owners = d.owners()
-        dtype = d.participation.dtype or torch.float32
+        dtype = self._factor_dtype(self._prev)
         tensors, item_owners = [], []
         for layer in d.layers.values():
             if layer.a_count == 0:
