@@ -773,3 +773,37 @@ def test_sharded_memory_zero_factors_take_the_held_factors_dtype(monkeypatch):
     memory.after_update([l0], [l0, l1], 0.95, None)
     assert seen == [torch.float64] * 4
     assert l0.g_factor.dtype == torch.float64 and l1.a_factor is None  # layer "1" is rank 1's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_vector_is_the_elementwise_weights_in_one_stack(dtype):
+    """weighting.weight_vector (the factor averaging's and ShardedMemory._reduce's weights)
+    gives exactly what `ws[i] = w` gave, for Python numbers, device tensors of another
+    dtype and a mix, and builds tensor weights with one stack, not one kernel per weight."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kfac_fast.distributed.weighting import weight_vector
+    like = torch.ones(2, 2, dtype=dtype)
+    cases = [[3, 7.25, 1 << 20], [torch.tensor(5), torch.tensor(2.5, dtype=torch.float64), torch.tensor(9)],
+             [4, torch.tensor(11), 0.1, torch.tensor(1.0 / 3.0, dtype=torch.float64)]]
+    for weights in cases:
+        old = like.new_empty(len(weights))
+        for i, w in enumerate(weights):
+            old[i] = w
+        got = weight_vector(weights, like)
+        assert got.dtype == dtype and torch.equal(got, old)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    weights = [torch.tensor(float(i + 1), dtype=dtype) for i in range(6)]
+    with Ops() as ops_seen:
+        weight_vector(weights, like)
+    assert len(ops_seen.names) <= 2 and not any(n.startswith(("copy_", "fill_")) for n in ops_seen.names), \
+        ops_seen.names

@@ -41,6 +41,7 @@ from ..schedules import running_average_weights
 from .collectives import _buckets, _dist, _nbytes, _wait
 from .owned import precondition_owned
 from .sharded_grads import _rest, chunk_rows, layer_parameters
+from .weighting import weight_vector
 
 
 class ShardedMemory:
@@ -161,9 +162,7 @@ class ShardedMemory:
             for idx in _buckets([(_triangle(factors[i]) + 1) * factors[i].element_size() for i in members],
                                 d.bucket_cap):
                 ids = [members[j] for j in idx]
-                ws = factors[ids[0]].new_empty(len(ids))
-                for k, i in enumerate(ids):
-                    ws[k] = weights[i]
+                ws = weight_vector([weights[i] for i in ids], factors[ids[0]])
                 flat = torch.cat([ops.pack_triangles([factors[i] * weights[i] for i in ids]), ws])
                 pending.append((owner, ids, flat, dist.reduce(flat, dst=self._src(owner), group=d.group,
                                                               async_op=True)))

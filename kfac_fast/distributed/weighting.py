@@ -51,6 +51,24 @@ class RowWeights:
         return [w for layer in layers for w in self.latest.get(layer.name, (1, 1))]
 
 
+def weight_vector(weights: list, like: torch.Tensor) -> torch.Tensor:
+    """`weights` (Python numbers and 0-dim device tensors) as one 1-D tensor of `like`'s
+    dtype and device, the values `ws[i] = w` gives, without a kernel per weight and
+    without a pageable host-to-device copy: the numbers go in one tensor (one pinned,
+    non-blocking copy off the CPU), the tensors join them in one torch.stack."""
+    numbers = [w for w in weights if not isinstance(w, torch.Tensor)]
+    host: Any = None
+    if numbers:
+        host = torch.tensor(numbers, dtype=like.dtype)
+        if like.device.type != "cpu":
+            host = host.pin_memory().to(like.device, non_blocking=True)
+        if len(numbers) == len(weights):
+            return host
+    rest = iter(host if host is not None else ())
+    return torch.stack([w.to(device=like.device, dtype=like.dtype) if isinstance(w, torch.Tensor) else next(rest)
+                        for w in weights])
+
+
 def allreduce_weighted_factors_(factors: list, weights: list, group: Any, bucket_cap_bytes: int) -> int:
     """factor <- sum_r w_r factor_r / sum_r w_r over the ranks of `group`, in place;
     returns the bytes all-reduced. Each bucket is the `ops.pack_triangles` buffer of the
@@ -64,10 +82,7 @@ def allreduce_weighted_factors_(factors: list, weights: list, group: Any, bucket
         return [(f.shape[0] * (f.shape[0] + 1) // 2 + 1) * item for f, _ in group_members]
 
     def pack(bucket: list) -> torch.Tensor:
-        # Python scalars and device tensors only: no host-to-device copy
-        ws = bucket[0][0].new_empty(len(bucket))
-        for i, (_, w) in enumerate(bucket):
-            ws[i] = w
+        ws = weight_vector([w for _, w in bucket], bucket[0][0])
         return torch.cat([ops.pack_triangles([f * w for f, w in bucket]), ws])
 
     def unpack(bucket: list, flat: torch.Tensor) -> None:
