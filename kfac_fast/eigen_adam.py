@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .distributed import DistributedOptions
+from .health import all_finite
 from .preconditioner import KFACPreconditioner
 
 __all__ = ["EigenAdam"]
@@ -117,6 +118,13 @@ class EigenAdam(torch.optim.Optimizer):
     `synced_state_dict()` bit-identically). Strategy "memory" is refused (a rank holds only
     the eigenbases it owns) and so are FSDP2-sharded layers, on a group of one rank too (the
     rotation needs each Linear layer's whole gradient); both raise NotImplementedError.
+
+    Non-finite gradients: with the preconditioner's guard_nonfinite (default on), a step in
+    which any Linear layer's gradient has a NaN/inf leaves every Linear layer's moments,
+    weight and bias as they were (one device-side flag, no host sync); the step count still
+    advances (it is a host int), and the skip is not counted in `precond.health()`. The
+    other parameters get torch's AdamW as it is (a non-finite gradient there reaches its
+    moments, as in plain AdamW).
 
     No host sync on the per-step path (the preconditioner's refresh steps aside). A closure
     is refused: call backward before `step()`.
@@ -217,6 +225,10 @@ class EigenAdam(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("EigenAdam.step: closure is not supported (call backward first)")
         self.precond.step()
+        # one device flag (no host sync): a step with a non-finite gradient on any of these
+        # layers leaves their moments and weights as they were (None: guard off or no gradient)
+        ok = all_finite([g for layer in self.dense for g in layer.param_grads()]) \
+            if self.precond.guard_nonfinite else None
         group = self.param_groups[0]
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         for layer in self.dense:
@@ -247,20 +259,25 @@ class EigenAdam(torch.optim.Optimizer):
             s["step"] += 1
             t = s["step"]
             r = g if qa is None else qg.T @ g @ qa
-            s["exp_avg"].lerp_(r, 1 - b1)
-            s["exp_avg_sq"].mul_(b2).addcmul_(r, r, value=1 - b2)
-            denom = (s["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(eps)
-            u = s["exp_avg"] / denom
+            m, v = s["exp_avg"], s["exp_avg_sq"]  # updated in place (the same tensors, see the guard below)
+            before = None if ok is None else (m.clone(), v.clone())
+            m.lerp_(r, 1 - b1)
+            v.mul_(b2).addcmul_(r, r, value=1 - b2)
+            denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+            u = m / denom
             if qa is not None:
                 u = qg @ u @ qa.T
             u = u.mul_(lr / (1 - b1 ** t)).to(w.dtype)
-            if wd != 0:
-                w.mul_(1 - lr * wd)
-                if b is not None:
-                    b.mul_(1 - lr * wd)
-            w.sub_(u[:, :w.shape[1]])
-            if b is not None:
-                b.sub_(u[:, -1])
+            if before is not None:
+                m.copy_(torch.where(ok, m, before[0]))
+                v.copy_(torch.where(ok, v, before[1]))
+            for p, delta in ((w, u[:, :w.shape[1]]), (b, None if b is None else u[:, -1])):
+                if p is None:
+                    continue
+                # the same operations in the same order as p.mul_(1 - lr wd); p.sub_(delta)
+                new = p * (1 - lr * wd) if wd != 0 else p
+                new = new - delta
+                p.copy_(new if ok is None else torch.where(ok, new, p))
         if self.adamw is not None:
             self.adamw.step()
         return None

@@ -508,3 +508,28 @@ def test_repeat_precondition_leaves_the_linear_gradients_alone():
     for name in ("fc1.weight", "fc1.bias", "fc2.weight"):
         torch.testing.assert_close(model.get_parameter(name).grad, raw[name], rtol=0, atol=0)
     assert not torch.equal(model.emb.weight.grad, raw["emb.weight"])
+
+
+def test_a_nonfinite_linear_gradient_leaves_moments_and_weights_alone():
+    """A step with a NaN/inf in one Linear layer's gradient changes no Linear layer's
+    weights, bias or moments (one device flag, no host sync), so training goes on finite;
+    the step count still advances (read on the host: it cannot depend on the flag)."""
+    model, opt = fresh()
+    train(model, opt, range(4))
+    linear = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("fc")}
+    moments = {k: opt.state[model.fc1.weight][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    for bad in (float("nan"), float("inf")):
+        x, y = batch(4)
+        opt.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        model.fc2.weight.grad[0, 0] = bad
+        opt.step()
+        for n, p in model.named_parameters():
+            if n in linear:
+                torch.testing.assert_close(p.detach(), linear[n], rtol=0, atol=0)
+        for k, m in moments.items():
+            torch.testing.assert_close(opt.state[model.fc1.weight][k], m, rtol=0, atol=0)
+    train(model, opt, range(5, 9))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    assert not torch.equal(model.fc1.weight.detach(), linear["fc1.weight"])
