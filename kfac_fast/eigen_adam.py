@@ -102,7 +102,8 @@ class EigenAdam(torch.optim.Optimizer):
     OneCycleLR, ...) changes both. `add_param_group` is refused (the split follows the model).
 
     State: per Linear layer, `self.state[layer.weight]` = {"step": t (int), "exp_avg": m,
-    "exp_avg_sq": v} (m and v of [W | b] in the current eigenbasis, shape (out, in + bias));
+    "exp_avg_sq": v} (m and v of [W | b] in the current eigenbasis, shape (out, in + bias),
+    in the preconditioner's factor_dtype whatever the weights' dtype);
     AdamW's usual state for the rest. `state_dict()` adds the preconditioner's state under
     "kfac" (factors and eigenbases), and `load_state_dict` restores both and re-attaches the
     moments to the loaded eigenbases, so a run resumed from `state_dict()` continues
