@@ -260,25 +260,30 @@ class EigenAdam(torch.optim.Optimizer):
             s["step"] += 1
             t = s["step"]
             r = g if qa is None else qg.T @ g @ qa
-            m, v = s["exp_avg"], s["exp_avg_sq"]  # updated in place (the same tensors, see the guard below)
-            before = None if ok is None else (m.clone(), v.clone())
-            m.lerp_(r, 1 - b1)
-            v.mul_(b2).addcmul_(r, r, value=1 - b2)
-            denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-            u = m / denom
+            m, v = s["exp_avg"], s["exp_avg_sq"]
+            if ok is None:
+                m_t, v_t = m.lerp_(r, 1 - b1), v.mul_(b2).addcmul_(r, r, value=1 - b2)
+            else:  # the same operations out of place, written back below where the step is finite
+                m_t, v_t = torch.lerp(m, r, 1 - b1), v.mul(b2).addcmul_(r, r, value=1 - b2)
+            denom = (v_t / (1 - b2 ** t)).sqrt_().add_(eps)
+            u = m_t / denom
             if qa is not None:
                 u = qg @ u @ qa.T
             u = u.mul_(lr / (1 - b1 ** t)).to(w.dtype)
-            if before is not None:
-                m.copy_(torch.where(ok, m, before[0]))
-                v.copy_(torch.where(ok, v, before[1]))
-            for p, delta in ((w, u[:, :w.shape[1]]), (b, None if b is None else u[:, -1])):
-                if p is None:
-                    continue
-                # the same operations in the same order as p.mul_(1 - lr wd); p.sub_(delta)
-                new = p * (1 - lr * wd) if wd != 0 else p
-                new = new - delta
-                p.copy_(new if ok is None else torch.where(ok, new, p))
+            decay: Any = 1 - lr * wd
+            if ok is not None:
+                torch.where(ok, m_t, m, out=m)  # in place: the state keeps its tensors
+                torch.where(ok, v_t, v, out=v)
+                u = torch.where(ok, u, 0.0)  # p - 0 == p
+                if wd != 0:  # p * 1 == p; a 0-dim tensor in p's dtype multiplies as the Python float does
+                    decay = torch.where(ok, torch.full((), decay, dtype=w.dtype, device=w.device), 1.0)
+            if wd != 0:
+                w.mul_(decay)
+                if b is not None:
+                    b.mul_(decay)
+            w.sub_(u[:, :w.shape[1]])
+            if b is not None:
+                b.sub_(u[:, -1])
         if self.adamw is not None:
             self.adamw.step()
         return None
