@@ -8,11 +8,12 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim import lr_scheduler
 
 from kfac_fast import KFAC
+from tests._bce_problem import bce_closure as closure_of
+from tests._bce_problem import random_batches as batches
 
 DT = torch.float64
 
@@ -20,18 +21,6 @@ DT = torch.float64
 def net(seed=1):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 6)).to(DT)
-
-
-def batches(n, seed=2):
-    torch.manual_seed(seed)
-    return [torch.rand(16, 6, dtype=DT) for _ in range(n)]
-
-
-def closure_of(model, x):
-    def closure():
-        out = model(x)
-        return F.binary_cross_entropy_with_logits(out, x, reduction="sum") / len(x), out
-    return closure
 
 
 def make(model, **kw):

@@ -9,12 +9,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kfac_fast.optimizer as optimizer_module
 from kfac_fast import KFAC
 from kfac_fast.metrics import StepMetrics, logger
+from tests._bce_problem import bce_closure as closure_of
+from tests._bce_problem import random_batches as data
 
 DT = torch.float64
 NAMES = ["loss", "lr", "damping", "gamma", "alpha", "mu", "rho", "loss_after", "damping_adapted", "gamma_searched",
@@ -25,18 +26,6 @@ DEVICE_VALUES = {"loss", "alpha", "mu", "skipped"}  # nonfinite_updates too, onc
 def net(seed=1):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6)).to(DT)
-
-
-def data(n, seed=2):
-    torch.manual_seed(seed)
-    return [torch.rand(16, 6, dtype=DT) for _ in range(n)]
-
-
-def closure_of(model, x):
-    def closure():
-        out = model(x)
-        return F.binary_cross_entropy_with_logits(out, x, reduction="sum") / len(x), out
-    return closure
 
 
 def make(model, **kw):
