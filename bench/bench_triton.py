@@ -69,7 +69,7 @@ def _layers(kind):
 @pytest.mark.parametrize("kind", ["48 small", "transformer"])
 @pytest.mark.parametrize("impl", ["triton", "torch_loop"])
 def test_grouped_update(benchmark, kind, impl):
-    from kfac_fast.kernels import factor_update
+    from kfac_fast.kernels import factor_update_grouped
 
     benchmark.group = f"update_factors_ {kind} bf16"
     dims, rows = _layers(kind)
@@ -82,7 +82,7 @@ def test_grouped_update(benchmark, kind, impl):
         for f, x in zip(fs, xs):
             xb = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
             torch_best_update(f, xb, BETA, ALPHA)
-    fn = {"triton": lambda: factor_update.update_factors_(fs, xs, betas, alphas, append_ones=True),
+    fn = {"triton": lambda: factor_update_grouped.update_factors_(fs, xs, betas, alphas, append_ones=True),
           "torch_loop": loop}[impl]
     run(benchmark, fn)
 

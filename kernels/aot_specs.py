@@ -10,143 +10,44 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import replace
 
 import triton
 
-from . import conv_factor, factor_update, precondition
+from .specs import Spec, conv, fused, grouped, precondition
+
+__all__ = ["Spec", "specs", "realistic_specs", "compile_spec", "report", "main_loop"]
 
 # Opt-in shared memory per block (bytes): sm_90 227 KiB, sm_80 163 KiB.
 SHARED_LIMIT = {90: 232448, 80: 166912}
 
 
-@dataclass
-class Spec:
-    name: str
-    fn: object
-    signature: dict
-    constexprs: dict
-    options: dict
-    tensor_cores: bool  # whether this config must run its dots on tensor cores
-    # Specialisations Triton's launcher makes at run time for the common case: ints equal
-    # to 1 become constants, pointers and ints divisible by 16 are marked so.
-    ones: tuple = ()
-    div16: tuple = ()
-    n_case: str = ""  # realistic-size variant: "n=d" (all multiples of 16), "n=d+1", "odd d"
-    candidate: bool = False  # not shipped in `auto`: reported, never gated on by the tests
-
-
-def _sig(fn, types: dict, constexprs: dict) -> dict:
-    """Full signature in argument order: constexprs typed "constexpr"."""
-    return {a: ("constexpr" if a in constexprs else types[a]) for a in fn.arg_names}
-
-
-_TY = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-
-
-def _launch(cfg):
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
 # The factor kernels at realistic sizes (issue 17, defect 8): Triton marks an int argument
 # divisible by 16 only when it is, so n = d + 1 (append_ones) and odd layer widths compile
-# to different code (unaligned epilogue and loads) from the n = d case.
+# to different code (unaligned epilogue and loads) from the n = d case. Per case, the
+# sized ints (a spec's `realistic`) that stay divisible by 16 (None: all of them).
 _REALISTIC = {"n=d": None, "n=d+1": ("d", "s_inner", "sH", "sC", "sN"), "odd d": ()}
 
 
-def _variants(spec: "Spec", sized: tuple) -> list:
-    """spec at each realistic size: `sized` names the ints that follow n and d."""
+def _variants(spec: Spec) -> list:
+    """spec at each realistic size."""
     out = []
     for case, keep in _REALISTIC.items():
-        div16 = spec.div16 if keep is None else tuple(a for a in spec.div16 if a not in sized or a in keep)
-        out.append(Spec(f"{spec.name}@{case}", spec.fn, spec.signature, spec.constexprs, spec.options,
-                        spec.tensor_cores, spec.ones, div16, case, spec.candidate))
+        div16 = spec.div16 if keep is None else tuple(
+            a for a in spec.div16 if a not in spec.realistic or a in keep)
+        out.append(replace(spec, name=f"{spec.name}@{case}", div16=div16, n_case=case))
     return out
 
 
 def realistic_specs() -> list:
-    """The factor-update and conv configs at n = d, n = d + 1 and odd d (strides not
+    """The specs that size with n and d at n = d, n = d + 1 and odd d (strides not
     multiples of 16), plus every other shipped spec once."""
-    out = []
-    for spec in specs():
-        if spec.name.startswith("factor_update["):
-            out += _variants(spec, ("d", "n", "stride_f", "s_inner"))
-        elif spec.name.startswith("conv_factor["):
-            out += _variants(spec, ("stride_f", "sH", "sC", "sN"))
-        else:
-            out.append(spec)
-    return out
+    return [v for spec in specs() for v in (_variants(spec) if spec.realistic else [spec])]
 
 
 def specs() -> list:
-    out = []
-    fu, cf, pc = factor_update, conv_factor, precondition
-    for x, prec, cfg in [("fp16", "ieee", fu.CONFIG_16BIT), ("bf16", "ieee", fu.CONFIG_16BIT),
-                         ("fp32", "ieee", fu.CONFIG_FP32), ("fp32", "tf32", fu.CONFIG_TF32)]:
-        ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, TWO_LEVEL=False, INDEX64=False,
-                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=prec, ONES_OUTSIDE=False)
-        types = dict(F="*fp32", X=f"*{x}", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
-                     alpha_val="fp32", R="i32", d="i32", n="i32", L_inner="i32", s_outer="i64",
-                     s_inner="i64", s_col="i64", stride_f="i32")
-        out.append(Spec(f"factor_update[{x},{prec}]", fu._factor_update_kernel,
-                        _sig(fu._factor_update_kernel, types, ce), ce, _launch(cfg),
-                        tensor_cores=(x != "fp32" or prec == "tf32"), ones=("s_col",),
-                        div16=("s_inner", "stride_f", "d", "n")))
-    # Candidates out of `auto` (kernel_report scores them; the compile test does not gate
-    # on them): the fused update with the ones column out of the K loop.
-    for x in ("bf16",):
-        cfg = fu.CONFIG_16BIT_ONES_OUTSIDE
-        ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, TWO_LEVEL=False, INDEX64=False,
-                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee", ONES_OUTSIDE=True)
-        types = dict(F="*fp32", X=f"*{x}", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
-                     alpha_val="fp32", R="i32", d="i32", n="i32", L_inner="i32", s_outer="i64",
-                     s_inner="i64", s_col="i64", stride_f="i32")
-        out.append(Spec(f"factor_update[{x},ieee,ones-outside]", fu._factor_update_kernel,
-                        _sig(fu._factor_update_kernel, types, ce), ce, _launch(cfg),
-                        tensor_cores=True, ones=("s_col",), div16=("s_inner", "stride_f", "d", "n"),
-                        candidate=True))
-    for x, cfg in [("fp16", fu.CONFIG_GROUPED_16BIT), ("bf16", fu.CONFIG_GROUPED_16BIT),
-                   ("fp32", fu.CONFIG_GROUPED_FP32)]:
-        import triton.language as tl
-
-        ce = dict(X_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[x], INDEX64=False,
-                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee")
-        types = dict(work="*i32", meta="*i64", betas="*fp32", alphas="*fp32")
-        out.append(Spec(f"factor_update_grouped[{x}]", fu._factor_update_grouped_kernel,
-                        _sig(fu._factor_update_grouped_kernel, types, ce), ce, _launch(cfg),
-                        tensor_cores=(x != "fp32")))
-    for x, k in [("fp16", 3), ("bf16", 3), ("bf16", 1), ("fp32", 3)]:
-        cfg = fu.CONFIG_CONV_16BIT if x != "fp32" else fu.CONFIG_FP32
-        ce = dict(KH=k, KW=k, BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False,
-                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee")
-        types = dict(F="*fp32", X=f"*{x}", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
-                     alpha_val="fp32", stride_f="i32",
-                     **{a: "i32" for a in ("R", "L", "OW", "d", "n", "H", "W", "sN", "sC", "sH", "sW",
-                                          "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")})
-        out.append(Spec(f"conv_factor[{x},{k}x{k}]", cf._conv_factor_kernel,
-                        _sig(cf._conv_factor_kernel, types, ce), ce, _launch(cfg),
-                        tensor_cores=(x != "fp32"), ones=("sW", "stride_h", "stride_w", "dil_h", "dil_w"),
-                        div16=("stride_f", "sH", "sC", "sN")))
-    import triton.language as tl
-
-    f32, bf16 = tl.float32, tl.bfloat16
-    for prec, cfg in [("ieee", pc.CONFIG_FP32), ("tf32", pc.CONFIG_TF32)]:
-        for label, a_dt, c_dt, a_extra, c_extra, epi in [
-                ("dW.QA", bf16, f32, True, False, 0), ("damp+kl", f32, f32, False, False, 1),
-                ("QG.V", f32, f32, False, False, 0), ("U.QA^T->grad", f32, bf16, False, True, 2)]:
-            ce = dict(A_DTYPE=a_dt, B_DTYPE=f32, C_DTYPE=c_dt, A_EXTRA=a_extra, C_EXTRA=c_extra,
-                      EPILOGUE=epi, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=prec)
-            types = dict(work="*i32", meta="*i64", damping="*fp32", partials="*fp32", nu_ptr="*fp32")
-            out.append(Spec(f"precondition_gemm[{label},{prec}]", pc._grouped_gemm_kernel,
-                            _sig(pc._grouped_gemm_kernel, types, ce), ce, _launch(cfg),
-                            tensor_cores=(prec == "tf32")))
-    ce = dict(LR_ON_DEVICE=True, KL_ON_DEVICE=True, BLOCK=pc.NU_BLOCK)
-    types = dict(partials="*fp32", starts="*i32", L="i32", lr_ptr="*fp32", lr_val="fp32", kl_ptr="*fp32", kl_val="fp32",
-                 nu_ptr="*fp32")
-    out.append(Spec("kl_nu", pc._kl_nu_kernel, _sig(pc._kl_nu_kernel, types, ce), ce,
-                    dict(num_warps=4, num_stages=1), tensor_cores=False))
-    return out
+    """Every spec of every kernel family (`kernels/specs/`)."""
+    return fused.specs() + grouped.specs() + conv.specs() + precondition.specs()
 
 
 def compile_spec(spec: Spec, cap: int):

@@ -20,9 +20,13 @@ import triton.language as tl
 from kfac_fast._flags import allow_tf32_of
 from kfac_fast._validate import as_pair
 
-from .factor_update import CONFIG_CONV_16BIT, pick_config
+from .factor_update import pick_config
 from .guard import check_int32, launch_on, needs_index64, square_needs_index64
 from .launch import input_precision, kernel_scalar, load_scalar, symmetric_epilogue, upper_tile_of
+
+# untuned: the im2col gather needs per-element bounds masks and offsets; BLOCK_K=64
+# spilled (ptxas -v) where 32 does not.
+CONFIG_CONV_16BIT = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
 
 
 @triton.jit

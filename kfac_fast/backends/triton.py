@@ -77,7 +77,7 @@ def _grouped_eigen_inplace(call: _dispatch.Call) -> Optional[str]:
 
 _dispatch.register_backend("triton", preference=1, missing=_missing)
 _dispatch.register("update_factor_", "triton", f"{_KERNELS}.factor_update:update_factor_", refuses=_fp32)
-_dispatch.register("update_factors_", "triton", f"{_KERNELS}.factor_update:update_factors_",
+_dispatch.register("update_factors_", "triton", f"{_KERNELS}.factor_update_grouped:update_factors_",
                    refuses=_factors_fp32)
 _dispatch.register("conv_input_factor_", "triton", f"{_KERNELS}.conv_factor:conv_input_factor_", refuses=_fp32)
 

@@ -1,4 +1,4 @@
-"""Triton factor updates (kernels/factor_update.py, kernels/conv_factor.py) against
+"""Triton factor updates (kernels/factor_update.py, factor_update_grouped.py, conv_factor.py) against
 kfac_fast.backends.reference in float64, under docs/design.md's error rule.
 
 Runs under TRITON_INTERPRET=1 on CPU (its own pytest process: the variable is read when
@@ -13,7 +13,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (CPU) or a CUDA device", allow_module_level=True)
 
 from kfac_fast.backends import reference
-from kfac_fast.kernels import conv_factor, factor_update
+from kfac_fast.kernels import conv_factor, factor_update, factor_update_grouped
 from tests._oracle import assert_error_rule, rel_error
 
 pytestmark = pytest.mark.interpret
@@ -109,8 +109,8 @@ def test_beta_zero_overwrites_nan_factor(beta_kind):
     factor_update.update_factor_(out, x, beta, 0.5, append_ones=True, config=SMALL)
     torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
     grouped = [torch.full((40, 40), NAN, device=DEV)]
-    factor_update.update_factors_(grouped, [x], torch.tensor([0.0], device=DEV), torch.tensor([0.5], device=DEV),
-                                  append_ones=[True])
+    factor_update_grouped.update_factors_(grouped, [x], torch.tensor([0.0], device=DEV),
+                                          torch.tensor([0.5], device=DEV), append_ones=[True])
     torch.testing.assert_close(grouped[0].double().cpu(), ref, rtol=1e-5, atol=1e-5)
     skipped = torch.full((40, 40), NAN, device=DEV)  # alpha == 0 too: zeros, x unread
     factor_update.update_factor_(skipped, x, beta, 0.0, append_ones=True, config=SMALL)
@@ -146,7 +146,7 @@ def test_grouped_mixed_sizes():
     for betas_arg, alphas_arg in [(betas.to(DEV, torch.float32), [float(a) for a in alphas]),
                                   ([torch.tensor(float(b), device=DEV) for b in betas], alphas)]:
         outs = [poison_lower(f) for f in f0s]
-        factor_update.update_factors_(outs, xs, betas_arg, alphas_arg, append_ones=appends, config=SMALL)
+        factor_update_grouped.update_factors_(outs, xs, betas_arg, alphas_arg, append_ones=appends, config=SMALL)
         for out, r64, r32 in zip(outs, ref64, ref32):
             assert torch.equal(out, out.T)
             assert_error_rule(out, r64, r32)
@@ -158,7 +158,7 @@ def test_grouped_alpha_zero_layer():
     fs = [sym_factor(6, gen), sym_factor(41, gen)]
     want = [0.5 * fs[0].double() + 2.0 * reference.with_ones(xs[0].double()).T @ reference.with_ones(xs[0].double()),
             0.25 * fs[1].double()]
-    factor_update.update_factors_(fs, xs, torch.tensor([0.5, 0.25], device=DEV),
+    factor_update_grouped.update_factors_(fs, xs, torch.tensor([0.5, 0.25], device=DEV),
                                   torch.tensor([2.0, 0.0], device=DEV), append_ones=True, config=SMALL)
     assert rel_error(fs[0], want[0]) < 1e-6 and torch.isfinite(fs[1]).all() and rel_error(fs[1], want[1]) < 1e-7
 
@@ -211,7 +211,7 @@ def test_gpu_bf16_shipped_configs(d, append):
     assert torch.equal(out, out.T)
     assert_error_rule(out, ref64, ref32)
     fs = [poison_lower(f0), poison_lower(f0)]
-    factor_update.update_factors_(fs, [x, x], beta, alpha, append_ones=append)
+    factor_update_grouped.update_factors_(fs, [x, x], beta, alpha, append_ones=append)
     for f in fs:
         assert_error_rule(f, ref64, ref32)
     xc = torch.randn(8, 16, 20, 20, generator=gen).to(torch.bfloat16).to(DEV)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kfac_fast.backends import reference
-from kfac_fast.kernels import factor_update
+from kfac_fast.kernels import factor_update, factor_update_grouped
 from tests._oracle import assert_error_rule
 from tests.triton.test_factor_update import DEV, SMALL, oracles, poison_lower, sym_factor, x_of
 
@@ -56,4 +56,4 @@ def test_candidate_is_not_a_shipped_default():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for tf32 in (False, True):
             assert not factor_update.pick_config(dtype, tf32).get("ONES_OUTSIDE", False)
-            assert not factor_update.pick_config(dtype, tf32, grouped=True).get("ONES_OUTSIDE", False)
+            assert not factor_update_grouped.pick_config(dtype, tf32).get("ONES_OUTSIDE", False)
