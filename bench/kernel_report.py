@@ -72,11 +72,12 @@ def _compile_rows(cap: int, name_filter: str) -> list:
                          shared=r["shared"], hgmma=loop.get("hgmma", 0), ffma=loop.get("ffma", 0),
                          instructions=loop.get("instructions", 0), sel=loop.get("sel", 0),
                          lds=loop.get("lds", 0), sts=loop.get("sts", 0), ldg=loop.get("ldg", 0),
-                         wait0=loop.get("wait0", False)))
+                         ldgsts=loop.get("ldgsts", 0), wait0=loop.get("wait0", False)))
         row = rows[-1]
         print(f"{row['config']:44s} {row['triton']:7s} {row['registers']:4d} {row['spill_stores']:4d}/"
               f"{row['spill_loads']:<4d} {row['hgmma']:5d} {row['instructions']:6d} {row['sel']:4d} "
-              f"{row['lds']:4d}/{row['sts']:<4d} {row['ldg']:4d} {'wait0' if row['wait0'] else '-'}", flush=True)
+              f"{row['lds']:4d}/{row['sts']:<4d} {row['ldg']:4d} {row['ldgsts']:6d} "
+              f"{'wait0' if row['wait0'] else '-'}", flush=True)
     return rows
 
 
@@ -113,7 +114,7 @@ def main():
         return 0
     if args.compile:
         print(f"{'config@n':44s} {'triton':7s} {'regs':>4s} {'spill st/ld':>9s} {'HGMMA':>5s} {'instr':>6s} "
-              f"{'sel':>4s} {'lds/sts':>9s} {'ldg':>4s} (per K-step per warp)")
+              f"{'sel':>4s} {'lds/sts':>9s} {'ldg':>4s} {'ldgsts':>6s} (per K-step per warp)")
         rows = _compile_rows(90, args.filter)
         if args.json:
             with open(args.json, "w") as f:

@@ -2,10 +2,16 @@
 all layers of one input dtype in one launch (Triton).
 
 The per-layer arithmetic is `factor_update`'s (upper tiles only, both triangles written,
-fp32 accumulation, the ones column of x_bar = [x | 1] for append_ones, alpha == 0 reads
-nothing, deterministic). A work list of (layer, ti, tj) items, largest layers first,
-spreads the tiles of all layers over one grid; each layer's pointers, sizes and strides
-come from an int64 table copied to the device in one pinned, non_blocking transfer.
+fp32 accumulation, alpha == 0 reads nothing, deterministic); the ones column of
+x_bar = [x | 1] (n = d + 1) is out of the K loop: column sums of x and the row count are
+added after it, in the tile column holding column d. A work list of (layer, ti, tj)
+items, largest layers first, spreads the tiles of all layers over one grid; each layer's
+pointers, sizes and strides come from an int64 table copied to the device in one pinned,
+non_blocking transfer. Layers are launched per (input dtype, `layer_aligned`): layers
+whose rows keep the 16-byte promises go through the ALIGNED variant, whose loads carry
+alignment hints (16-byte cp.async, pipelined: `bench/kernel_report.py --compile --filter
+grouped`: 16-bit 8 LDGSTS and 0 LDG per K-step per warp, 194-207 instructions, under
+Triton 3.6/3.8/3.9), the others through the unaligned one (scalar loads).
 
 Preconditions of `update_factors_` (`kfac_fast.ops` checks them): as `factor_update`'s
 for every layer; betas/alphas one scalar, a sequence of L scalars or a (L,) tensor.
@@ -18,9 +24,9 @@ import triton.language as tl
 
 from kfac_fast._flags import allow_tf32_of
 
-from .factor_update import _syrk_tile, index64, rows_view
+from .factor_update import index64, rows_view
 from .guard import common_device, launch_on
-from .launch import TL_DTYPES, host_table, input_precision, per_layer_scalars
+from .launch import TL_DTYPES, host_table, input_precision, per_layer_scalars, symmetric_epilogue
 
 # untuned: chosen because grouped layers are often small (d <= 256): 64x64 tiles give
 # such a layer 10 programs instead of 3, and keep the 16-bit pipeline at 48 KiB.
@@ -43,9 +49,67 @@ _META_COLS = 10
 
 
 @triton.jit
+def _row_offsets(rows, L_inner, s_outer, s_inner, IDX: tl.constexpr):
+    """Offset of row r of x: (r // L_inner)*s_outer + (r % L_inner)*s_inner."""
+    return (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
+
+
+@triton.jit
+def _x_tile(X, roff, offs, rmask, d, s_col, IDX: tl.constexpr, ALIGNED: tl.constexpr):
+    """(BLOCK_K, BLOCK) tile of x: rows at offsets roff, columns offs (0 outside x).
+    ALIGNED: the column stride is 1 (host-checked), so a row's columns are contiguous."""
+    if ALIGNED:
+        col = offs.to(IDX)
+    else:
+        col = offs.to(IDX) * tl.cast(s_col, IDX)
+    return tl.load(X + roff[:, None] + col[None, :], mask=rmask[:, None] & (offs < d)[None, :], other=0.0)
+
+
+@triton.jit
+def _grouped_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
+                  ALIGNED: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """Tile (ti, tj) of beta*F + alpha*x_bar^T x_bar: a plain dot over x's rows in the K
+    loop; the ones column (n = d + 1) added after it (column sums of x, the row count)."""
+    if INDEX64:
+        IDX: tl.constexpr = tl.int64
+    else:
+        IDX: tl.constexpr = tl.int32
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    # alpha == 0 reads no row of x, so NaN/Inf there cannot reach the factor.
+    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(R, BLOCK_K))
+    for kb in range(0, num_k):
+        rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        rmask = rows < R
+        roff = _row_offsets(rows, L_inner, s_outer, s_inner, IDX)
+        a = _x_tile(X, roff, offs_i, rmask, d, s_col, IDX, ALIGNED)
+        b = _x_tile(X, roff, offs_j, rmask, d, s_col, IDX, ALIGNED)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    ones_j = offs_j == d
+    if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
+        # Only the tile column holding column d: x^T 1 as a dot with a 16-wide ones block
+        # (the smallest dot; the same products and fp32 accumulation as an in-loop ones
+        # column), R in the corner.
+        cs16 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+        for kb in range(0, num_k):
+            rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            rmask = rows < R
+            a = _x_tile(X, _row_offsets(rows, L_inner, s_outer, s_inner, IDX), offs_i, rmask, d, s_col, IDX,
+                        ALIGNED)
+            one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
+            cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
+        cs = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], cs16, 0.0), axis=1)
+        ones_col = tl.where(offs_i == d, R * 1.0, cs)
+        acc = tl.where(ones_j[None, :], ones_col[:, None], acc)
+    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
+
+
+@triton.jit
 def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constexpr,
                                   INDEX64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  INPUT_PRECISION: tl.constexpr):
+                                  INPUT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr = False):
     """Work item pid = (layer, ti, tj): one upper tile of that layer's factor update."""
     pid = tl.program_id(0)
     layer = tl.load(work + 3 * pid)
@@ -65,10 +129,20 @@ def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constex
         stride_f = tl.load(row + 9)
     else:
         stride_f = tl.load(row + 9).to(tl.int32)
+    if ALIGNED:
+        # Host-checked (`layer_aligned`): 16-byte aligned base, row strides and width in
+        # whole 16-byte vectors, unit column stride. With these facts Triton emits 16-byte
+        # cp.async (LDGSTS) and pipelines the loop (num_stages). Hints here, where the
+        # values are defined: on a helper's arguments Triton drops them.
+        VEC: tl.constexpr = 128 // X_DTYPE.primitive_bitwidth
+        X = tl.multiple_of(X, 16)
+        s_outer = tl.multiple_of(s_outer, VEC)
+        s_inner = tl.multiple_of(s_inner, VEC)
+        d = tl.multiple_of(d, VEC)
     beta = tl.load(betas + layer)
     alpha = tl.load(alphas + layer)
-    _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
-               True, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION)
+    _grouped_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
+                  ALIGNED, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION)
 
 
 _WORK_CACHE: dict = {}
@@ -105,20 +179,32 @@ def update_factors_(factors, xs, betas, alphas, *, append_ones=False, allow_tf32
     return _update_factors(factors, xs, betas, alphas, allow_tf32, config)
 
 
+def layer_aligned(v: torch.Tensor, d: int, s_outer: int, s_inner: int, s_col: int) -> bool:
+    """Whether a layer's rows view `v` (`rows_view`) keeps the promises of the ALIGNED
+    kernel variant: unit column stride, base pointer on 16 bytes, row strides and the width
+    d whole 16-byte vectors. A layer that cannot promise them goes through the unaligned
+    variant (scalar loads): never a wrong number."""
+    vec = 16 // v.element_size()
+    return (s_col == 1 and v.data_ptr() % 16 == 0 and d % vec == 0 and s_inner % vec == 0
+            and s_outer % vec == 0)
+
+
 def _update_factors(factors, xs, betas, alphas, allow_tf32, config):
     L = len(factors)
     device = factors[0].device
     beta_t = per_layer_scalars(betas, L, device)
     alpha_t = per_layer_scalars(alphas, L, device)
-    groups: dict = {}
+    groups: dict = {}  # (dtype, aligned) -> [(layer, rows view, R, d, L_inner, s_outer, s_inner, s_col)]
     for i, x in enumerate(xs):
-        groups.setdefault(x.dtype, []).append(i)
-    for x_dtype, layers in groups.items():
+        v, R, d, L_inner, s_outer, s_inner, s_col, _ = rows_view(x)
+        aligned = layer_aligned(v, d, s_outer, s_inner, s_col)
+        groups.setdefault((x.dtype, aligned), []).append((i, v, R, d, L_inner, s_outer, s_inner, s_col))
+    for (x_dtype, aligned), members in groups.items():
         cfg = pick_config(x_dtype, allow_tf32)
         cfg.update(config or {})
+        layers = [m[0] for m in members]
         meta, keep, idx64 = [], [], False
-        for i in layers:
-            v, R, d, L_inner, s_outer, s_inner, s_col, _ = rows_view(xs[i])
+        for i, v, R, d, L_inner, s_outer, s_inner, s_col in members:
             keep.append(v)  # a reshape copy must outlive the launch that reads its pointer
             f = factors[i]
             idx64 = idx64 or index64("update_factors_", f, v, R, cfg["BLOCK"], cfg["BLOCK_K"])
@@ -136,6 +222,6 @@ def _update_factors(factors, xs, betas, alphas, allow_tf32, config):
             _factor_update_grouped_kernel[(work.shape[0],)](
                 work, meta_t, b, a, X_DTYPE=TL_DTYPES[x_dtype], INDEX64=idx64,
                 BLOCK=cfg["BLOCK"],
-                BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=input_precision(x_dtype, allow_tf32),
+                BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=input_precision(x_dtype, allow_tf32), ALIGNED=aligned,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factors
