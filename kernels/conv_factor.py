@@ -3,9 +3,11 @@
 P is the (N*L, C*kh*kw) patch matrix of `torch.nn.functional.unfold` (channel-major,
 then kernel rows, then kernel cols); each program gathers its patch columns straight
 from the input (NCHW or channels-last: any strides), zero where the window falls in
-the padding, so P is never written to memory. The tile schedule, ones-column handling
-and symmetric epilogue are those of `factor_update` (upper tiles only, both triangles
-written, fp32 accumulation, alpha == 0 reads nothing, deterministic).
+the padding, so P is never written to memory. The tile schedule and symmetric epilogue
+are those of `factor_update` (upper tiles only, both triangles written, fp32
+accumulation, alpha == 0 reads nothing, deterministic); the ones column of
+P_bar = [P | 1] is out of the K loop (column sums of P and the row count added after it,
+in the tile column holding column d).
 
 Preconditions of the launch function (`kfac_fast.ops` checks them): factor contiguous
 float32 (n, n), n = C*kh*kw + append_ones; x (N, C, H, W) float32/float16/bfloat16;
@@ -20,19 +22,47 @@ import triton.language as tl
 from kfac_fast._flags import allow_tf32_of
 from kfac_fast._validate import as_pair
 
-from .factor_update import pick_config
+from .factor_update import CONFIG_TF32
 from .guard import check_int32, launch_on, needs_index64, square_needs_index64
 from .launch import input_precision, kernel_scalar, load_scalar, symmetric_epilogue, upper_tile_of
 
 # untuned: the im2col gather needs per-element bounds masks and offsets; BLOCK_K=64
-# spilled (ptxas -v) where 32 does not.
+# spilled (ptxas -v) where 32 does not. With the ones column out of the K loop: 0 spills at
+# n = d, n = d + 1 and odd d under Triton 3.6.0, 3.8.0 and 3.9.0 (bench/kernel_report.py
+# --compile --filter conv_factor; in the loop it spilled 136-308 bytes under 3.6/3.8).
 CONFIG_CONV_16BIT = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
+# The fused kernel's IEEE fp32 tiles (factor_update.CONFIG_FP32), one stage: with 2 stages
+# the 4-byte gathers went through cp.async and ptxas spilled 16-36 bytes (3.6.0, 3.9.0,
+# kernel_report --compile --filter conv_factor); 1 stage: 0 spills, 127-204 registers.
+CONFIG_CONV_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1)
+
+
+def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
+    """The launch configuration of the conv kernel for an input dtype."""
+    if x_dtype in (torch.float16, torch.bfloat16):
+        return dict(CONFIG_CONV_16BIT)
+    return dict(CONFIG_TF32) if allow_tf32 else dict(CONFIG_CONV_FP32)
+
+
+@triton.jit
+def _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w, BLOCK_K: tl.constexpr,
+                IDX: tl.constexpr):
+    """Rows kb*BLOCK_K.. of the patch matrix: (offset of the window's origin, its top row,
+    its left column, row valid)."""
+    rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    img = rows // L
+    loc = rows % L
+    ih0 = (loc // OW) * stride_h - pad_h
+    iw0 = (loc % OW) * stride_w - pad_w
+    # May point before the image (padding): the per-element mask covers that.
+    roff = img.to(IDX) * tl.cast(sN, IDX) + ih0.to(IDX) * tl.cast(sH, IDX) + iw0.to(IDX) * tl.cast(sW, IDX)
+    return roff, ih0, iw0, rows < R
 
 
 @triton.jit
 def _patch_tile(X, roff, ih0, iw0, rmask, offs_c, d, H, W, sC, sH, sW, dil_h, dil_w,
                 KH: tl.constexpr, KW: tl.constexpr, IDX: tl.constexpr):
-    """(BLOCK_K, BLOCK) tile of the patch matrix with the ones-column (col d) synthesised."""
+    """(BLOCK_K, BLOCK) tile of the patch matrix (0 in the padding and past column d - 1)."""
     ch = offs_c // (KH * KW)
     rem = offs_c % (KH * KW)
     dh = (rem // KW) * dil_h
@@ -42,9 +72,7 @@ def _patch_tile(X, roff, ih0, iw0, rmask, offs_c, d, H, W, sC, sH, sW, dil_h, di
     iw = iw0[:, None] + dw[None, :]
     inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     mask = rmask[:, None] & (offs_c < d)[None, :] & inside
-    t = tl.load(X + roff[:, None] + col_off[None, :], mask=mask, other=0.0)
-    one = tl.full(t.shape, 1.0, t.dtype)
-    return tl.where(rmask[:, None] & (offs_c == d)[None, :], one, t)
+    return tl.load(X + roff[:, None] + col_off[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -53,7 +81,9 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
                         KH: tl.constexpr, KW: tl.constexpr,
                         BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, INDEX64: tl.constexpr,
                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One upper tile of A <- beta*A + alpha*P_bar^T P_bar, patches gathered in-kernel.
+    """One upper tile of A <- beta*A + alpha*P_bar^T P_bar, patches gathered in-kernel;
+    the K loop is a plain dot over patch rows, the ones column (n = d + 1: column sums
+    of P, the row count) is added after it.
 
     INDEX64=False (x spans < 2^31 elements, the factor's i*stride+j below 2^31) keeps
     offsets in int32 to save registers."""
@@ -69,17 +99,25 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     num_k = tl.where(alpha == 0.0, 0, tl.cdiv(R, BLOCK_K))
     for kb in range(0, num_k):
-        rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        rmask = rows < R
-        img = rows // L
-        loc = rows % L
-        ih0 = (loc // OW) * stride_h - pad_h
-        iw0 = (loc % OW) * stride_w - pad_w
-        # May point before the image (padding): the per-element mask covers that.
-        roff = img.to(IDX) * tl.cast(sN, IDX) + ih0.to(IDX) * tl.cast(sH, IDX) + iw0.to(IDX) * tl.cast(sW, IDX)
+        roff, ih0, iw0, rmask = _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
+                                            BLOCK_K, IDX)
         a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
         b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
+        # Only the tile column holding column d: P^T 1 as a dot with a 16-wide ones block
+        # (the same products and fp32 accumulation as an in-loop ones column), R in the
+        # corner.
+        cs16 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+        for kb in range(0, num_k):
+            roff, ih0, iw0, rmask = _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
+                                                BLOCK_K, IDX)
+            a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
+            one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
+            cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
+        cs = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], cs16, 0.0), axis=1)
+        ones_col = tl.where(offs_i == d, R * 1.0, cs)
+        acc = tl.where((offs_j == d)[None, :], ones_col[:, None], acc)
     symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
 
 
@@ -100,7 +138,7 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     n = factor.shape[0]
     b_dev, b_t, b_val = kernel_scalar(beta, factor.device)
     a_dev, a_t, a_val = kernel_scalar(alpha, factor.device)
-    cfg = dict(CONFIG_CONV_16BIT) if x.dtype != torch.float32 else pick_config(x.dtype, allow_tf32)
+    cfg = pick_config(x.dtype, allow_tf32)
     cfg.update(config or {})
     nt = triton.cdiv(n, cfg["BLOCK"])
     L = OH * OW

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from .. import conv_factor as cf
-from .. import factor_update as fu
 from . import Spec, launch, sig
 
 SIZED = ("stride_f", "sH", "sC", "sN")
@@ -11,7 +10,7 @@ SIZED = ("stride_f", "sH", "sC", "sN")
 def specs() -> list:
     out = []
     for x, k in [("fp16", 3), ("bf16", 3), ("bf16", 1), ("fp32", 3)]:
-        cfg = cf.CONFIG_CONV_16BIT if x != "fp32" else fu.CONFIG_FP32
+        cfg = cf.CONFIG_CONV_16BIT if x != "fp32" else cf.CONFIG_CONV_FP32
         ce = dict(KH=k, KW=k, BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False,
                   BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee")
         types = dict(F="*fp32", X=f"*{x}", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
