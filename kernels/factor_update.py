@@ -33,19 +33,24 @@ from .launch import (
 # untuned: chosen because 128x128 fp32 accumulators with 8 warps hold 64 registers per
 # thread and fit wgmma's 64-row granularity; BLOCK_K=64 with 3 stages keeps two 16-bit
 # operand tiles (96 KiB of shared memory) in flight on Hopper, within Ampere's 163 KiB.
-CONFIG_16BIT = dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# ONES_OUTSIDE: the ones column out of the K loop (column sums and the row count after
+# it, in the tile column holding column d): the loop is 4 HGMMA with both operands from
+# shared memory, 8 16-byte LDGSTS, one wgmma in flight, 129-150 SASS instructions per
+# K-step per warp instead of 371-418 with local_load/select round trips (bench/
+# kernel_report.py --compile --filter factor_update[bf16, Triton 3.6.0/3.8.0/3.9.0).
+CONFIG_16BIT = dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3, ONES_OUTSIDE=True)
 # untuned: chosen because IEEE fp32 runs on FMA units, where a 64x64 tile keeps 32
 # accumulators per thread over 4 warps and leaves room for the 2-stage pipeline;
 # BLOCK_K=16 keeps the FMA dot's K slices in registers without spilling.
 CONFIG_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=2)
 # untuned: chosen because TF32 runs on tensor cores like 16-bit inputs but its operand
-# tiles are twice as large, hence BLOCK_K=32.
-CONFIG_TF32 = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
-# CANDIDATE, not in `auto` (no GPU has run it): CONFIG_16BIT with the ones column out of
-# the K loop (column sums and the row count after it, in the tile column holding column
-# d). Chosen only through `config=` (tests, bench/kernel_report.py) until a GPU run of
-# tests/triton and bench/bench_triton.py says it is right and faster.
-CONFIG_16BIT_ONES_OUTSIDE = dict(CONFIG_16BIT, ONES_OUTSIDE=True)
+# tiles are twice as large, hence BLOCK_K=32. ONES_OUTSIDE as CONFIG_16BIT.
+CONFIG_TF32 = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3, ONES_OUTSIDE=True)
+# The kernel shipped before the ones column left the K loop (the in-loop ones column);
+# kept reachable through `config=` for comparison (bench/kernel_report.py scores it).
+CONFIG_16BIT_ONES_IN_LOOP = dict(CONFIG_16BIT, ONES_OUTSIDE=False)
+# Compatibility name (tests and reports of the candidate phase): now the shipped config.
+CONFIG_16BIT_ONES_OUTSIDE = CONFIG_16BIT
 
 
 def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
@@ -58,8 +63,13 @@ def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
 @triton.jit
 def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
                TWO_LEVEL: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr,
-               BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONES_OUTSIDE: tl.constexpr = False):
+               BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONES_OUTSIDE: tl.constexpr = False,
+               ROW_ALIGN: tl.constexpr = 1):
     """Tile (ti, tj) of beta*F + alpha*x_bar^T x_bar, x row r at X + off(r) + col*s_col.
+
+    ROW_ALIGN > 1: the host checked that X is 16-byte aligned, s_col == 1 and d, s_inner
+    (and s_outer) are multiples of ROW_ALIGN elements (16 bytes): every row load becomes
+    16-byte cp.async even where Triton's launcher cannot mark the ints divisible by 16.
 
     INDEX64=False (x spans < 2^31 elements and the factor's i*stride+j stays below 2^31:
     `index64`) keeps offsets in int32: 64-bit offset tiles double the registers of the
@@ -72,6 +82,10 @@ def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
     col_i = offs_i.to(IDX) * tl.cast(s_col, IDX)
     col_j = offs_j.to(IDX) * tl.cast(s_col, IDX)
+    if ROW_ALIGN > 1:  # (v // a) * a == v here; Triton's axis analysis then knows a | v
+        d = d // ROW_ALIGN * ROW_ALIGN
+        s_inner = s_inner // ROW_ALIGN * ROW_ALIGN
+        s_outer = s_outer // ROW_ALIGN * ROW_ALIGN
     in_i = offs_i < d
     in_j = offs_j < d
     ones_i = offs_i == d
@@ -126,13 +140,13 @@ def _factor_update_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d, 
                           BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr,
                           TWO_LEVEL: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                          ONES_OUTSIDE: tl.constexpr = False):
+                          ONES_OUTSIDE: tl.constexpr = False, ROW_ALIGN: tl.constexpr = 1):
     """One upper tile of F <- beta*F + alpha*x_bar^T x_bar per program (1-D grid)."""
     ti, tj = upper_tile_of(tl.program_id(0))
     beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
     alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
-               TWO_LEVEL, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION, ONES_OUTSIDE)
+               TWO_LEVEL, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION, ONES_OUTSIDE, ROW_ALIGN)
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,6 +172,16 @@ def rows_view(x: torch.Tensor):
     return v, R, d, max(v.shape[1], 1), v.stride(0), v.stride(1), v.stride(2), True
 
 
+def row_align(v, d: int, s_outer: int, s_inner: int, s_col: int, two_level: bool) -> int:
+    """ROW_ALIGN for rows_view's (v, ...): the elements in 16 bytes when X is 16-byte
+    aligned, the column stride is 1 and d, s_inner (s_outer when two-level) are multiples
+    of that; else 1 (no hint). Read on the host from shapes and strides: no sync."""
+    a = 16 // v.element_size()
+    ok = (v.data_ptr() % 16 == 0 and s_col == 1 and d % a == 0 and s_inner % a == 0
+          and (not two_level or s_outer % a == 0))
+    return a if ok else 1
+
+
 def index64(fn: str, factor, v, R: int, block: int, block_k: int) -> bool:
     """Whether the launch needs 64-bit offsets (x's span or the factor's i*stride+j can
     pass int32); ValueError when the row count, kept in int32, could overflow."""
@@ -170,7 +194,8 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
     """factor <- beta*factor + alpha*x_bar^T x_bar in one launch; returns factor.
 
     Preconditions: as the module docstring. `config` overrides the shipped tile sizes
-    (tests use small tiles under the interpreter)."""
+    (tests use small tiles under the interpreter); a config with BLOCK_M/BLOCK_N or
+    SPLIT_K > 1 runs the rectangular-tile / split-K candidate (`kernels/splitk.py`)."""
     allow_tf32 = allow_tf32_of(precision, allow_tf32)
     n = factor.shape[0]
     b_dev, b_t, b_val = kernel_scalar(beta, factor.device)
@@ -178,6 +203,16 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
     v, R, d, L_inner, s_outer, s_inner, s_col, two_level = rows_view(x)
     cfg = pick_config(x.dtype, allow_tf32)
     cfg.update(config or {})
+    align = row_align(v, d, s_outer, s_inner, s_col, two_level)
+    prec = input_precision(x.dtype, allow_tf32)
+    if "BLOCK_M" in cfg or cfg.get("SPLIT_K", 1) > 1:  # candidates: rectangular tiles, split-K
+        from . import splitk
+
+        cfg = dict(splitk.CONFIG_128x256, **{k: v for k, v in cfg.items() if k != "BLOCK"})
+        idx64 = index64("update_factor_", factor, v, R, max(cfg["BLOCK_M"], cfg["BLOCK_N"]), cfg["BLOCK_K"])
+        splitk.launch_rect(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level,
+                           (b_dev, b_t, b_val, a_dev, a_t, a_val), cfg, idx64, prec, align)
+        return factor
     nt = triton.cdiv(n, cfg["BLOCK"])
     grid = (nt * (nt + 1) // 2,)
     idx64 = index64("update_factor_", factor, v, R, cfg["BLOCK"], cfg["BLOCK_K"])
@@ -186,7 +221,7 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
             factor, v, b_t if b_dev else factor, a_t if a_dev else factor, b_val, a_val,
             R, d, n, L_inner, s_outer, s_inner, s_col, factor.stride(0),
             BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, TWO_LEVEL=two_level, INDEX64=idx64,
-            BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-            INPUT_PRECISION=input_precision(x.dtype, allow_tf32), ONES_OUTSIDE=cfg.get("ONES_OUTSIDE", False),
+            BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=prec,
+            ONES_OUTSIDE=cfg.get("ONES_OUTSIDE", False), ROW_ALIGN=align,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factor

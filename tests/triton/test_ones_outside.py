@@ -1,14 +1,14 @@
-"""The fused update with the ones column out of the K loop (CONFIG_16BIT_ONES_OUTSIDE, a
-candidate kept out of `auto` until a GPU has run it): same results as the shipped kernel
-under the error rule, for every layout, append_ones on and off, the ones column in a
-tile of its own or sharing one, and alpha == 0."""
+"""The fused update with the ones column out of the K loop (ONES_OUTSIDE, the shipped main
+loop of the 16-bit and TF32 configs): same results as the in-loop ones column under the
+error rule, for every layout, append_ones on and off, the ones column in a tile of its
+own or sharing one, and alpha == 0; the ROW_ALIGN hint changes no result."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from kfac_fast.backends import reference
-from kfac_fast.kernels import factor_update, factor_update_grouped
+from kfac_fast.kernels import factor_update
 from tests._oracle import assert_error_rule
 from tests.triton.test_factor_update import DEV, SMALL, oracles, poison_lower, sym_factor, x_of
 
@@ -37,10 +37,10 @@ def test_ones_outside_matches_the_reference(R, d, append, dtype, layout):
     assert torch.equal(out, out.T)
     assert_error_rule(out, ref64, ref32)
     # The corner is beta*F + alpha*R exactly as the shipped kernel computes it.
-    shipped = poison_lower(f0)
-    factor_update.update_factor_(shipped, x, beta, alpha, append_ones=append, config=SMALL)
+    in_loop = poison_lower(f0)
+    factor_update.update_factor_(in_loop, x, beta, alpha, append_ones=append, config=dict(SMALL, ONES_OUTSIDE=False))
     if append:
-        torch.testing.assert_close(out[-1, -1], shipped[-1, -1], rtol=0, atol=0)
+        torch.testing.assert_close(out[-1, -1], in_loop[-1, -1], rtol=0, atol=0)
 
 
 def test_ones_outside_alpha_zero_reads_nothing():
@@ -52,8 +52,37 @@ def test_ones_outside_alpha_zero_reads_nothing():
     torch.testing.assert_close(out, 0.5 * f0, rtol=0, atol=0)
 
 
-def test_candidate_is_not_a_shipped_default():
+def test_shipped_configs():
+    """ONES_OUTSIDE is the shipped main loop of the 16-bit and TF32 fused configs (same
+    tile sizes as before); IEEE fp32 keeps the in-loop ones column; candidates (tile
+    shapes, split-K) stay out of pick_config."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for tf32 in (False, True):
-            assert not factor_update.pick_config(dtype, tf32).get("ONES_OUTSIDE", False)
-            assert not factor_update_grouped.pick_config(dtype, tf32).get("ONES_OUTSIDE", False)
+            cfg = factor_update.pick_config(dtype, tf32)
+            assert cfg.get("ONES_OUTSIDE", False) == (dtype != torch.float32 or tf32)
+            assert cfg["BLOCK"] == (64 if dtype == torch.float32 and not tf32 else 128)
+            assert "BLOCK_M" not in cfg and "SPLIT_K" not in cfg
+
+
+@pytest.mark.parametrize("dtype, d", [(torch.float16, 40), (torch.float32, 36)])
+def test_row_align_hint_changes_nothing(dtype, d):
+    """ROW_ALIGN is only a hint: the host grants it for aligned rows (d and the row
+    stride multiples of 16 bytes) and the results are bitwise those without it."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(45, d + 8, generator=gen).to(dtype)[:, :d].to(DEV)
+    v, R, dd, L_inner, s_outer, s_inner, s_col, two = factor_update.rows_view(x)
+    assert factor_update.row_align(v, dd, s_outer, s_inner, s_col, two) == 16 // x.element_size()
+    assert factor_update.row_align(v[:, 1:], dd - 1, s_outer, s_inner, s_col, two) == 1
+    f0 = sym_factor(d + 1, gen)
+    outs = []
+    for hint in (True, False):
+        out = poison_lower(f0)
+        saved = factor_update.row_align
+        if not hint:
+            factor_update.row_align = lambda *a: 1
+        try:
+            factor_update.update_factor_(out, x, 0.9, 0.01, append_ones=True, config=OUTSIDE)
+        finally:
+            factor_update.row_align = saved
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])

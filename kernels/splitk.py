@@ -1,0 +1,218 @@
+"""Fused factor update on rectangular tiles, optionally split over the rows (split-K):
+factor <- beta*factor + alpha * x_bar^T x_bar, the arithmetic of `factor_update` (upper
+tiles only, both triangles written, fp32 accumulation, the ones column out of the K loop,
+alpha == 0 reads nothing, beta == 0 overwrites without reading).
+
+CANDIDATES, not in `auto` (no GPU has run them): reachable with `update_factor_(...,
+config=CONFIG_128x256 | {"SPLIT_K": s})` only.
+- BLOCK_M x BLOCK_N tiles (e.g. 128x256): tile (ti, tj) of the rectangular grid is
+  computed iff it holds an element with r <= c; the epilogue masks r <= c, so every
+  element of the upper triangle lies in exactly one computed tile.
+- SPLIT_K = s > 1: split k of each tile sums the rows [k*rows_per_split, (k+1)*...)
+  (contiguous chunks, multiples of BLOCK_K) and writes its fp32 partial tile to a
+  workspace; a second kernel sums a tile's s partials in split order (k = 0, 1, ...) and
+  applies the symmetric epilogue. Deterministic (no atomics): two runs are bitwise equal.
+  SPLIT_K = 1 is one kernel, the epilogue in place. `pick_split` says which s a launch
+  would want (tiles vs SMs, at least MIN_KSTEPS K-steps per split).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .guard import launch_on
+from .launch import column_halves, halves, host_table, load_scalar, symmetric_epilogue
+
+# untuned: 128x256 fp32 accumulators over 8 warps are 128 registers per thread; 3
+# stages of (128 + 256) x 64 16-bit operands are 144 KiB of shared memory, within
+# sm_90's 227 KiB (aot_specs.SHARED_LIMIT). Per K-step the tile loads 1.5x the bytes of
+# 128x128 for 2x the FLOPs (the L2 term of bench/kernel_report.py's model).
+CONFIG_128x256 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, SPLIT_K=1)
+# untuned: the reduction kernel is a load-add-store pass over the workspace.
+REDUCE_WARPS = 8
+MIN_KSTEPS = 8  # untuned: fewer K-steps per split leave the pipeline's prologue exposed
+MAX_SPLIT = 4  # untuned: bounds the workspace traffic (s x tiles x BM x BN x 8 bytes)
+
+
+@triton.jit
+def _rect_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
+              TWO_LEVEL: tl.constexpr, IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """x_bar^T x_bar over the rows [row_lo, row_hi) on tile (ti, tj): (BLOCK_M, BLOCK_N) fp32."""
+    if ROW_ALIGN > 1:  # (v // a) * a == v here (host-checked); Triton then knows a | v
+        d = d // ROW_ALIGN * ROW_ALIGN
+        s_inner = s_inner // ROW_ALIGN * ROW_ALIGN
+        s_outer = s_outer // ROW_ALIGN * ROW_ALIGN
+    offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_i = offs_i.to(IDX) * tl.cast(s_col, IDX)
+    col_j = offs_j.to(IDX) * tl.cast(s_col, IDX)
+    in_i = offs_i < d
+    in_j = offs_j < d
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # alpha == 0 reads no row of x, so NaN/Inf there cannot reach the factor.
+    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_K))
+    for kb in range(0, num_k):
+        rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        rmask = rows < row_hi
+        if TWO_LEVEL:
+            roff = (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
+        else:
+            roff = rows.to(IDX) * tl.cast(s_inner, IDX)
+        a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
+        b = tl.load(X + roff[:, None] + col_j[None, :], mask=rmask[:, None] & in_j[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    # The ones column out of the K loop: in the tile column holding column d (n = d + 1),
+    # the column sums of these rows of x and, in the corner, their count.
+    if (n > d) & (tj * BLOCK_N <= d) & (d < tj * BLOCK_N + BLOCK_N):
+        cs16 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+        for kb in range(0, num_k):
+            rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            rmask = rows < row_hi
+            if TWO_LEVEL:
+                roff = (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + \
+                    (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
+            else:
+                roff = rows.to(IDX) * tl.cast(s_inner, IDX)
+            a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
+            one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
+            cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
+        first = (tl.arange(0, 16) == 0)[None, :]
+        cs = tl.sum(tl.where(first, cs16, 0.0), axis=1)
+        count = tl.maximum(row_hi - row_lo, 0) * 1.0
+        ones_col = tl.where(offs_i == d, count, cs)
+        acc = tl.where((offs_j == d)[None, :], ones_col[:, None], acc)
+    return acc
+
+
+@triton.jit
+def _rect_kernel(F, X, Wk, work, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d, n, L_inner,
+                 s_outer, s_inner, s_col, stride_f, rows_per_split,
+                 BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, TWO_LEVEL: tl.constexpr,
+                 INDEX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Program (tile, k): split k of one upper tile; SPLIT_K == 1 applies the epilogue,
+    else the fp32 partial goes to the workspace Wk[tile * SPLIT_K + k]."""
+    if INDEX64:
+        IDX: tl.constexpr = tl.int64
+    else:
+        IDX: tl.constexpr = tl.int32
+    pid = tl.program_id(0)
+    tile = pid // SPLIT_K
+    k = pid % SPLIT_K
+    ti = tl.load(work + 2 * tile)
+    tj = tl.load(work + 2 * tile + 1)
+    alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
+    row_lo = k * rows_per_split
+    row_hi = tl.minimum(row_lo + rows_per_split, R)
+    acc = _rect_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
+                    TWO_LEVEL, IDX, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, ROW_ALIGN)
+    if SPLIT_K == 1:
+        beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
+        offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+        # In two column halves, each in the epilogue's quarters: 128x256 as one tile
+        # spilled 8 bytes at n = d + 1 (Triton 3.9), halves do not.
+        a0, a1 = column_halves(acc)
+        j0, j1 = halves(offs_j)
+        symmetric_epilogue(F, stride_f, n, offs_i, j0, a0, beta, alpha, INDEX64)
+        symmetric_epilogue(F, stride_f, n, offs_i, j1, a1, beta, alpha, INDEX64)
+    else:
+        base = Wk + pid.to(tl.int64) * (BLOCK_M * BLOCK_N)
+        r = tl.arange(0, BLOCK_M)[:, None]
+        c = tl.arange(0, BLOCK_N)[None, :]
+        tl.store(base + (r * BLOCK_N + c), acc)
+
+
+@triton.jit
+def _splitk_reduce_kernel(F, Wk, work, beta_ptr, alpha_ptr, beta_val, alpha_val, n, stride_f,
+                          BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, INDEX64: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One tile: the sum of its SPLIT_K partials in split order, then the symmetric epilogue."""
+    tile = tl.program_id(0)
+    ti = tl.load(work + 2 * tile)
+    tj = tl.load(work + 2 * tile + 1)
+    beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
+    alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
+    offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_ws = Wk + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+    # Four column chunks one after another: a whole 128x256 fp32 tile spilled.
+    QN: tl.constexpr = BLOCK_N // 4
+    for q in tl.static_range(4):
+        c = q * QN + tl.arange(0, QN)
+        ptrs = tile_ws + (tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + c[None, :])
+        acc = tl.load(ptrs)
+        for k in tl.static_range(1, SPLIT_K):
+            acc += tl.load(ptrs + k * (BLOCK_M * BLOCK_N))
+        symmetric_epilogue(F, stride_f, n, offs_i, tj * BLOCK_N + c, acc, beta, alpha, INDEX64)
+
+
+# ---------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------
+def upper_rect_tiles(n: int, bm: int, bn: int) -> list:
+    """(ti, tj) of the BLOCK_M x BLOCK_N grid over n x n holding an element with r <= c."""
+    return [(ti, tj) for tj in range(triton.cdiv(n, bn)) for ti in range(triton.cdiv(n, bm))
+            if ti * bm <= tj * bn + bn - 1]
+
+
+_TILE_CACHE: dict = {}
+
+
+def _tile_table(n: int, bm: int, bn: int, device) -> torch.Tensor:
+    """Cached int32 (T, 2) device tensor of upper_rect_tiles (one pinned non_blocking copy)."""
+    key = (n, bm, bn, str(device))
+    t = _TILE_CACHE.get(key)
+    if t is None:
+        tiles = upper_rect_tiles(n, bm, bn)
+        t = host_table(tiles, torch.int32, device).reshape(-1, 2) if tiles else \
+            torch.zeros((0, 2), dtype=torch.int32, device=device)
+        _TILE_CACHE[key] = t
+    return t
+
+
+def pick_split(n: int, R: int, cfg: dict, sms: int = 132) -> int:
+    """The SPLIT_K this module would pick for an n x n factor over R rows: the s <=
+    MAX_SPLIT minimising waves x K-steps per program (ceil(tiles*s/sms) x
+    ceil(ceil(R/BK)/s)), keeping at least MIN_KSTEPS K-steps per split; ties -> smaller s.
+    A host computation (no device query); `sms`: the SM count (H200: 132)."""
+    bk = cfg["BLOCK_K"]
+    tiles = len(upper_rect_tiles(n, cfg["BLOCK_M"], cfg["BLOCK_N"]))
+    ksteps = triton.cdiv(R, bk)
+    best, best_cost = 1, None
+    for s in range(1, MAX_SPLIT + 1):
+        if s > 1 and triton.cdiv(ksteps, s) < MIN_KSTEPS:
+            break
+        cost = triton.cdiv(tiles * s, sms) * triton.cdiv(ksteps, s)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def launch_rect(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level, scalars, cfg: dict,
+                idx64: bool, precision: str, row_align: int) -> None:
+    """Both kernels of one update for factor_update.update_factor_ (x and rows_view's v,
+    R, ... of it; `scalars` = (b_dev, b_t, b_val, a_dev, a_t, a_val))."""
+    b_dev, b_t, b_val, a_dev, a_t, a_val = scalars
+    n = factor.shape[0]
+    bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("SPLIT_K", 1)
+    rows_per_split = triton.cdiv(triton.cdiv(max(R, 1), split), bk) * bk
+    bp, ap = (b_t if b_dev else factor), (a_t if a_dev else factor)
+    with launch_on("update_factor_", {"factor": factor, "x": x, "beta": b_t, "alpha": a_t}):
+        work = _tile_table(n, bm, bn, factor.device)
+        tiles = work.shape[0]
+        if tiles == 0:
+            return
+        # The workspace comes from the caching allocator on the current (the factor's) stream.
+        wk = torch.empty((tiles * split, bm, bn), dtype=torch.float32, device=factor.device) if split > 1 else factor
+        _rect_kernel[(tiles * split,)](
+            factor, v, wk, work, bp, ap, b_val, a_val, R, d, n, L_inner, s_outer, s_inner, s_col,
+            factor.stride(0), rows_per_split, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, TWO_LEVEL=two_level,
+            INDEX64=idx64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, INPUT_PRECISION=precision,
+            ROW_ALIGN=row_align, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if split > 1:
+            _splitk_reduce_kernel[(tiles,)](
+                factor, wk, work, bp, ap, b_val, a_val, n, factor.stride(0), BETA_ON_DEVICE=b_dev,
+                ALPHA_ON_DEVICE=a_dev, INDEX64=idx64, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split,
+                num_warps=REDUCE_WARPS)

@@ -1,0 +1,110 @@
+"""The rectangular-tile / split-K candidate of the fused update (kernels/splitk.py, out of
+`auto`): against float64 under the error rule for several layouts, dtypes, append_ones on
+and off and splits; partial sums added in split order; deterministic; alpha == 0 reads
+nothing; beta == 0 overwrites; R smaller than the number of splits; R = 0. Small
+rectangular tiles (16x32) keep each case fast under the interpreter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kfac_fast.backends import reference
+from kfac_fast.kernels import factor_update, splitk
+from tests._oracle import assert_error_rule, rel_error
+from tests.triton.test_factor_update import DEV, NAN, oracles, poison_lower, sym_factor, x_of
+
+RECT = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+
+
+def rect(split):
+    return dict(RECT, SPLIT_K=split)
+
+
+@pytest.mark.parametrize("R, d, append, dtype, layout, split", [
+    (100, 45, True, torch.float32, "contig", 3),
+    (70, 31, True, torch.float16, "transposed", 2),   # column d = 31: last of tile column 0
+    (64, 40, False, torch.float16, "3d", 4),          # two-level rows
+    (90, 33, True, torch.float32, "sliced", 1),       # rectangular tiles, one kernel
+    (2, 20, True, torch.float32, "contig", 4),        # R smaller than the number of splits
+    (0, 9, True, torch.float32, "contig", 3),         # R = 0: beta*F, the corner 0
+])
+def test_splitk_matches_the_reference(R, d, append, dtype, layout, split):
+    gen = torch.Generator().manual_seed(R * 10 + d)
+    n = d + append
+    f0 = sym_factor(n, gen)
+    x = x_of((R, d), dtype, gen, layout)
+    beta, alpha = torch.tensor(0.9, device=DEV), 0.01
+    ref64, ref32 = oracles(reference.update_factor_, f0, x, beta.double().cpu(), alpha, append_ones=append)
+    out = poison_lower(f0)
+    factor_update.update_factor_(out, x, beta, alpha, append_ones=append, config=rect(split))
+    assert torch.equal(out, out.T)
+    assert_error_rule(out, ref64, ref32)
+    one = poison_lower(f0)  # SPLIT_K = 1 on the same tiles: equal within the rule
+    factor_update.update_factor_(one, x, beta, alpha, append_ones=append, config=rect(1))
+    assert_error_rule(one, ref64, ref32)
+    assert rel_error(out, one) < 1e-5
+
+
+def test_partials_are_summed_in_split_order():
+    """F[0, 1] = 2^26 - 2^26 + 1 from splits 0, 1, 2 (one row each): 1 in split order,
+    0 in any order that adds the 1 before a 2^26 (fp32 cannot hold 2^26 + 1)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(48, 5, generator=gen)
+    x[:, :2] = 0.0
+    x[0, :2] = torch.tensor([2.0**13, 2.0**13])
+    x[16, :2] = torch.tensor([2.0**13, -(2.0**13)])
+    x[32, :2] = torch.tensor([1.0, 1.0])
+    out = poison_lower(sym_factor(5, gen))
+    factor_update.update_factor_(out, x.to(DEV), 0.0, 1.0, config=rect(3))
+    assert out[0, 1].item() == 1.0 and out[1, 0].item() == 1.0
+
+
+def test_splitk_deterministic():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(150, 50, generator=gen).to(DEV)
+    f0 = sym_factor(51, gen)
+    a, b = f0.clone(), f0.clone()
+    for f in (a, b):
+        factor_update.update_factor_(f, x, 0.3, torch.tensor(0.7, device=DEV), append_ones=True, config=rect(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_splitk_alpha_zero_reads_nothing(split):
+    gen = torch.Generator().manual_seed(9)
+    f0 = sym_factor(40, gen)
+    x = torch.full((50, 39), NAN, device=DEV)
+    out = f0.clone()
+    factor_update.update_factor_(out, x, torch.tensor(0.5, device=DEV), 0.0, append_ones=True, config=rect(split))
+    torch.testing.assert_close(out, 0.5 * f0, rtol=0, atol=0)
+
+
+def test_splitk_beta_zero_overwrites_nan():
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(60, 39, generator=gen).to(DEV)
+    ref = reference.update_factor_(torch.zeros(40, 40, dtype=torch.float64), x.double().cpu(), 0.0, 0.5,
+                                   append_ones=True)
+    out = torch.full((40, 40), NAN, device=DEV)
+    factor_update.update_factor_(out, x, 0.0, 0.5, append_ones=True, config=rect(2))
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_upper_rect_tiles_cover_the_upper_triangle_once():
+    n, bm, bn = 50, 16, 32
+    tiles = splitk.upper_rect_tiles(n, bm, bn)
+    hits = torch.zeros(n, n, dtype=torch.int32)
+    for ti, tj in tiles:
+        hits[ti * bm:(ti + 1) * bm, tj * bn:(tj + 1) * bn] += 1
+        r = torch.arange(ti * bm, min((ti + 1) * bm, n))[:, None]
+        c = torch.arange(tj * bn, min((tj + 1) * bn, n))[None, :]
+        assert bool((r <= c).any()), f"tile {(ti, tj)} holds no upper element"
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool))
+    assert (hits[upper] == 1).all()
+
+
+def test_pick_split():
+    cfg = splitk.CONFIG_128x256
+    assert splitk.pick_split(4096, 8192, cfg) == 4    # 272 tiles: 9 waves x 32 K-steps
+    assert splitk.pick_split(4097, 8192, cfg) == 3    # 305 tiles: 7 waves x 43 K-steps
+    assert splitk.pick_split(4096, 64 * 8, cfg) == 1  # 8 K-steps: no split keeps MIN_KSTEPS
+    assert splitk.pick_split(256, 131072, cfg) == splitk.MAX_SPLIT  # 3 tiles, 2048 K-steps
