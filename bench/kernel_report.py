@@ -40,20 +40,49 @@ ELEM_BYTES = {"bf16": 2, "fp16": 2, "tf32": 4}
 
 def model_fraction(loop: dict, cfg: dict, N: int, n: int, dtype: str = "bf16") -> dict:
     """The modelled fraction of the peak (module docstring) of one fused update
-    factor (n x n) <- x (N rows) with the K-loop mix `loop` under config `cfg`."""
-    bm = bn = cfg["BLOCK"]
+    factor (n x n) <- x (N rows) with the K-loop mix `loop` under config `cfg`.
+
+    The rebuilt kernels get the same formula applied to their parameters: BM and BN from
+    BLOCK_M / BLOCK_N when the config has them (else BLOCK); tiles = the upper tiles of
+    the BM x BN grid (those holding an element with r <= c: nt (nt + 1) / 2 when square);
+    with SPLIT_K = s, programs = tiles x s, waves = ceil(programs / 132) and K-steps per
+    program = ceil(N / (BK s)) (s = 1: the formula as committed). The split-K reduction
+    (workspace traffic, a second kernel) is not in the model: `split_traffic`."""
+    bm = cfg.get("BLOCK_M", cfg.get("BLOCK"))
+    bn = cfg.get("BLOCK_N", cfg.get("BLOCK"))
     bk = cfg["BLOCK_K"]
+    split = cfg.get("SPLIT_K", 1)
     warps = cfg["num_warps"]
     t = 2 * bm * bn * bk / FLOP_PER_CLK[dtype]
     i = warps * loop["instructions"] / 4
     m = (bm + bn) * bk * ELEM_BYTES[dtype] / L2_BYTES_PER_CLK
     exposed = t / max(warps // 4, 1) if loop["wait0"] else 0.0
     cycles = max(max(t, i) + exposed, m)
-    nt = math.ceil(n / bm)
-    tiles = nt * (nt + 1) // 2
-    time = math.ceil(tiles / SMS) * math.ceil(N / bk) * cycles
+    if bm == bn:
+        nt = math.ceil(n / bm)
+        tiles = nt * (nt + 1) // 2
+    else:
+        tiles = sum(1 for tj in range(math.ceil(n / bn)) for ti in range(math.ceil(n / bm))
+                    if ti * bm <= tj * bn + bn - 1)
+    waves = math.ceil(tiles * split / SMS)
+    time = waves * math.ceil(N / (bk * split)) * cycles
     frac = N * n * (n + 1) / (SMS * FLOP_PER_CLK[dtype] * time)
-    return dict(tensor=t, issue=i, l2=m, cycles=cycles, waves=math.ceil(tiles / SMS), fraction=frac)
+    return dict(tensor=t, issue=i, l2=m, cycles=cycles, waves=waves, tiles=tiles, fraction=frac,
+                seconds=time / CLOCK_HZ)
+
+
+CLOCK_HZ = 790e12 / (SMS * 4096)  # the clock at which 132 SMs x 4096 FLOP/clk are 790 TFLOP/s
+HBM_BYTES_PER_S = 4.8e12  # H200
+
+
+def split_traffic(cfg: dict, tiles: int) -> tuple:
+    """(bytes, seconds) of the split-K workspace: s fp32 partial tiles per tile written by
+    the first kernel and read by the reduction, at the H200's 4.8 TB/s. NOT in the model."""
+    split = cfg.get("SPLIT_K", 1)
+    if split == 1:
+        return 0, 0.0
+    nbytes = 2 * split * tiles * cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4
+    return nbytes, nbytes / HBM_BYTES_PER_S
 
 
 def _compile_rows(cap: int, name_filter: str) -> list:
@@ -82,23 +111,51 @@ def _compile_rows(cap: int, name_filter: str) -> list:
 
 
 def _model_table() -> None:
+    import importlib.util
+    import os
+    from dataclasses import replace
+
     from kfac_fast.kernels import factor_update as fu
+    from kfac_fast.kernels import splitk
+
+    # bench/model_baseline.py: the kernel before the rebuild (c7ca147), frozen for the model
+    loader = importlib.util.spec_from_file_location(
+        "model_baseline", os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_baseline.py"))
+    model_baseline = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(model_baseline)
 
     print("MODEL (not a measurement; see the module docstring): fused update bf16, N = 8192")
-    runs = [(k, case, n, cfg) for k, cfg in (("factor_update[bf16,ieee]", fu.CONFIG_16BIT),
-                                            ("factor_update[bf16,ieee,ones-outside]", fu.CONFIG_16BIT_ONES_OUTSIDE))
-            for case, n in (("n=d", 4096), ("n=d+1", 4097))]
+    N = 8192
+    runs = []
+    for case, n in (("n=d", 4096), ("n=d+1", 4097)):
+        split = splitk.pick_split(n, N, splitk.CONFIG_128x256)
+        runs += [(model_baseline.spec(), case, n, model_baseline.CONFIG),  # the kernel before the rebuild
+                 ("factor_update[bf16,ieee]", case, n, fu.CONFIG_16BIT),  # shipped: ones column outside
+                 ("factor_update[bf16,ieee,128x256,split1]", case, n, splitk.CONFIG_128x256),
+                 ("factor_update[bf16,ieee,128x256,split4]", case, n, dict(splitk.CONFIG_128x256, SPLIT_K=split))]
     for kernel, case, n, cfg in runs:
-        spec = next(s for s in aot_specs.realistic_specs() if s.name == f"{kernel}@{case}")
+        if isinstance(kernel, str):
+            spec = next(s for s in aot_specs.realistic_specs() if s.name == f"{kernel}@{case}")
+        else:
+            spec = next(v for v in aot_specs._variants(kernel) if v.n_case == case)
+        if "SPLIT_K" in spec.constexprs and spec.constexprs["SPLIT_K"] != cfg.get("SPLIT_K", 1):
+            spec = replace(spec, name=spec.name.replace("split4", f"split{cfg['SPLIT_K']}"),
+                           constexprs=dict(spec.constexprs, SPLIT_K=cfg["SPLIT_K"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = aot_specs.report(spec, 90, loop=True)
         loop = r["loop"]
-        m = model_fraction(loop, cfg, 8192, n)
-        print(f"  {spec.name:46s} n={n}: {loop['instructions']} instr/K-step/warp, {loop['hgmma']} HGMMA, "
+        m = model_fraction(loop, cfg, N, n)
+        print(f"  {spec.name:50s} n={n}: {loop['instructions']} instr/K-step/warp, {loop['hgmma']} HGMMA, "
               f"T={m['tensor']:.0f} I={m['issue']:.0f} L2={m['l2']:.0f} -> {m['cycles']:.0f} cycles/K-step, "
-              f"{m['waves']} waves, spills {r['spill_stores']}/{r['spill_loads']} B: "
-              f"modelled {100 * m['fraction']:.1f}% of the bf16 peak")
+              f"{m['tiles']} tiles x {cfg.get('SPLIT_K', 1)} splits, {m['waves']} waves, "
+              f"spills {r['spill_stores']}/{r['spill_loads']} B: "
+              f"modelled {100 * m['fraction']:.1f}% of the bf16 peak ({1e6 * m['seconds']:.0f} us)")
+        nbytes, secs = split_traffic(cfg, m["tiles"])
+        if nbytes:
+            print(f"  {'':50s} split-K reduction (not in the model): workspace {nbytes / 1e6:.0f} MB written + read "
+                  f"(2 x {cfg['SPLIT_K']} x {m['tiles']} x {cfg['BLOCK_M']}x{cfg['BLOCK_N']} fp32), "
+                  f"{1e6 * secs:.0f} us at 4.8 TB/s HBM")
 
 
 def main():

@@ -24,11 +24,14 @@ import triton.language as tl
 from .guard import launch_on
 from .launch import column_halves, halves, host_table, load_scalar, symmetric_epilogue
 
-# untuned: 128x256 fp32 accumulators over 8 warps are 128 registers per thread; 3
-# stages of (128 + 256) x 64 16-bit operands are 144 KiB of shared memory, within
-# sm_90's 227 KiB (aot_specs.SHARED_LIMIT). Per K-step the tile loads 1.5x the bytes of
-# 128x128 for 2x the FLOPs (the L2 term of bench/kernel_report.py's model).
-CONFIG_128x256 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, SPLIT_K=1)
+# 128x256 fp32 accumulators over 8 warps are 128 registers per thread. BLOCK_K=32 with 4
+# stages, chosen by compiling (bench/kernel_report.py --compile --filter 128x256, sm_90):
+# BLOCK_K=64 with 3 stages (144 KiB of shared memory) spilled at odd d under Triton 3.8.0
+# (144/72 bytes with SPLIT_K=1, 4/4 with SPLIT_K=4); BLOCK_K=32 x 4 stages (96 KiB)
+# compiles without spills under 3.6.0/3.8.0/3.9.0 at n = d, d + 1 and odd d, 196-247
+# registers. Otherwise untuned (no GPU has run it). Per K-step the tile loads 1.5x the
+# bytes of 128x128 for 2x the FLOPs (the L2 term of bench/kernel_report.py's model).
+CONFIG_128x256 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=4, SPLIT_K=1)
 # untuned: the reduction kernel is a load-add-store pass over the workspace.
 REDUCE_WARPS = 8
 MIN_KSTEPS = 8  # untuned: fewer K-steps per split leave the pipeline's prologue exposed

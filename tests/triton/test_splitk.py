@@ -104,7 +104,9 @@ def test_upper_rect_tiles_cover_the_upper_triangle_once():
 
 def test_pick_split():
     cfg = splitk.CONFIG_128x256
-    assert splitk.pick_split(4096, 8192, cfg) == 4    # 272 tiles: 9 waves x 32 K-steps
-    assert splitk.pick_split(4097, 8192, cfg) == 3    # 305 tiles: 7 waves x 43 K-steps
-    assert splitk.pick_split(4096, 64 * 8, cfg) == 1  # 8 K-steps: no split keeps MIN_KSTEPS
-    assert splitk.pick_split(256, 131072, cfg) == splitk.MAX_SPLIT  # 3 tiles, 2048 K-steps
+    assert cfg["BLOCK_K"] == 32
+    assert splitk.pick_split(4096, 8192, cfg) == 4    # 272 tiles: 9 waves x 64 K-steps
+    assert splitk.pick_split(4097, 8192, cfg) == 3    # 305 tiles: 7 waves x 86 K-steps
+    assert splitk.pick_split(4096, 32 * 8, cfg) == 1  # 8 K-steps: no split keeps MIN_KSTEPS
+    assert splitk.pick_split(4096, 32 * 16, cfg) == 2  # 16 K-steps: 5 waves x 8 < 3 x 16
+    assert splitk.pick_split(256, 131072, cfg) == splitk.MAX_SPLIT  # 3 tiles, 4096 K-steps
