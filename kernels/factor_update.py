@@ -205,11 +205,14 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
     cfg.update(config or {})
     align = row_align(v, d, s_outer, s_inner, s_col, two_level)
     prec = input_precision(x.dtype, allow_tf32)
-    if "BLOCK_M" in cfg or cfg.get("SPLIT_K", 1) > 1:  # candidates: rectangular tiles, split-K
+    user = config or {}
+    if "BLOCK_M" in user or user.get("SPLIT_K", 1) > 1:  # candidates: rectangular tiles, split-K
         from . import splitk
 
-        cfg = dict(splitk.CONFIG_128x256, **{k: v for k, v in cfg.items() if k != "BLOCK"})
-        idx64 = index64("update_factor_", factor, v, R, max(cfg["BLOCK_M"], cfg["BLOCK_N"]), cfg["BLOCK_K"])
+        cfg = dict(splitk.CONFIG_128x256, **user)  # the candidate's own defaults, not pick_config's
+        # row counts stay below 2^31 up to the last split's end
+        idx64 = index64("update_factor_", factor, v, R, max(cfg["BLOCK_M"], cfg["BLOCK_N"]),
+                        cfg["BLOCK_K"] * cfg.get("SPLIT_K", 1))
         splitk.launch_rect(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level,
                            (b_dev, b_t, b_val, a_dev, a_t, a_val), cfg, idx64, prec, align)
         return factor

@@ -110,3 +110,14 @@ def test_pick_split():
     assert splitk.pick_split(4096, 32 * 8, cfg) == 1  # 8 K-steps: no split keeps MIN_KSTEPS
     assert splitk.pick_split(4096, 32 * 16, cfg) == 2  # 16 K-steps: 5 waves x 8 < 3 x 16
     assert splitk.pick_split(256, 131072, cfg) == splitk.MAX_SPLIT  # 3 tiles, 4096 K-steps
+
+
+def test_split_alone_runs_the_candidate_config(monkeypatch):
+    """config={"SPLIT_K": s} takes CONFIG_128x256's tiles, K step and stages, not the
+    shipped 16-bit config's (BLOCK_K=64 x 3 stages spilled at odd d under Triton 3.8)."""
+    seen = {}
+    monkeypatch.setattr(splitk, "launch_rect", lambda *a: seen.update(a[11]))
+    x = torch.randn(40, 30).to(torch.float16).to(DEV)
+    factor_update.update_factor_(sym_factor(31, torch.Generator().manual_seed(1)), x, 0.5, 0.5, append_ones=True,
+                                 config={"SPLIT_K": 2})
+    assert seen == dict(splitk.CONFIG_128x256, SPLIT_K=2)
