@@ -29,17 +29,24 @@ from .guard import common_device, launch_on
 from .launch import TL_DTYPES, host_table, input_precision, per_layer_scalars, symmetric_epilogue
 
 # untuned: chosen because grouped layers are often small (d <= 256): 64x64 tiles give
-# such a layer 10 programs instead of 3, and keep the 16-bit pipeline at 48 KiB.
+# such a layer 10 programs instead of 3, and keep the 16-bit pipeline at 48 KiB. The
+# ALIGNED variant's config (16-byte cp.async, 3 stages).
 CONFIG_GROUPED_16BIT = dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
+# The same tiles for layers that cannot promise alignment (scalar 2-byte loads, no
+# cp.async, so no stages): 8 warps, because with 4 each thread kept 64 64-bit load
+# addresses per K-step and ptxas spilled 172 bytes under Triton 3.6.0; with 8: 0 spills,
+# 103-189 registers under 3.6.0/3.8.0/3.9.0 (bench/kernel_report.py --compile --filter grouped).
+CONFIG_GROUPED_16BIT_UNALIGNED = dict(CONFIG_GROUPED_16BIT, num_warps=8)
 # untuned: BLOCK_K=16 because FMA dots hold whole K slices in registers; 32 spilled on
 # sm_80 (ptxas -v, bench/kernel_report.py).
 CONFIG_GROUPED_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=2)
 
 
-def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
-    """The launch configuration of the grouped kernel for an input dtype."""
+def pick_config(x_dtype: torch.dtype, allow_tf32: bool, aligned: bool = True) -> dict:
+    """The launch configuration of the grouped kernel for an input dtype and the layers'
+    alignment (`layer_aligned`)."""
     if x_dtype in (torch.float16, torch.bfloat16):
-        return dict(CONFIG_GROUPED_16BIT)
+        return dict(CONFIG_GROUPED_16BIT if aligned else CONFIG_GROUPED_16BIT_UNALIGNED)
     return dict(CONFIG_GROUPED_FP32)
 
 
@@ -66,55 +73,46 @@ def _x_tile(X, roff, offs, rmask, d, s_col, IDX: tl.constexpr, ALIGNED: tl.const
 
 
 @triton.jit
-def _grouped_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
-                  ALIGNED: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    """Tile (ti, tj) of beta*F + alpha*x_bar^T x_bar: a plain dot over x's rows in the K
-    loop; the ones column (n = d + 1) added after it (column sums of x, the row count)."""
-    if INDEX64:
-        IDX: tl.constexpr = tl.int64
-    else:
-        IDX: tl.constexpr = tl.int32
+def _grouped_acc(X, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
+                 ALIGNED: tl.constexpr, IDX: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """Tile (ti, tj) of x_bar^T x_bar over x's rows [row_lo, row_hi), (BLOCK, BLOCK) fp32: a
+    plain dot over the rows in the K loop; the ones column (n = d + 1) added after it (the
+    rows' column sums of x, their count in the corner)."""
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     # alpha == 0 reads no row of x, so NaN/Inf there cannot reach the factor.
-    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(R, BLOCK_K))
+    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_K))
     for kb in range(0, num_k):
-        rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        rmask = rows < R
+        rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        rmask = rows < row_hi
         roff = _row_offsets(rows, L_inner, s_outer, s_inner, IDX)
         a = _x_tile(X, roff, offs_i, rmask, d, s_col, IDX, ALIGNED)
         b = _x_tile(X, roff, offs_j, rmask, d, s_col, IDX, ALIGNED)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    ones_j = offs_j == d
     if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
         # Only the tile column holding column d: x^T 1 as a dot with a 16-wide ones block
         # (the smallest dot; the same products and fp32 accumulation as an in-loop ones
-        # column), R in the corner.
+        # column), the row count in the corner.
         cs16 = tl.zeros((BLOCK, 16), dtype=tl.float32)
         for kb in range(0, num_k):
-            rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            rmask = rows < R
+            rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            rmask = rows < row_hi
             a = _x_tile(X, _row_offsets(rows, L_inner, s_outer, s_inner, IDX), offs_i, rmask, d, s_col, IDX,
                         ALIGNED)
             one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
             cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
         cs = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], cs16, 0.0), axis=1)
-        ones_col = tl.where(offs_i == d, R * 1.0, cs)
-        acc = tl.where(ones_j[None, :], ones_col[:, None], acc)
-    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
+        ones_col = tl.where(offs_i == d, tl.maximum(row_hi - row_lo, 0) * 1.0, cs)
+        acc = tl.where((offs_j == d)[None, :], ones_col[:, None], acc)
+    return acc
 
 
 @triton.jit
-def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constexpr,
-                                  INDEX64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  INPUT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr = False):
-    """Work item pid = (layer, ti, tj): one upper tile of that layer's factor update."""
-    pid = tl.program_id(0)
-    layer = tl.load(work + 3 * pid)
-    ti = tl.load(work + 3 * pid + 1)
-    tj = tl.load(work + 3 * pid + 2)
+def _layer_row(meta, layer, X_DTYPE: tl.constexpr, INDEX64: tl.constexpr, ALIGNED: tl.constexpr):
+    """A layer's row of the meta table: (F, X, R, d, n, L_inner, s_outer, s_inner, s_col,
+    stride_f), with the ALIGNED variant's alignment facts attached."""
     row = meta + layer.to(tl.int64) * 10
     F = tl.load(row + 0).to(tl.pointer_type(tl.float32))
     X = tl.load(row + 1).to(tl.pointer_type(X_DTYPE))
@@ -139,10 +137,29 @@ def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constex
         s_outer = tl.multiple_of(s_outer, VEC)
         s_inner = tl.multiple_of(s_inner, VEC)
         d = tl.multiple_of(d, VEC)
+    return F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f
+
+
+@triton.jit
+def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constexpr,
+                                  INDEX64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  INPUT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """Work item pid = (layer, ti, tj): one upper tile of that layer's factor update."""
+    if INDEX64:
+        IDX: tl.constexpr = tl.int64
+    else:
+        IDX: tl.constexpr = tl.int32
+    pid = tl.program_id(0)
+    layer = tl.load(work + 3 * pid)
+    ti = tl.load(work + 3 * pid + 1)
+    tj = tl.load(work + 3 * pid + 2)
+    F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f = _layer_row(meta, layer, X_DTYPE, INDEX64, ALIGNED)
     beta = tl.load(betas + layer)
     alpha = tl.load(alphas + layer)
-    _grouped_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj, beta, alpha,
-                  ALIGNED, INDEX64, BLOCK, BLOCK_K, INPUT_PRECISION)
+    acc = _grouped_acc(X, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, 0, R, alpha,
+                       ALIGNED, IDX, BLOCK, BLOCK_K, INPUT_PRECISION)
+    symmetric_epilogue(F, stride_f, n, ti * BLOCK + tl.arange(0, BLOCK), tj * BLOCK + tl.arange(0, BLOCK), acc,
+                       beta, alpha, INDEX64)
 
 
 _WORK_CACHE: dict = {}
@@ -200,7 +217,7 @@ def _update_factors(factors, xs, betas, alphas, allow_tf32, config):
         aligned = layer_aligned(v, d, s_outer, s_inner, s_col)
         groups.setdefault((x.dtype, aligned), []).append((i, v, R, d, L_inner, s_outer, s_inner, s_col))
     for (x_dtype, aligned), members in groups.items():
-        cfg = pick_config(x_dtype, allow_tf32)
+        cfg = pick_config(x_dtype, allow_tf32, aligned)
         cfg.update(config or {})
         layers = [m[0] for m in members]
         meta, keep, idx64 = [], [], False
@@ -218,7 +235,15 @@ def _update_factors(factors, xs, betas, alphas, allow_tf32, config):
         a = alpha_t if idx is None else alpha_t[idx]
         if work.shape[0] == 0:
             continue
-        with launch_on("update_factors_", {"factors": [factors[i] for i in layers], "xs": keep, "betas": b}):
+        tensors = {"factors": [factors[i] for i in layers], "xs": keep, "betas": b}
+        if cfg.get("SPLIT_K", 1) > 1:  # the split-K candidate (`kernels/grouped_splitk.py`)
+            from . import grouped_splitk
+
+            grouped_splitk.launch(tensors, meta_t, b, a, [factors[i].shape[0] for i in layers],
+                                  [m[2] for m in members], cfg, device, x_dtype, idx64,
+                                  input_precision(x_dtype, allow_tf32), aligned)
+            continue
+        with launch_on("update_factors_", tensors):
             _factor_update_grouped_kernel[(work.shape[0],)](
                 work, meta_t, b, a, X_DTYPE=TL_DTYPES[x_dtype], INDEX64=idx64,
                 BLOCK=cfg["BLOCK"],
