@@ -42,18 +42,43 @@ def torch_unfused_update(f, x, beta, alpha):
     f.mul_(beta).add_(cov, alpha=alpha)
 
 
-@pytest.mark.parametrize("d", [1024, 2048, 4096])
-@pytest.mark.parametrize("impl", ["triton", "torch_best", "torch_unfused"])
-def test_factor_update(benchmark, d, impl):
+def _sms():
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def split_candidate(n, rows):
+    """The rectangular-tile split-K candidate (kernels/splitk.py, out of `auto`) with the
+    split its own rule picks for this shape and this GPU's SM count."""
+    from kfac_fast.kernels import splitk
+
+    cfg = dict(splitk.CONFIG_128x256)
+    return dict(cfg, SPLIT_K=splitk.pick_split(n, rows, cfg, sms=_sms()))
+
+
+@pytest.mark.parametrize("d,append", [(1024, False), (2048, False), (4096, False), (4096, True)])
+@pytest.mark.parametrize("impl", ["triton", "triton_128x256_split", "torch_best", "torch_unfused"])
+def test_factor_update(benchmark, d, append, impl):
+    """Issue 17's target: N = 8192, d = 4096 (append_ones too): useful FLOPs N n (n + 1)."""
     from kfac_fast.kernels import factor_update
 
-    benchmark.group = f"factor_update d={d} N=8192 bf16"
+    n = d + append
+    benchmark.group = f"factor_update d={d}{' +ones' if append else ''} N=8192 bf16"
     x = torch.randn(8192, d, device="cuda", dtype=torch.bfloat16)
-    f = torch.eye(d, device="cuda")
+    f = torch.eye(n, device="cuda")
     beta, alpha = torch.tensor(BETA, device="cuda"), torch.tensor(ALPHA, device="cuda")
-    fn = {"triton": lambda: factor_update.update_factor_(f, x, beta, alpha),
-          "torch_best": lambda: torch_best_update(f, x, BETA, ALPHA),
-          "torch_unfused": lambda: torch_unfused_update(f, x, BETA, ALPHA)}[impl]
+    benchmark.extra_info["useful_flop"] = 8192 * n * (n + 1)
+
+    def best():
+        xb = torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if append else x
+        torch_best_update(f, xb, BETA, ALPHA)
+
+    def unfused():
+        xb = torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if append else x
+        torch_unfused_update(f, xb, BETA, ALPHA)
+    fn = {"triton": lambda: factor_update.update_factor_(f, x, beta, alpha, append_ones=append),
+          "triton_128x256_split": lambda: factor_update.update_factor_(
+              f, x, beta, alpha, append_ones=append, config=split_candidate(n, 8192)),
+          "torch_best": best, "torch_unfused": unfused}[impl]
     run(benchmark, fn)
 
 
@@ -67,7 +92,7 @@ def _layers(kind):
 
 
 @pytest.mark.parametrize("kind", ["48 small", "transformer"])
-@pytest.mark.parametrize("impl", ["triton", "torch_loop"])
+@pytest.mark.parametrize("impl", ["triton", "triton_split4", "torch_loop"])
 def test_grouped_update(benchmark, kind, impl):
     from kfac_fast.kernels import factor_update_grouped
 
@@ -83,6 +108,9 @@ def test_grouped_update(benchmark, kind, impl):
             xb = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
             torch_best_update(f, xb, BETA, ALPHA)
     fn = {"triton": lambda: factor_update_grouped.update_factors_(fs, xs, betas, alphas, append_ones=True),
+          # the grouped split-K candidate (kernels/grouped_splitk.py, out of `auto`)
+          "triton_split4": lambda: factor_update_grouped.update_factors_(fs, xs, betas, alphas, append_ones=True,
+                                                                        config={"SPLIT_K": 4}),
           "torch_loop": loop}[impl]
     run(benchmark, fn)
 
