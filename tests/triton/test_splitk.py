@@ -121,3 +121,40 @@ def test_split_alone_runs_the_candidate_config(monkeypatch):
     factor_update.update_factor_(sym_factor(31, torch.Generator().manual_seed(1)), x, 0.5, 0.5, append_ones=True,
                                  config={"SPLIT_K": 2})
     assert seen == dict(splitk.CONFIG_128x256, SPLIT_K=2)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_candidate_tile_shape(split):
+    """The candidate's own 128x256 tiles and BLOCK_K=32 (column halves and quarters of
+    the epilogue at full width), n = 301 straddling tiles in both directions."""
+    gen = torch.Generator().manual_seed(11)
+    x = x_of((100, 300), torch.float16, gen, "contig")
+    f0 = sym_factor(301, gen)
+    ref64, ref32 = oracles(reference.update_factor_, f0, x, 0.9, 0.01, append_ones=True)
+    out = poison_lower(f0)
+    factor_update.update_factor_(out, x, 0.9, 0.01, append_ones=True, config={"SPLIT_K": split})
+    assert torch.equal(out, out.T)
+    assert_error_rule(out, ref64, ref32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="bf16 tl.dot and the candidate's compiled tiles are checked on a GPU only")
+@pytest.mark.parametrize("d, append, rows", [(255, True, 4096), (1024, False, 8192), (4096, True, 8192)])
+def test_gpu_candidate_bf16(d, append, rows):
+    """On a GPU: the 128x256 candidate with the split pick_split chooses, and SPLIT_K=1,
+    against float64; the split result bitwise equal over two runs."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(rows, d, generator=gen).to(torch.bfloat16).to(DEV)
+    f0 = sym_factor(d + append, gen)
+    beta, alpha = torch.tensor(0.9, device=DEV), torch.tensor(1 / rows, device=DEV)
+    ref64, ref32 = oracles(reference.update_factor_, f0, x, beta, alpha, append_ones=append)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    split = splitk.pick_split(d + append, rows, splitk.CONFIG_128x256, sms=sms)
+    outs = []
+    for s in (split, split, 1):
+        out = poison_lower(f0)
+        factor_update.update_factor_(out, x, beta, alpha, append_ones=append, config={"SPLIT_K": s})
+        assert torch.equal(out, out.T)
+        assert_error_rule(out, ref64, ref32)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
