@@ -49,8 +49,6 @@ CONFIG_TF32 = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3, ONES_OUTSID
 # The kernel shipped before the ones column left the K loop (the in-loop ones column);
 # kept reachable through `config=` for comparison (bench/kernel_report.py scores it).
 CONFIG_16BIT_ONES_IN_LOOP = dict(CONFIG_16BIT, ONES_OUTSIDE=False)
-# Compatibility name (tests and reports of the candidate phase): now the shipped config.
-CONFIG_16BIT_ONES_OUTSIDE = CONFIG_16BIT
 
 
 def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
