@@ -24,7 +24,15 @@ from kfac_fast._validate import as_pair
 
 from .factor_update import CONFIG_TF32
 from .guard import check_int32, launch_on, needs_index64, square_needs_index64
-from .launch import input_precision, kernel_scalar, load_scalar, symmetric_epilogue, upper_tile_of
+from .launch import (
+    column_halves,
+    halves,
+    input_precision,
+    kernel_scalar,
+    load_scalar,
+    symmetric_epilogue,
+    upper_tile_of,
+)
 
 # untuned: the im2col gather needs per-element bounds masks and offsets; BLOCK_K=64
 # spilled (ptxas -v) where 32 does not. With the ones column out of the K loop: 0 spills at
@@ -35,6 +43,17 @@ CONFIG_CONV_16BIT = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
 # the 4-byte gathers went through cp.async and ptxas spilled 16-36 bytes (3.6.0, 3.9.0,
 # kernel_report --compile --filter conv_factor); 1 stage: 0 spills, 127-204 registers.
 CONFIG_CONV_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1)
+
+
+# CANDIDATES, not in `auto` (no GPU has run them; reachable with `config=`): the patch
+# columns gathered in (kh, kw, c) order (CL), so that for a channels-last input consecutive
+# columns are consecutive channels in memory (coalesced gathers), unfold's (c, kh, kw)
+# order restored in the epilogue (`unfold_order_epilogue`). Any input layout gives the
+# same factor. 16-bit with BLOCK_K=16: at 32 the runtime channel division kept more column
+# values live and ptxas spilled 72-324 bytes under Triton 3.6.0; at 16, 0 spills under
+# 3.6.0/3.8.0/3.9.0 (bench/kernel_report.py --compile --filter channels-last).
+CONFIG_CONV_16BIT_CL = dict(CONFIG_CONV_16BIT, BLOCK_K=16, CL=True)
+CONFIG_CONV_FP32_CL = dict(CONFIG_CONV_FP32, CL=True)
 
 
 def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
@@ -61,10 +80,16 @@ def _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w, BLOC
 
 @triton.jit
 def _patch_tile(X, roff, ih0, iw0, rmask, offs_c, d, H, W, sC, sH, sW, dil_h, dil_w,
-                KH: tl.constexpr, KW: tl.constexpr, IDX: tl.constexpr):
-    """(BLOCK_K, BLOCK) tile of the patch matrix (0 in the padding and past column d - 1)."""
-    ch = offs_c // (KH * KW)
-    rem = offs_c % (KH * KW)
+                KH: tl.constexpr, KW: tl.constexpr, IDX: tl.constexpr, CL: tl.constexpr):
+    """(BLOCK_K, BLOCK) tile of the patch matrix (0 in the padding and past column d - 1);
+    CL: columns in (kh, kw, c) order, consecutive columns consecutive channels."""
+    if CL:
+        C = d // (KH * KW)
+        ch = offs_c % C
+        rem = offs_c // C
+    else:
+        ch = offs_c // (KH * KW)
+        rem = offs_c % (KH * KW)
     dh = (rem // KW) * dil_h
     dw = (rem % KW) * dil_w
     col_off = ch.to(IDX) * tl.cast(sC, IDX) + dh.to(IDX) * tl.cast(sH, IDX) + dw.to(IDX) * tl.cast(sW, IDX)
@@ -76,11 +101,64 @@ def _patch_tile(X, roff, ih0, iw0, rmask, offs_c, d, H, W, sC, sH, sW, dil_h, di
 
 
 @triton.jit
+def _unfold_index(q, d, KHW: tl.constexpr):
+    """unfold's (c, kh, kw) column of the (kh, kw, c)-ordered column q (q >= d: itself)."""
+    C = d // KHW
+    return tl.where(q < d, (q % C) * KHW + q // C, q)
+
+
+@triton.jit
+def _unfold_order_columns(F, sf, n, qi, qj, pi, pj, acc, beta, alpha):
+    """unfold_order_epilogue on the columns qj (unfold columns pj) of the tile."""
+    # Each unordered pair once: q-space upper triangle; q -> p is a bijection on [0, n).
+    upper = (qi[:, None] <= qj[None, :]) & (qj[None, :] < n)
+    lo = tl.minimum(pi[:, None], pj[None, :])
+    hi = tl.maximum(pi[:, None], pj[None, :])
+    # Only the upper triangle is read: the lower one may hold anything (even NaN).
+    old = tl.load(F + (lo * sf + hi), mask=upper, other=0.0)
+    out = tl.where(beta == 0, 0.0, beta * old) + alpha * acc
+    tl.store(F + (pi[:, None] * sf + pj[None, :]), out, mask=upper)
+    tl.store(F + (pj[:, None] * sf + pi[None, :]), tl.trans(out), mask=tl.trans(upper))
+
+
+@triton.jit
+def _unfold_order_half(F, sf, n, qi, qj, pi, pj, acc, beta, alpha):
+    """_unfold_order_columns on the two column halves of (qj, pj, acc), one after another."""
+    a0, a1 = column_halves(acc)
+    q0, q1 = halves(qj)
+    p0, p1 = halves(pj)
+    _unfold_order_columns(F, sf, n, qi, q0, pi, p0, a0, beta, alpha)
+    _unfold_order_columns(F, sf, n, qi, q1, pi, p1, a1, beta, alpha)
+
+
+@triton.jit
+def unfold_order_epilogue(F, stride_f, n, d, offs_i, offs_j, acc, beta, alpha, KHW: tl.constexpr,
+                          INDEX64: tl.constexpr):
+    """symmetric_epilogue for a tile computed on (kh, kw, c)-ordered columns: entry (qi, qj),
+    qi <= qj, goes to F[p(qi), p(qj)] and F[p(qj), p(qi)] in unfold's order, beta*F read
+    from the upper triangle (F[min, max]); in four column quarters as symmetric_epilogue."""
+    pi = _unfold_index(offs_i, d, KHW)
+    pj = _unfold_index(offs_j, d, KHW)
+    if INDEX64:
+        pi = pi.to(tl.int64)
+        pj = pj.to(tl.int64)
+        sf = tl.cast(stride_f, tl.int64)
+    else:
+        sf = stride_f
+    a0, a1 = column_halves(acc)
+    q0, q1 = halves(offs_j)
+    p0, p1 = halves(pj)
+    _unfold_order_half(F, sf, n, offs_i, q0, pi, p0, a0, beta, alpha)
+    _unfold_order_half(F, sf, n, offs_i, q1, pi, p1, a1, beta, alpha)
+
+
+@triton.jit
 def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW, d, n, H, W,
                         sN, sC, sH, sW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, stride_f,
                         KH: tl.constexpr, KW: tl.constexpr,
                         BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, INDEX64: tl.constexpr,
-                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        CL: tl.constexpr = False):
     """One upper tile of A <- beta*A + alpha*P_bar^T P_bar, patches gathered in-kernel;
     the K loop is a plain dot over patch rows, the ones column (n = d + 1: column sums
     of P, the row count) is added after it.
@@ -101,8 +179,8 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
     for kb in range(0, num_k):
         roff, ih0, iw0, rmask = _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
                                             BLOCK_K, IDX)
-        a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
-        b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
+        a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
+        b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
     if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
         # Only the tile column holding column d: P^T 1 as a dot with a 16-wide ones block
@@ -112,13 +190,16 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
         for kb in range(0, num_k):
             roff, ih0, iw0, rmask = _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
                                                 BLOCK_K, IDX)
-            a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX)
+            a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
             one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
             cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
         cs = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], cs16, 0.0), axis=1)
         ones_col = tl.where(offs_i == d, R * 1.0, cs)
         acc = tl.where((offs_j == d)[None, :], ones_col[:, None], acc)
-    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
+    if CL:
+        unfold_order_epilogue(F, stride_f, n, d, offs_i, offs_j, acc, beta, alpha, KH * KW, INDEX64)
+    else:
+        symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
 
 
 def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dilation, *,
@@ -151,6 +232,6 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
             N * L, max(L, 1), max(OW, 1), C * kh * kw, n, H, W, *x.stride(), sh, sw, ph, pw, dh, dw,
             factor.stride(0), KH=kh, KW=kw, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev,
             INDEX64=idx64, BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-            INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+            INPUT_PRECISION=input_precision(x.dtype, allow_tf32), CL=cfg.get("CL", False),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return factor
