@@ -31,6 +31,7 @@ from kfac_fast._flags import allow_tf32_of
 
 from .guard import common_device, launch_on, offsets_fit
 from .launch import TL_DTYPES, host_table, load_scalar, per_layer_scalars
+from .table_cache import TableCache
 
 # untuned: chosen because IEEE fp32 GEMMs run on FMA units, where 64x64 tiles over 4
 # warps keep 32 accumulators per thread; grouped layers are small (d <= 4096), so
@@ -159,16 +160,15 @@ def _kl_nu_kernel(partials, starts, L, lr_ptr, lr_val, kl_ptr, kl_val, nu_ptr,
 # ---------------------------------------------------------------------------------------
 # Launch functions (host side)
 # ---------------------------------------------------------------------------------------
-_WORK_CACHE: dict = {}
+_WORK_CACHE = TableCache()
 
 
 def tile_work_list(shapes, block_m: int, block_n: int, device) -> tuple:
     """Cached (work, starts): work, an int32 (T, 3) device tensor of (layer, ti, tj) over
     every output tile of layers with these (M, N) shapes, largest layers first (a layer's
-    tiles are consecutive); starts, int32 (L + 1,): where each layer's run of tiles begins."""
-    key = (tuple(shapes), block_m, block_n, str(device))
-    cached = _WORK_CACHE.get(key)
-    if cached is None:
+    tiles are consecutive); starts, int32 (L + 1,): where each layer's run of tiles begins.
+    Safe to use on any stream (`table_cache`)."""
+    def build():
         order = sorted(range(len(shapes)), key=lambda i: -shapes[i][0] * shapes[i][1])
         items, starts = [], [0]
         for layer in order:
@@ -177,9 +177,8 @@ def tile_work_list(shapes, block_m: int, block_n: int, device) -> tuple:
             starts.append(len(items))
         work = host_table(items, torch.int32, device).reshape(-1, 3) if items else \
             torch.zeros((0, 3), dtype=torch.int32, device=device)
-        cached = (work, host_table(starts, torch.int32, device))
-        _WORK_CACHE[key] = cached
-    return cached
+        return work, host_table(starts, torch.int32, device)
+    return _WORK_CACHE.get((tuple(shapes), block_m, block_n, str(device)), device, build)
 
 
 def _gemm_row(M, N, K, a, a_sm, a_sk, b, b_sk, b_sn, c, c_sm, c_sn, a_extra=None, a_extra_s=0,
