@@ -54,6 +54,13 @@ CONFIG_CONV_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1)
 # 3.6.0/3.8.0/3.9.0 (bench/kernel_report.py --compile --filter channels-last).
 CONFIG_CONV_16BIT_CL = dict(CONFIG_CONV_16BIT, BLOCK_K=16, CL=True)
 CONFIG_CONV_FP32_CL = dict(CONFIG_CONV_FP32, CL=True)
+# CANDIDATE, not in `auto`: split-K, config={"SPLIT_K": s} (unfold order only). Each of the
+# few upper tiles of a conv factor (ResNet-50 3x3: 15 tiles of 128 on 132 SMs) walks all
+# N*L patch rows alone; s programs per tile each sum a contiguous chunk of rows (a multiple
+# of BLOCK_K) into an fp32 workspace partial, `splitk._splitk_reduce_kernel` sums them in
+# split order and applies the symmetric epilogue (no atomics: bitwise deterministic).
+# untuned: s = 8 puts 15 tiles x 8 = 120 programs on 132 SMs.
+CONFIG_CONV_16BIT_SPLIT = dict(CONFIG_CONV_16BIT, SPLIT_K=8)
 
 
 def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
@@ -64,18 +71,18 @@ def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
 
 
 @triton.jit
-def _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w, BLOCK_K: tl.constexpr,
+def _patch_rows(kb, row_lo, row_hi, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w, BLOCK_K: tl.constexpr,
                 IDX: tl.constexpr):
-    """Rows kb*BLOCK_K.. of the patch matrix: (offset of the window's origin, its top row,
-    its left column, row valid)."""
-    rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Rows row_lo + kb*BLOCK_K.. of the patch matrix: (offset of the window's origin, its
+    top row, its left column, row valid: below row_hi)."""
+    rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
     img = rows // L
     loc = rows % L
     ih0 = (loc // OW) * stride_h - pad_h
     iw0 = (loc % OW) * stride_w - pad_w
     # May point before the image (padding): the per-element mask covers that.
     roff = img.to(IDX) * tl.cast(sN, IDX) + ih0.to(IDX) * tl.cast(sH, IDX) + iw0.to(IDX) * tl.cast(sW, IDX)
-    return roff, ih0, iw0, rows < R
+    return roff, ih0, iw0, rows < row_hi
 
 
 @triton.jit
@@ -158,10 +165,12 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
                         KH: tl.constexpr, KW: tl.constexpr,
                         BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, INDEX64: tl.constexpr,
                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                        CL: tl.constexpr = False):
+                        CL: tl.constexpr, Wk, rows_per_split, SPLIT_K: tl.constexpr):
     """One upper tile of A <- beta*A + alpha*P_bar^T P_bar, patches gathered in-kernel;
     the K loop is a plain dot over patch rows, the ones column (n = d + 1: column sums
-    of P, the row count) is added after it.
+    of P, the row count) is added after it. SPLIT_K > 1 (candidate): program
+    (tile, k) sums the rows [k*rows_per_split, ...) and stores its fp32 partial to
+    Wk[tile*SPLIT_K + k] for `splitk._splitk_reduce_kernel`.
 
     INDEX64=False (x spans < 2^31 elements, the factor's i*stride+j below 2^31) keeps
     offsets in int32 to save registers."""
@@ -169,34 +178,45 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
         IDX: tl.constexpr = tl.int64
     else:
         IDX: tl.constexpr = tl.int32
-    ti, tj = upper_tile_of(tl.program_id(0))
+    pid = tl.program_id(0)
+    if SPLIT_K == 1:
+        ti, tj = upper_tile_of(pid)
+        row_lo = 0
+        row_hi = R
+    else:
+        ti, tj = upper_tile_of(pid // SPLIT_K)
+        row_lo = (pid % SPLIT_K) * rows_per_split
+        row_hi = row_lo + tl.minimum(rows_per_split, R - row_lo)  # no int32 overflow near 2^31
     beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
     alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(R, BLOCK_K))
+    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_K))
     for kb in range(0, num_k):
-        roff, ih0, iw0, rmask = _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
+        roff, ih0, iw0, rmask = _patch_rows(kb, row_lo, row_hi, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
                                             BLOCK_K, IDX)
         a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
         b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
     if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
         # Only the tile column holding column d: P^T 1 as a dot with a 16-wide ones block
-        # (the same products and fp32 accumulation as an in-loop ones column), R in the
-        # corner.
+        # (the same products and fp32 accumulation as an in-loop ones column), the row
+        # count in the corner.
         cs16 = tl.zeros((BLOCK, 16), dtype=tl.float32)
         for kb in range(0, num_k):
-            roff, ih0, iw0, rmask = _patch_rows(kb, R, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
+            roff, ih0, iw0, rmask = _patch_rows(kb, row_lo, row_hi, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
                                                 BLOCK_K, IDX)
             a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
             one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
             cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
         cs = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], cs16, 0.0), axis=1)
-        ones_col = tl.where(offs_i == d, R * 1.0, cs)
+        ones_col = tl.where(offs_i == d, tl.maximum(row_hi - row_lo, 0) * 1.0, cs)
         acc = tl.where((offs_j == d)[None, :], ones_col[:, None], acc)
-    if CL:
+    if SPLIT_K > 1:
+        tl.store(Wk + pid.to(tl.int64) * (BLOCK * BLOCK) + (tl.arange(0, BLOCK)[:, None] * BLOCK
+                                                            + tl.arange(0, BLOCK)[None, :]), acc)
+    elif CL:
         unfold_order_epilogue(F, stride_f, n, d, offs_i, offs_j, acc, beta, alpha, KH * KW, INDEX64)
     else:
         symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
@@ -226,12 +246,28 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     fn = "conv_input_factor_"
     check_int32(fn, "x", N * L + cfg["BLOCK_K"], "patch rows")
     idx64 = needs_index64(x) or square_needs_index64(n, factor.stride(0), cfg["BLOCK"])
+    split, block = cfg.get("SPLIT_K", 1), cfg["BLOCK"]
+    if split > 1 and cfg.get("CL", False):
+        raise ValueError(f"{fn}: the split-K candidate reduces in unfold's column order only (CL=False)")
+    tiles = nt * (nt + 1) // 2
+    rows_per_split = triton.cdiv(triton.cdiv(max(N * L, 1), split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    bp, ap = (b_t if b_dev else factor), (a_t if a_dev else factor)
     with launch_on(fn, {"factor": factor, "x": x, "beta": b_t, "alpha": a_t}):
-        _conv_factor_kernel[(nt * (nt + 1) // 2,)](
-            factor, x, b_t if b_dev else factor, a_t if a_dev else factor, b_val, a_val,
+        # Split-K's partials: a workspace from the caching allocator on the factor's stream.
+        wk = torch.empty((tiles * split, block, block), dtype=torch.float32, device=factor.device) \
+            if split > 1 else factor
+        _conv_factor_kernel[(tiles * split,)](
+            factor, x, bp, ap, b_val, a_val,
             N * L, max(L, 1), max(OW, 1), C * kh * kw, n, H, W, *x.stride(), sh, sw, ph, pw, dh, dw,
             factor.stride(0), KH=kh, KW=kw, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev,
-            INDEX64=idx64, BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-            INPUT_PRECISION=input_precision(x.dtype, allow_tf32), CL=cfg.get("CL", False),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            INDEX64=idx64, BLOCK=block, BLOCK_K=cfg["BLOCK_K"],
+            INPUT_PRECISION=input_precision(x.dtype, allow_tf32), CL=cfg.get("CL", False), Wk=wk,
+            rows_per_split=rows_per_split, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if split > 1:  # the tile's partials summed in split order, then the symmetric epilogue
+            from . import splitk
+
+            splitk._splitk_reduce_kernel[(tiles,)](
+                factor, wk, splitk._tile_table(n, block, block, factor.device), bp, ap, b_val, a_val, n,
+                factor.stride(0), BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, INDEX64=idx64, BLOCK_M=block,
+                BLOCK_N=block, SPLIT_K=split, num_warps=splitk.REDUCE_WARPS)
     return factor

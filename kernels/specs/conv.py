@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import conv_factor as cf
+from .. import splitk as sk
 from . import Spec, launch, sig
 
 SIZED = ("stride_f", "sH", "sC", "sN")
@@ -10,22 +11,34 @@ SIZED_CL = ("stride_f", "sH", "sW", "sN")
 
 def specs() -> list:
     out = []
-    for x, k, cl in [("fp16", 3, False), ("bf16", 3, False), ("bf16", 1, False), ("fp32", 3, False),
-                     ("fp16", 3, True), ("bf16", 3, True), ("fp32", 3, True)]:
+    for x, k, cl, split in [("fp16", 3, False, 1), ("bf16", 3, False, 1), ("bf16", 1, False, 1),
+                            ("fp32", 3, False, 1), ("fp16", 3, True, 1), ("bf16", 3, True, 1), ("fp32", 3, True, 1),
+                            ("bf16", 3, False, cf.CONFIG_CONV_16BIT_SPLIT["SPLIT_K"]),
+                            ("fp32", 3, False, cf.CONFIG_CONV_16BIT_SPLIT["SPLIT_K"])]:
         if cl:  # candidates out of `auto`: columns in (kh, kw, c) order
             cfg = cf.CONFIG_CONV_16BIT_CL if x != "fp32" else cf.CONFIG_CONV_FP32_CL
         else:
             cfg = cf.CONFIG_CONV_16BIT if x != "fp32" else cf.CONFIG_CONV_FP32
         ce = dict(KH=k, KW=k, BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False,
-                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee", CL=cl)
+                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee", CL=cl, SPLIT_K=split)
         types = dict(F="*fp32", X=f"*{x}", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
-                     alpha_val="fp32", stride_f="i32",
+                     alpha_val="fp32", stride_f="i32", Wk="*fp32", rows_per_split="i32",
                      **{a: "i32" for a in ("R", "L", "OW", "d", "n", "H", "W", "sN", "sC", "sH", "sW",
                                           "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")})
         # NCHW: sW == 1; channels-last (CL, columns in (kh, kw, c) order): sC == 1, sW == C.
         unit, sized = ("sC", SIZED_CL) if cl else ("sW", SIZED)
-        out.append(Spec(f"conv_factor[{x},{k}x{k}{',channels-last' if cl else ''}]", cf._conv_factor_kernel,
+        label = f"{x},{k}x{k}" + (",channels-last" if cl else "") + (f",split{split}" if split > 1 else "")
+        out.append(Spec(f"conv_factor[{label}]", cf._conv_factor_kernel,
                         sig(cf._conv_factor_kernel, types, ce), ce, launch(cfg),
                         tensor_cores=(x != "fp32"), ones=(unit, "stride_h", "stride_w", "dil_h", "dil_w"),
-                        div16=sized, realistic=sized, candidate=cl))
+                        div16=sized, realistic=sized, candidate=cl or split > 1))
+    # Split-K's reduction for the conv candidate: kernels/splitk.py's kernel on square tiles.
+    for block in (cf.CONFIG_CONV_16BIT["BLOCK"], cf.CONFIG_CONV_FP32["BLOCK"]):
+        ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False, BLOCK_M=block, BLOCK_N=block,
+                  SPLIT_K=cf.CONFIG_CONV_16BIT_SPLIT["SPLIT_K"])
+        types = dict(F="*fp32", Wk="*fp32", work="*i32", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
+                     alpha_val="fp32", n="i32", stride_f="i32")
+        out.append(Spec(f"conv_splitk_reduce[{block}x{block},split{ce['SPLIT_K']}]", sk._splitk_reduce_kernel,
+                        sig(sk._splitk_reduce_kernel, types, ce), ce, dict(num_warps=sk.REDUCE_WARPS, num_stages=1),
+                        tensor_cores=False, div16=("stride_f", "n"), realistic=("n", "stride_f"), candidate=True))
     return out
