@@ -115,7 +115,7 @@ def test_grouped_update(benchmark, kind, impl):
     run(benchmark, fn)
 
 
-@pytest.mark.parametrize("impl", ["triton", "unfold_gemm"])
+@pytest.mark.parametrize("impl", ["triton", "unfold_gemm", "triton_split8", "triton_cl_channels_last"])
 def test_conv_factor(benchmark, impl):
     from kfac_fast.kernels import conv_factor
 
@@ -127,8 +127,16 @@ def test_conv_factor(benchmark, impl):
     def unfold_gemm():
         p = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 64 * 9)
         torch_best_update(f, p, BETA, ALPHA)
+    x_cl = x.to(memory_format=torch.channels_last) if impl == "triton_cl_channels_last" else None
     fn = {"triton": lambda: conv_factor.conv_input_factor_(f, x, beta, alpha, 3, 1, 1, 1),
-          "unfold_gemm": unfold_gemm}[impl]
+          "unfold_gemm": unfold_gemm,
+          # candidates out of `auto` (kernels/conv_factor.py): split-K (15 tiles x 8 programs)
+          # and the (kh, kw, c) column order on a channels-last input
+          "triton_split8": lambda: conv_factor.conv_input_factor_(f, x, beta, alpha, 3, 1, 1, 1,
+                                                                  config=conv_factor.CONFIG_CONV_16BIT_SPLIT),
+          "triton_cl_channels_last": lambda: conv_factor.conv_input_factor_(f, x_cl, beta, alpha, 3, 1, 1, 1,
+                                                                            config=conv_factor.CONFIG_CONV_16BIT_CL),
+          }[impl]
     run(benchmark, fn, rounds=10)
 
 
