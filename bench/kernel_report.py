@@ -23,6 +23,10 @@ The model (issue 17; committed before any kernel rebuild and not to be tuned aft
   time = ceil(tiles / 132) waves x ceil(N / BK) K-steps x cycles, and the fraction of the
   bf16 peak is the useful FLOPs N n (n + 1) over 132 x 4096 x time. It is a model of the
   instruction mix, not a measurement: a GPU run (bench/bench_triton.py) replaces it.
+Only the schedule term was generalised since (wave 6, for programs of different lengths):
+  programs in work-table order, 132 at a time, time = sum over waves of (the most K-steps
+  of any program in that wave) x cycles; for a uniform schedule (every program the same
+  K-steps) this is exactly the expression above. Per-K-step cycles are unchanged.
 """
 import argparse
 import json
@@ -38,7 +42,7 @@ L2_BYTES_PER_CLK = 7.5e12 / (SMS * 790e12 / (SMS * 4096))  # 38.9 B/clk/SM at th
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "tf32": 4}
 
 
-def model_fraction(loop: dict, cfg: dict, N: int, n: int, dtype: str = "bf16") -> dict:
+def model_fraction(loop: dict, cfg: dict, N: int, n: int, dtype: str = "bf16", programs=None) -> dict:
     """The modelled fraction of the peak (module docstring) of one fused update
     factor (n x n) <- x (N rows) with the K-loop mix `loop` under config `cfg`.
 
@@ -47,7 +51,14 @@ def model_fraction(loop: dict, cfg: dict, N: int, n: int, dtype: str = "bf16") -
     the BM x BN grid (those holding an element with r <= c: nt (nt + 1) / 2 when square);
     with SPLIT_K = s, programs = tiles x s, waves = ceil(programs / 132) and K-steps per
     program = ceil(N / (BK s)) (s = 1: the formula as committed). The split-K reduction
-    (workspace traffic, a second kernel) is not in the model: `split_traffic`."""
+    (workspace traffic, a second kernel) is not in the model: `split_traffic`.
+
+    The schedule term for programs of different lengths: `programs` lists each program's
+    K-steps in work-table order (default: the uniform schedule above, tiles x s programs
+    of ceil(N / (BK s)) K-steps; SCHEDULE == "tail": splitk.tail_split_schedule's on 132
+    SMs); they run 132 at a time and time = sum over waves of (the most K-steps of any
+    program in that wave) x cycles. For the uniform schedule the sum is waves x K-steps:
+    exactly the committed expression (same integers, one multiplication by cycles)."""
     bm = cfg.get("BLOCK_M", cfg.get("BLOCK"))
     bn = cfg.get("BLOCK_N", cfg.get("BLOCK"))
     bk = cfg["BLOCK_K"]
@@ -64,11 +75,18 @@ def model_fraction(loop: dict, cfg: dict, N: int, n: int, dtype: str = "bf16") -
     else:
         tiles = sum(1 for tj in range(math.ceil(n / bn)) for ti in range(math.ceil(n / bm))
                     if ti * bm <= tj * bn + bn - 1)
-    waves = math.ceil(tiles * split / SMS)
-    time = waves * math.ceil(N / (bk * split)) * cycles
+    if programs is None and cfg.get("SCHEDULE") == "tail":
+        from kfac_fast.kernels import splitk
+
+        programs = [math.ceil((hi - lo) / bk) for _, _, lo, hi, _ in splitk.tail_split_schedule(n, N, cfg, SMS)]
+    if programs is None:
+        programs = [math.ceil(N / (bk * split))] * (tiles * split)
+    waves = math.ceil(len(programs) / SMS)
+    ksteps = sum(max(programs[w * SMS:(w + 1) * SMS]) for w in range(waves))  # the longest per wave
+    time = ksteps * cycles
     frac = N * n * (n + 1) / (SMS * FLOP_PER_CLK[dtype] * time)
     return dict(tensor=t, issue=i, l2=m, cycles=cycles, waves=waves, tiles=tiles, fraction=frac,
-                seconds=time / CLOCK_HZ)
+                seconds=time / CLOCK_HZ, ksteps=ksteps, programs=len(programs))
 
 
 CLOCK_HZ = 790e12 / (SMS * 4096)  # the clock at which 132 SMs x 4096 FLOP/clk are 790 TFLOP/s
@@ -82,6 +100,23 @@ def split_traffic(cfg: dict, tiles: int) -> tuple:
     if split == 1:
         return 0, 0.0
     nbytes = 2 * split * tiles * cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4
+    return nbytes, nbytes / HBM_BYTES_PER_S
+
+
+def tail_traffic(cfg: dict, n: int, N: int) -> tuple:
+    """(bytes, seconds) of the tail-split schedule's workspace: one fp32 partial tile per
+    tail chunk written and read back by the reduction, at 4.8 TB/s. NOT in the model."""
+    from kfac_fast.kernels import splitk
+
+    slots = sum(1 for it in splitk.tail_split_schedule(n, N, cfg, SMS) if it[4] >= 0)
+    nbytes = 2 * slots * cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4
+    return nbytes, nbytes / HBM_BYTES_PER_S
+
+
+def epilogue_traffic(n: int) -> tuple:
+    """(bytes, seconds) of the epilogue's HBM traffic, fp32 factor: the upper triangle read
+    (n (n + 1) / 2 elements) and both triangles written (n^2), at 4.8 TB/s. NOT in the model."""
+    nbytes = 4 * (n * (n + 1) // 2 + n * n)
     return nbytes, nbytes / HBM_BYTES_PER_S
 
 
@@ -132,7 +167,8 @@ def _model_table() -> None:
         runs += [(model_baseline.spec(), case, n, model_baseline.CONFIG),  # the kernel before the rebuild
                  ("factor_update[bf16,ieee]", case, n, fu.CONFIG_16BIT),  # shipped: ones column outside
                  ("factor_update[bf16,ieee,128x256,split1]", case, n, splitk.CONFIG_128x256),
-                 ("factor_update[bf16,ieee,128x256,split4]", case, n, dict(splitk.CONFIG_128x256, SPLIT_K=split))]
+                 ("factor_update[bf16,ieee,128x256,split4]", case, n, dict(splitk.CONFIG_128x256, SPLIT_K=split)),
+                 ("factor_update[bf16,ieee,128x256,tail]", case, n, splitk.CONFIG_TAIL)]
     for kernel, case, n, cfg in runs:
         if isinstance(kernel, str):
             spec = next(s for s in aot_specs.realistic_specs() if s.name == f"{kernel}@{case}")
@@ -146,16 +182,31 @@ def _model_table() -> None:
             r = aot_specs.report(spec, 90, loop=True)
         loop = r["loop"]
         m = model_fraction(loop, cfg, N, n)
+        if cfg.get("SCHEDULE") == "tail":
+            tiles, unsplit, s_tail, chunk = splitk.tail_plan(n, N, cfg, SMS)
+            sched = (f"{unsplit} tiles unsplit + {len(tiles) - unsplit} x {s_tail} chunks of "
+                     f"{chunk // cfg['BLOCK_K']} K-steps, {m['waves']} waves")
+        else:
+            sched = f"{m['tiles']} tiles x {cfg.get('SPLIT_K', 1)} splits, {m['waves']} waves"
         print(f"  {spec.name:50s} n={n}: {loop['instructions']} instr/K-step/warp, {loop['hgmma']} HGMMA, "
               f"T={m['tensor']:.0f} I={m['issue']:.0f} L2={m['l2']:.0f} -> {m['cycles']:.0f} cycles/K-step, "
-              f"{m['tiles']} tiles x {cfg.get('SPLIT_K', 1)} splits, {m['waves']} waves, "
+              f"{sched}, {m['ksteps']} K-steps on the critical path, "
               f"spills {r['spill_stores']}/{r['spill_loads']} B: "
               f"modelled {100 * m['fraction']:.1f}% of the bf16 peak ({1e6 * m['seconds']:.0f} us)")
-        nbytes, secs = split_traffic(cfg, m["tiles"])
+        if cfg.get("SCHEDULE") == "tail":
+            nbytes, secs = tail_traffic(cfg, n, N)
+            what = f"2 x {len(tiles) - unsplit} x {s_tail} x {cfg['BLOCK_M']}x{cfg['BLOCK_N']} fp32"
+        else:
+            nbytes, secs = split_traffic(cfg, m["tiles"])
+            what = f"2 x {cfg.get('SPLIT_K', 1)} x {m['tiles']} x {cfg.get('BLOCK_M')}x{cfg.get('BLOCK_N')} fp32"
         if nbytes:
             print(f"  {'':50s} split-K reduction (not in the model): workspace {nbytes / 1e6:.0f} MB written + read "
-                  f"(2 x {cfg['SPLIT_K']} x {m['tiles']} x {cfg['BLOCK_M']}x{cfg['BLOCK_N']} fp32), "
-                  f"{1e6 * secs:.0f} us at 4.8 TB/s HBM")
+                  f"({what}), {1e6 * secs:.0f} us at 4.8 TB/s HBM")
+        ebytes, esecs = epilogue_traffic(n)
+        est = N * n * (n + 1) / (790e12 * (m["seconds"] + esecs + secs))
+        print(f"  {'':50s} model + epilogue/workspace traffic at 4.8 TB/s, an estimate outside the committed "
+              f"model: + {1e6 * esecs:.0f} us epilogue ({ebytes / 1e6:.0f} MB) + {1e6 * secs:.0f} us workspace "
+              f"-> {100 * est:.1f}% of the bf16 peak ({1e6 * (m['seconds'] + esecs + secs):.0f} us)")
 
 
 def main():

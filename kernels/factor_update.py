@@ -204,7 +204,7 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
     align = row_align(v, d, s_outer, s_inner, s_col, two_level)
     prec = input_precision(x.dtype, allow_tf32)
     user = config or {}
-    if "BLOCK_M" in user or user.get("SPLIT_K", 1) > 1:  # candidates: rectangular tiles, split-K
+    if "BLOCK_M" in user or "SCHEDULE" in user or user.get("SPLIT_K", 1) > 1:  # candidates (kernels/splitk.py)
         from . import splitk
 
         cfg = dict(splitk.CONFIG_128x256, **user)  # the candidate's own defaults, not pick_config's

@@ -56,4 +56,19 @@ def specs() -> list:
     out.append(Spec("splitk_reduce[128x256,split4]", sk._splitk_reduce_kernel,
                     sig(sk._splitk_reduce_kernel, types, ce), ce, dict(num_warps=sk.REDUCE_WARPS, num_stages=1),
                     tensor_cores=False, div16=("stride_f", "n"), realistic=("n", "stride_f"), candidate=True))
+    # The tail-split schedule (SCHEDULE = "tail"): one work-list kernel (unsplit tiles with
+    # the epilogue, tail chunks to the workspace; rows_per_chunk is a multiple of BLOCK_K)
+    # and the reduction over the tail tiles' column quarters.
+    ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, TWO_LEVEL=False, INDEX64=False, BLOCK_M=cfg["BLOCK_M"],
+              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee", ROW_ALIGN=1)
+    types = dict(_types("bf16"), Wk="*fp32", work="*i32", rows_per_chunk="i32")
+    out.append(Spec("factor_update[bf16,ieee,128x256,tail]", sk._tail_kernel, sig(sk._tail_kernel, types, ce), ce,
+                    launch(cfg), tensor_cores=True, ones=("s_col",),
+                    div16=("s_inner", "stride_f", "d", "n", "rows_per_chunk"), realistic=SIZED, candidate=True))
+    ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    types = dict(F="*fp32", Wk="*fp32", rwork="*i32", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
+                 alpha_val="fp32", n="i32", stride_f="i32")
+    out.append(Spec("tail_reduce[128x256]", sk._tail_reduce_kernel, sig(sk._tail_reduce_kernel, types, ce), ce,
+                    dict(num_warps=sk.REDUCE_WARPS, num_stages=1), tensor_cores=False, div16=("stride_f", "n"),
+                    realistic=("n", "stride_f"), candidate=True))
     return out
