@@ -207,3 +207,26 @@ def test_tail_candidate_tile_shape():
     factor_update.update_factor_(out, x, 0.9, 0.01, append_ones=True, config=cfg)
     assert torch.equal(out, out.T)
     assert_error_rule(out, ref64, ref32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="bf16 tl.dot and the compiled 128x256 tiles are checked on a GPU only")
+@pytest.mark.parametrize("d, append, rows", [(255, True, 131072), (4096, True, 8192), (4096, False, 8192)])
+def test_gpu_tail_bf16(d, append, rows):
+    """On a GPU (its own SM count): the tail-split schedule against float64, bitwise equal
+    over two runs; tall-skinny (2 tiles, every tile split) and N = 8192, n = 4096/4097."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(rows, d, generator=gen).to(torch.bfloat16).to(DEV)
+    f0 = sym_factor(d + append, gen)
+    beta, alpha = torch.tensor(0.9, device=DEV), torch.tensor(1 / rows, device=DEV)
+    ref64, ref32 = oracles(reference.update_factor_, f0, x, beta, alpha, append_ones=append)
+    sms = splitk.sm_count(x.device, {})
+    assert splitk.tail_plan(d + append, rows, splitk.CONFIG_TAIL, sms)[2] > 1 or sms != 132  # all split on an H200
+    outs = []
+    for _ in range(2):
+        out = poison_lower(f0)
+        factor_update.update_factor_(out, x, beta, alpha, append_ones=append, config={"SCHEDULE": "tail"})
+        assert torch.equal(out, out.T)
+        assert_error_rule(out, ref64, ref32)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
