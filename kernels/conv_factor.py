@@ -102,7 +102,8 @@ def _patch_tile(X, roff, ih0, iw0, rmask, offs_c, d, H, W, sC, sH, sW, dil_h, di
     col_off = ch.to(IDX) * tl.cast(sC, IDX) + dh.to(IDX) * tl.cast(sH, IDX) + dw.to(IDX) * tl.cast(sW, IDX)
     ih = ih0[:, None] + dh[None, :]
     iw = iw0[:, None] + dw[None, :]
-    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    # 0 <= ih < H as one unsigned compare (a negative ih wraps above H).
+    inside = (ih.to(tl.uint32) < tl.cast(H, tl.uint32)) & (iw.to(tl.uint32) < tl.cast(W, tl.uint32))
     mask = rmask[:, None] & (offs_c < d)[None, :] & inside
     return tl.load(X + roff[:, None] + col_off[None, :], mask=mask, other=0.0)
 

@@ -29,6 +29,7 @@ def conv_x(N, C, H, W, dtype, channels_last, gen):
     (1, 7, 6, 6, 3, 1, 2, 2, True, torch.float32, True, SMALL),         # d = 63, n = 64: 2 tiles of 32
     (2, 4, 5, 5, 2, 1, 0, 1, False, torch.float16, False, TILE16),      # d = 16, no ones column
     (2, 9, 4, 4, 3, 1, 1, 1, True, torch.float32, False, TILE16),       # d = 81, n = 82: 6 tiles
+    (3, 6, 1, 5, 3, 1, 1, 1, True, torch.float16, False, TILE16),       # H = 1: two of three kernel rows in padding
 ])
 def test_conv_ones_outside_matches_the_reference(N, C, H, W, k, s, p, dil, append, dtype, channels_last, config):
     gen = torch.Generator().manual_seed(N * 100 + C)
