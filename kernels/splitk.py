@@ -184,10 +184,7 @@ def _tail_kernel(F, X, Wk, work, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d,
     else:
         IDX: tl.constexpr = tl.int32
     item = work + 4 * tl.program_id(0)
-    ti = tl.load(item)
-    tj = tl.load(item + 1)
-    k = tl.load(item + 2)
-    slot = tl.load(item + 3)
+    ti, tj, k, slot = tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3)
     alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     row_lo = tl.where(slot < 0, 0, k * rows_per_chunk)
     row_hi = tl.where(slot < 0, R, tl.minimum(row_lo + rows_per_chunk, R))
@@ -207,10 +204,7 @@ def _tail_reduce_kernel(F, Wk, rwork, beta_ptr, alpha_ptr, beta_val, alpha_val, 
     """Program (item, q), item = (ti, tj, slot0, splits): column quarter q of the tile, the
     sum of its partials in slots slot0, slot0 + 1, ... in that order, then the epilogue."""
     item = rwork + 4 * tl.program_id(0)
-    ti = tl.load(item)
-    tj = tl.load(item + 1)
-    slot0 = tl.load(item + 2)
-    splits = tl.load(item + 3)
+    ti, tj, slot0, splits = tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3)
     beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
     alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     QN: tl.constexpr = BLOCK_N // 4
