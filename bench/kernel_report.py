@@ -55,7 +55,7 @@ def model_fraction(loop: dict, cfg: dict, N: int, n: int, dtype: str = "bf16", p
 
     The schedule term for programs of different lengths: `programs` lists each program's
     K-steps in work-table order (default: the uniform schedule above, tiles x s programs
-    of ceil(N / (BK s)) K-steps; SCHEDULE == "tail": splitk.tail_split_schedule's on 132
+    of ceil(N / (BK s)) K-steps; SCHEDULE == "tail": splitk_tail.tail_split_schedule's on 132
     SMs); they run 132 at a time and time = sum over waves of (the most K-steps of any
     program in that wave) x cycles. For the uniform schedule the sum is waves x K-steps:
     exactly the committed expression (same integers, one multiplication by cycles)."""
@@ -76,9 +76,9 @@ def model_fraction(loop: dict, cfg: dict, N: int, n: int, dtype: str = "bf16", p
         tiles = sum(1 for tj in range(math.ceil(n / bn)) for ti in range(math.ceil(n / bm))
                     if ti * bm <= tj * bn + bn - 1)
     if programs is None and cfg.get("SCHEDULE") == "tail":
-        from kfac_fast.kernels import splitk
+        from kfac_fast.kernels import splitk_tail
 
-        programs = [math.ceil((hi - lo) / bk) for _, _, lo, hi, _ in splitk.tail_split_schedule(n, N, cfg, SMS)]
+        programs = [math.ceil((hi - lo) / bk) for _, _, lo, hi, _ in splitk_tail.tail_split_schedule(n, N, cfg, SMS)]
     if programs is None:
         programs = [math.ceil(N / (bk * split))] * (tiles * split)
     waves = math.ceil(len(programs) / SMS)
@@ -106,9 +106,9 @@ def split_traffic(cfg: dict, tiles: int) -> tuple:
 def tail_traffic(cfg: dict, n: int, N: int) -> tuple:
     """(bytes, seconds) of the tail-split schedule's workspace: one fp32 partial tile per
     tail chunk written and read back by the reduction, at 4.8 TB/s. NOT in the model."""
-    from kfac_fast.kernels import splitk
+    from kfac_fast.kernels import splitk_tail
 
-    slots = sum(1 for it in splitk.tail_split_schedule(n, N, cfg, SMS) if it[4] >= 0)
+    slots = sum(1 for it in splitk_tail.tail_split_schedule(n, N, cfg, SMS) if it[4] >= 0)
     nbytes = 2 * slots * cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4
     return nbytes, nbytes / HBM_BYTES_PER_S
 
@@ -151,7 +151,7 @@ def _model_table() -> None:
     from dataclasses import replace
 
     from kfac_fast.kernels import factor_update as fu
-    from kfac_fast.kernels import splitk
+    from kfac_fast.kernels import splitk, splitk_tail
 
     # bench/model_baseline.py: the kernel before the rebuild (c7ca147), frozen for the model
     loader = importlib.util.spec_from_file_location(
@@ -168,7 +168,7 @@ def _model_table() -> None:
                  ("factor_update[bf16,ieee]", case, n, fu.CONFIG_16BIT),  # shipped: ones column outside
                  ("factor_update[bf16,ieee,128x256,split1]", case, n, splitk.CONFIG_128x256),
                  ("factor_update[bf16,ieee,128x256,split4]", case, n, dict(splitk.CONFIG_128x256, SPLIT_K=split)),
-                 ("factor_update[bf16,ieee,128x256,tail]", case, n, splitk.CONFIG_TAIL)]
+                 ("factor_update[bf16,ieee,128x256,tail]", case, n, splitk_tail.CONFIG_TAIL)]
     for kernel, case, n, cfg in runs:
         if isinstance(kernel, str):
             spec = next(s for s in aot_specs.realistic_specs() if s.name == f"{kernel}@{case}")
@@ -183,7 +183,7 @@ def _model_table() -> None:
         loop = r["loop"]
         m = model_fraction(loop, cfg, N, n)
         if cfg.get("SCHEDULE") == "tail":
-            tiles, unsplit, s_tail, chunk = splitk.tail_plan(n, N, cfg, SMS)
+            tiles, unsplit, s_tail, chunk = splitk_tail.tail_plan(n, N, cfg, SMS)
             sched = (f"{unsplit} tiles unsplit + {len(tiles) - unsplit} x {s_tail} chunks of "
                      f"{chunk // cfg['BLOCK_K']} K-steps, {m['waves']} waves")
         else:

@@ -51,6 +51,11 @@ CONFIG_TF32 = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3, ONES_OUTSID
 CONFIG_16BIT_ONES_IN_LOOP = dict(CONFIG_16BIT, ONES_OUTSIDE=False)
 
 
+# Config keys that select a candidate out of `auto` (kernels/splitk.py, splitk_tail.py):
+# rectangular tiles, the tail-split schedule (and SPLIT_K > 1).
+CANDIDATE_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "SCHEDULE"})
+
+
 def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
     """The launch configuration this module ships for an input dtype."""
     if x_dtype in (torch.float16, torch.bfloat16):
@@ -204,15 +209,18 @@ def update_factor_(factor, x, beta, alpha, *, append_ones=False, allow_tf32=Fals
     align = row_align(v, d, s_outer, s_inner, s_col, two_level)
     prec = input_precision(x.dtype, allow_tf32)
     user = config or {}
-    if "BLOCK_M" in user or "SCHEDULE" in user or user.get("SPLIT_K", 1) > 1:  # candidates (kernels/splitk.py)
-        from . import splitk
+    if CANDIDATE_KEYS & user.keys() or user.get("SPLIT_K", 1) > 1:  # kernels/splitk*.py
+        from . import splitk, splitk_tail
 
-        cfg = dict(splitk.CONFIG_128x256, **user)  # the candidate's own defaults, not pick_config's
+        cfg = dict(splitk.candidate_config(x.dtype, prec), **user)  # the candidates' own defaults
+        if cfg.get("SCHEDULE", "tail") != "tail":
+            raise ValueError(f"update_factor_: config['SCHEDULE'] must be 'tail', got {cfg['SCHEDULE']!r}")
         # row counts stay below 2^31 up to the last split's end
         idx64 = index64("update_factor_", factor, v, R, max(cfg["BLOCK_M"], cfg["BLOCK_N"]),
                         cfg["BLOCK_K"] * cfg.get("SPLIT_K", 1))
-        splitk.launch_rect(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level,
-                           (b_dev, b_t, b_val, a_dev, a_t, a_val), cfg, idx64, prec, align)
+        launch = splitk_tail.launch_tail if "SCHEDULE" in cfg else splitk.launch_rect
+        launch(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level,
+               (b_dev, b_t, b_val, a_dev, a_t, a_val), cfg, idx64, prec, align)
         return factor
     nt = triton.cdiv(n, cfg["BLOCK"])
     grid = (nt * (nt + 1) // 2,)

@@ -14,9 +14,7 @@ config=CONFIG_128x256 | {"SPLIT_K": s})` only.
   applies the symmetric epilogue. Deterministic (no atomics): two runs are bitwise equal.
   SPLIT_K = 1 is one kernel, the epilogue in place. `pick_split` says which s a launch
   would want (tiles vs SMs, at least MIN_KSTEPS K-steps per split).
-- SCHEDULE = "tail" (CONFIG_TAIL): whole waves of tiles unsplit (epilogue in place), the
-  tail tiles split into row chunks to fill about one wave, their partials reduced in
-  chunk order (`tail_plan`); one work-list kernel, then a reduce over the tail only.
+- SCHEDULE = "tail": `splitk_tail.py` (whole waves unsplit, only the tail tiles split).
 """
 from __future__ import annotations
 
@@ -26,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .guard import check_int32, launch_on
+from .guard import launch_on
 from .launch import column_halves, halves, host_table, load_scalar, symmetric_epilogue
+from .table_cache import TableCache
 
 # 128x256 fp32 accumulators over 8 warps are 128 registers per thread. BLOCK_K=32 with 4
 # stages, chosen by compiling (bench/kernel_report.py --compile --filter 128x256, sm_90):
@@ -37,15 +36,17 @@ from .launch import column_halves, halves, host_table, load_scalar, symmetric_ep
 # registers. Otherwise untuned (no GPU has run it). Per K-step the tile loads 1.5x the
 # bytes of 128x128 for 2x the FLOPs (the L2 term of bench/kernel_report.py's model).
 CONFIG_128x256 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=4, SPLIT_K=1)
+# IEEE float32 runs on FMA units: the fused kernel's CONFIG_FP32 tiles (64x64, BLOCK_K=16,
+# 4 warps, 2 stages); 128x256 spilled 580/476 bytes there (sm_90, Triton 3.9, ptxas -v).
+CONFIG_FP32_RECT = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, SPLIT_K=1)
+# TF32: the fused kernel's CONFIG_TF32 tiles (128x128, BLOCK_K=32, 3 stages); 128x256 with
+# 4-byte operands spilled 144-276 bytes at odd d under Triton 3.6.0/3.8.0/3.9.0
+# (bench/kernel_report.py --compile --filter "fp32,").
+CONFIG_TF32_RECT = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3, SPLIT_K=1)
 # untuned: the reduction kernel is a load-add-store pass over the workspace.
 REDUCE_WARPS = 8
 MIN_KSTEPS = 8  # untuned: fewer K-steps per split leave the pipeline's prologue exposed
 MAX_SPLIT = 4  # untuned: bounds the workspace traffic (s x tiles x BM x BN x 8 bytes)
-# Tail-split: tail x s <= sms, so the workspace is at most one wave of partial tiles (132 x
-# 128 KiB on an H200). The cap bounds one reduce program's serial chain (s partial column
-# quarters of 32 KiB); untuned: 16 lets n = 4096's 8 tail tiles (272 on 132 SMs) fill 128 SMs.
-MAX_TAIL_SPLIT = 16
-CONFIG_TAIL = dict(CONFIG_128x256, SCHEDULE="tail")
 
 
 @triton.jit
@@ -77,7 +78,9 @@ def _rect_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_
         b = tl.load(X + roff[:, None] + col_j[None, :], mask=rmask[:, None] & in_j[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
     # The ones column out of the K loop: in the tile column holding column d (n = d + 1),
-    # the column sums of these rows of x and, in the corner, their count.
+    # the column sums of these rows of x and, in the corner, the row count R, carried by
+    # the chunk that starts at row 0 alone (a sum of per-chunk float counts is not exactly
+    # R past 2^24 rows).
     if (n > d) & (tj * BLOCK_N <= d) & (d < tj * BLOCK_N + BLOCK_N):
         cs16 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
         for kb in range(0, num_k):
@@ -93,7 +96,7 @@ def _rect_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_
             cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
         first = (tl.arange(0, 16) == 0)[None, :]
         cs = tl.sum(tl.where(first, cs16, 0.0), axis=1)
-        count = tl.maximum(row_hi - row_lo, 0) * 1.0
+        count = tl.where(row_lo == 0, R * 1.0, 0.0)
         ones_col = tl.where(offs_i == d, count, cs)
         acc = tl.where((offs_j == d)[None, :], ones_col[:, None], acc)
     return acc
@@ -170,53 +173,6 @@ def _splitk_reduce_kernel(F, Wk, work, beta_ptr, alpha_ptr, beta_val, alpha_val,
         symmetric_epilogue(F, stride_f, n, offs_i, tj * BLOCK_N + c, acc, beta, alpha, INDEX64)
 
 
-@triton.jit
-def _tail_kernel(F, X, Wk, work, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d, n, L_inner,
-                 s_outer, s_inner, s_col, stride_f, rows_per_chunk,
-                 BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, TWO_LEVEL: tl.constexpr,
-                 INDEX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
-    """Work item pid = (ti, tj, k, slot) of a tail-split schedule: slot < 0, all rows of
-    tile (ti, tj) and the epilogue in place; else chunk k, rows [k c, (k + 1) c) (c =
-    rows_per_chunk), its fp32 partial to workspace slot `slot`."""
-    if INDEX64:
-        IDX: tl.constexpr = tl.int64
-    else:
-        IDX: tl.constexpr = tl.int32
-    item = work + 4 * tl.program_id(0)
-    ti, tj, k, slot = tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3)
-    alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
-    row_lo = tl.where(slot < 0, 0, k * rows_per_chunk)
-    row_hi = tl.where(slot < 0, R, tl.minimum(row_lo + rows_per_chunk, R))
-    acc = _rect_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
-                    TWO_LEVEL, IDX, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, ROW_ALIGN)
-    if slot < 0:
-        _rect_epilogue(F, stride_f, n, ti, tj, acc, load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE), alpha,
-                       INDEX64, BLOCK_M, BLOCK_N)
-    else:
-        _store_partial(Wk, slot, acc, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _tail_reduce_kernel(F, Wk, rwork, beta_ptr, alpha_ptr, beta_val, alpha_val, n, stride_f,
-                        BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, INDEX64: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (item, q), item = (ti, tj, slot0, splits): column quarter q of the tile, the
-    sum of its partials in slots slot0, slot0 + 1, ... in that order, then the epilogue."""
-    item = rwork + 4 * tl.program_id(0)
-    ti, tj, slot0, splits = tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3)
-    beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
-    alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
-    QN: tl.constexpr = BLOCK_N // 4
-    c = tl.program_id(1) * QN + tl.arange(0, QN)
-    ptrs = Wk + slot0.to(tl.int64) * (BLOCK_M * BLOCK_N) + (tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + c[None, :])
-    acc = tl.load(ptrs)
-    for k in range(1, splits):
-        acc += tl.load(ptrs + k * (BLOCK_M * BLOCK_N))
-    symmetric_epilogue(F, stride_f, n, ti * BLOCK_M + tl.arange(0, BLOCK_M), tj * BLOCK_N + c, acc, beta, alpha,
-                       INDEX64)
-
-
 # ---------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------
@@ -231,17 +187,24 @@ def _upper_tiles(n: int, bm: int, bn: int) -> tuple:
                  if ti * bm <= tj * bn + bn - 1)
 
 
-_TILE_CACHE: dict = {}
+_TILE_CACHE = TableCache()
 
 
 def _tile_table(n: int, bm: int, bn: int, device) -> torch.Tensor:
-    """Cached int32 (T, 2) device tensor of upper_rect_tiles (one pinned non_blocking copy)."""
-    key = (n, bm, bn, str(device))
-    if key not in _TILE_CACHE:
+    """Cached int32 (T, 2) device tensor of upper_rect_tiles (one pinned non_blocking copy;
+    ordered for whichever stream uses it: `table_cache`)."""
+    def build():
         tiles = upper_rect_tiles(n, bm, bn)
-        _TILE_CACHE[key] = host_table(tiles, torch.int32, device).reshape(-1, 2) if tiles else \
+        return host_table(tiles, torch.int32, device).reshape(-1, 2) if tiles else \
             torch.zeros((0, 2), dtype=torch.int32, device=device)
-    return _TILE_CACHE[key]
+    return _TILE_CACHE.get((n, bm, bn, str(device)), device, build)
+
+
+def candidate_config(x_dtype: torch.dtype, precision: str) -> dict:
+    """The candidates' default tiles for an input dtype and tl.dot precision."""
+    if x_dtype == torch.float32:
+        return dict(CONFIG_FP32_RECT if precision == "ieee" else CONFIG_TF32_RECT)
+    return dict(CONFIG_128x256)
 
 
 def pick_split(n: int, R: int, cfg: dict, sms: int = 132) -> int:
@@ -262,86 +225,10 @@ def pick_split(n: int, R: int, cfg: dict, sms: int = 132) -> int:
     return best
 
 
-def tail_plan(n: int, R: int, cfg: dict, sms: int) -> tuple:
-    """(upper tiles, how many of them run unsplit, s_tail, rows per chunk) of the
-    tail-split schedule: the first floor(tiles / sms) * sms tiles (whole waves) unsplit,
-    each remaining tail tile split into s_tail row chunks, s_tail the largest s <=
-    MAX_TAIL_SPLIT with tail * s <= sms and ceil(K-steps / s) >= MIN_KSTEPS
-    (cfg["MIN_KSTEPS"] overrides it; tests), then as few chunks as hold the K-steps at
-    ceil(K-steps / s) each (none empty unless R = 0); s_tail = 1 leaves every tile
-    unsplit. Chunks are contiguous, rows_per_chunk a multiple of BLOCK_K, the last shorter."""
-    bk = cfg["BLOCK_K"]
-    tiles = _upper_tiles(n, cfg["BLOCK_M"], cfg["BLOCK_N"])  # cached: no per-call host list
-    full = len(tiles) // sms * sms
-    tail, ksteps, min_k = len(tiles) - full, triton.cdiv(R, bk), cfg.get("MIN_KSTEPS", MIN_KSTEPS)
-    s = 1
-    for c in range(2, MAX_TAIL_SPLIT + 1):
-        if tail == 0 or tail * c > sms or triton.cdiv(ksteps, c) < min_k:
-            break
-        s = c
-    q = max(triton.cdiv(ksteps, s), 1)  # K-steps per chunk
-    s = triton.cdiv(ksteps, q) if ksteps else s
-    return tiles, (full if s > 1 else len(tiles)), s, q * bk
-
-
-def tail_work(tiles: list, unsplit: int, s: int) -> tuple:
-    """(items (ti, tj, k, slot), reduce items (ti, tj, slot0, s), slots): the unsplit tiles
-    first (slot -1), then chunk 0 of every tail tile, chunk 1, ...: longest programs first
-    (chunks only get shorter with k). Tail tile t's chunk k goes to slot t s + k."""
-    tail = tiles[unsplit:]
-    items = [(ti, tj, 0, -1) for ti, tj in tiles[:unsplit]]
-    items += [(ti, tj, k, t * s + k) for k in range(s) for t, (ti, tj) in enumerate(tail)]
-    return items, [(ti, tj, t * s, s) for t, (ti, tj) in enumerate(tail)], len(tail) * s
-
-
-def tail_split_schedule(n: int, R: int, cfg: dict, sms: int) -> list:
-    """The tail-split schedule's programs in work-table order, (ti, tj, row_lo, row_hi,
-    slot) with rows [row_lo, row_hi) and slot -1 = unsplit (the kernel's rows, clamped to R)."""
-    tiles, unsplit, s, c = tail_plan(n, R, cfg, sms)
-    items, _, _ = tail_work(tiles, unsplit, s)
-    return [(ti, tj, 0, R, -1) if slot < 0 else (ti, tj, min(k * c, R), min(k * c + c, R), slot)
-            for ti, tj, k, slot in items]
-
-
-@functools.lru_cache(maxsize=None)
-def _device_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device, cfg: dict) -> int:
-    """cfg["SMS"] (tests), else the CUDA device's SM count (cached), else 132 (H200)."""
-    device = torch.device(device)
-    if "SMS" in cfg or device.type != "cuda":
-        return cfg.get("SMS", 132)
-    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_TAIL_CACHE: dict = {}
-
-
-def _tail_tables(n: int, R: int, cfg: dict, device) -> tuple:
-    """(work, rwork or None, slots, s_tail, rows per chunk): device tables built once per (n,
-    tiles, sms, s_tail, device) in pinned non_blocking copies; R enters only through s_tail."""
-    sms = sm_count(device, cfg)
-    tiles, unsplit, s, c = tail_plan(n, R, cfg, sms)
-    key = (n, cfg["BLOCK_M"], cfg["BLOCK_N"], sms, s, str(device))
-    if key not in _TAIL_CACHE:
-        items, reduce_items, slots = tail_work(tiles, unsplit, s)
-        _TAIL_CACHE[key] = (host_table(items, torch.int32, device).reshape(-1, 4) if items else None,
-                            host_table(reduce_items, torch.int32, device).reshape(-1, 4) if reduce_items else None,
-                            slots)
-    return (*_TAIL_CACHE[key], s, c)
-
-
 def launch_rect(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level, scalars, cfg: dict,
                 idx64: bool, precision: str, row_align: int) -> None:
     """Both kernels of one update for factor_update.update_factor_ (x and rows_view's v,
-    R, ... of it; `scalars` = (b_dev, b_t, b_val, a_dev, a_t, a_val)); cfg["SCHEDULE"] ==
-    "tail": the tail-split schedule (`_launch_tail`; SPLIT_K is then ignored)."""
-    if cfg.get("SCHEDULE") == "tail":
-        _launch_tail(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level, scalars, cfg, idx64,
-                     precision, row_align)
-        return
+    R, ... of it; `scalars` = (b_dev, b_t, b_val, a_dev, a_t, a_val))."""
     b_dev, b_t, b_val, a_dev, a_t, a_val = scalars
     n = factor.shape[0]
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("SPLIT_K", 1)
@@ -364,29 +251,3 @@ def launch_rect(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level,
                 factor, wk, work, bp, ap, b_val, a_val, n, factor.stride(0), BETA_ON_DEVICE=b_dev,
                 ALPHA_ON_DEVICE=a_dev, INDEX64=idx64, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split,
                 num_warps=REDUCE_WARPS)
-
-
-def _launch_tail(factor, x, v, R, d, L_inner, s_outer, s_inner, s_col, two_level, scalars, cfg: dict,
-                 idx64: bool, precision: str, row_align: int) -> None:
-    """launch_rect under the tail-split schedule: the work-list kernel, then the reduction
-    over the split tail tiles only (four programs per tile, one per column quarter)."""
-    b_dev, b_t, b_val, a_dev, a_t, a_val = scalars
-    n = factor.shape[0]
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    bp, ap = (b_t if b_dev else factor), (a_t if a_dev else factor)
-    with launch_on("update_factor_", {"factor": factor, "x": x, "beta": b_t, "alpha": a_t}):
-        work, rwork, slots, s, chunk = _tail_tables(n, R, cfg, factor.device)
-        if work is None:
-            return
-        check_int32("update_factor_", "x", s * chunk + bk, "rows")  # the last chunk's end + one K-step
-        # The workspace comes from the caching allocator on the current (the factor's) stream.
-        wk = torch.empty((slots, bm, bn), dtype=torch.float32, device=factor.device) if slots else factor
-        _tail_kernel[(work.shape[0],)](
-            factor, v, wk, work, bp, ap, b_val, a_val, R, d, n, L_inner, s_outer, s_inner, s_col,
-            factor.stride(0), chunk, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev, TWO_LEVEL=two_level,
-            INDEX64=idx64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, ROW_ALIGN=row_align,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if rwork is not None:
-            _tail_reduce_kernel[(rwork.shape[0], 4)](
-                factor, wk, rwork, bp, ap, b_val, a_val, n, factor.stride(0), BETA_ON_DEVICE=b_dev,
-                ALPHA_ON_DEVICE=a_dev, INDEX64=idx64, BLOCK_M=bm, BLOCK_N=bn, num_warps=REDUCE_WARPS)

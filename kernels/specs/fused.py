@@ -1,10 +1,11 @@
-"""Compile specs of the fused factor update (`kernels/factor_update.py`, `kernels/splitk.py`)."""
+"""Compile specs of the fused factor update (`kernels/factor_update.py`, `splitk.py`, `splitk_tail.py`)."""
 from __future__ import annotations
 
 from dataclasses import replace
 
 from .. import factor_update as fu
 from .. import splitk as sk
+from .. import splitk_tail as st
 from . import Spec, launch, sig
 
 # The ints whose divisibility by 16 follows n and d (realistic sizes: aot_specs._variants).
@@ -40,15 +41,19 @@ def specs() -> list:
                      candidate=True))
     # Candidates (kernels/splitk.py): 128x256 tiles in one kernel, and split over the rows
     # (SPLIT_K = 4, the split pick_split gives N = 8192, n = 4096) with its reduction.
-    cfg = sk.CONFIG_128x256
-    for split in (1, 4):
+    # The float32 inputs get candidate_config's tiles: TF32 128x128 (CONFIG_TF32_RECT),
+    # IEEE the 64x64 FMA tiles (CONFIG_FP32_RECT).
+    for x, prec, cfg, split in [("bf16", "ieee", sk.CONFIG_128x256, 1), ("bf16", "ieee", sk.CONFIG_128x256, 4),
+                                ("fp32", "tf32", sk.CONFIG_TF32_RECT, 4), ("fp32", "ieee", sk.CONFIG_FP32_RECT, 4)]:
         ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, TWO_LEVEL=False, INDEX64=False,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-                  INPUT_PRECISION="ieee", ROW_ALIGN=1)
-        types = dict(_types("bf16"), Wk="*fp32", work="*i32", rows_per_split="i32")
-        out.append(Spec(f"factor_update[bf16,ieee,128x256,split{split}]", sk._rect_kernel,
-                        sig(sk._rect_kernel, types, ce), ce, launch(cfg), tensor_cores=True, ones=("s_col",),
-                        div16=("s_inner", "stride_f", "d", "n", "rows_per_split"), realistic=SIZED, candidate=True))
+                  INPUT_PRECISION=prec, ROW_ALIGN=1)
+        types = dict(_types(x), Wk="*fp32", work="*i32", rows_per_split="i32")
+        out.append(Spec(f"factor_update[{x},{prec},{cfg['BLOCK_M']}x{cfg['BLOCK_N']},split{split}]", sk._rect_kernel,
+                        sig(sk._rect_kernel, types, ce), ce, launch(cfg), tensor_cores=(prec != "ieee" or x != "fp32"),
+                        ones=("s_col",), div16=("s_inner", "stride_f", "d", "n", "rows_per_split"), realistic=SIZED,
+                        candidate=True))
+    cfg = sk.CONFIG_128x256
     ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False, BLOCK_M=cfg["BLOCK_M"],
               BLOCK_N=cfg["BLOCK_N"], SPLIT_K=4)
     types = dict(F="*fp32", Wk="*fp32", work="*i32", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
@@ -62,13 +67,13 @@ def specs() -> list:
     ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, TWO_LEVEL=False, INDEX64=False, BLOCK_M=cfg["BLOCK_M"],
               BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee", ROW_ALIGN=1)
     types = dict(_types("bf16"), Wk="*fp32", work="*i32", rows_per_chunk="i32")
-    out.append(Spec("factor_update[bf16,ieee,128x256,tail]", sk._tail_kernel, sig(sk._tail_kernel, types, ce), ce,
+    out.append(Spec("factor_update[bf16,ieee,128x256,tail]", st._tail_kernel, sig(st._tail_kernel, types, ce), ce,
                     launch(cfg), tensor_cores=True, ones=("s_col",),
                     div16=("s_inner", "stride_f", "d", "n", "rows_per_chunk"), realistic=SIZED, candidate=True))
     ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
     types = dict(F="*fp32", Wk="*fp32", rwork="*i32", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
                  alpha_val="fp32", n="i32", stride_f="i32")
-    out.append(Spec("tail_reduce[128x256]", sk._tail_reduce_kernel, sig(sk._tail_reduce_kernel, types, ce), ce,
+    out.append(Spec("tail_reduce[128x256]", st._tail_reduce_kernel, sig(st._tail_reduce_kernel, types, ce), ce,
                     dict(num_warps=sk.REDUCE_WARPS, num_stages=1), tensor_cores=False, div16=("stride_f", "n"),
                     realistic=("n", "stride_f"), candidate=True))
     return out

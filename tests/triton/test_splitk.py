@@ -123,6 +123,37 @@ def test_split_alone_runs_the_candidate_config(monkeypatch):
     assert seen == dict(splitk.CONFIG_128x256, SPLIT_K=2)
 
 
+@pytest.mark.parametrize("config", [{"BLOCK_N": 64}, {"BLOCK_M": 64}, {"SPLIT_K": 3}])
+def test_any_candidate_key_reaches_the_candidate(monkeypatch, config):
+    """A config naming only BLOCK_N (or BLOCK_M, or SPLIT_K > 1) runs the rectangular
+    candidate with that value; before, BLOCK_N alone was silently ignored."""
+    seen = {}
+    monkeypatch.setattr(splitk, "launch_rect", lambda *a: seen.update(a[11]))
+    x = torch.randn(40, 30).to(torch.float16).to(DEV)
+    factor_update.update_factor_(sym_factor(31, torch.Generator().manual_seed(1)), x, 0.5, 0.5, append_ones=True,
+                                 config=config)
+    assert seen == dict(splitk.CONFIG_128x256, **config)
+
+
+def test_ieee_float32_candidate_takes_the_fma_tiles(monkeypatch):
+    """Float32 rows get their own candidate tiles: IEEE the 64x64 FMA tiles, TF32 128x128
+    (128x256 spilled 580/476 bytes for IEEE, 144-276 at odd d for TF32)."""
+    seen = []
+    monkeypatch.setattr(splitk, "launch_rect", lambda *a: seen.append(dict(a[11])))
+    x = torch.randn(40, 30).to(DEV)
+    for precision in ("ieee", "tf32"):
+        factor_update.update_factor_(sym_factor(31, torch.Generator().manual_seed(1)), x, 0.5, 0.5,
+                                     append_ones=True, config={"SPLIT_K": 2}, precision=precision)
+    assert seen == [dict(splitk.CONFIG_FP32_RECT, SPLIT_K=2), dict(splitk.CONFIG_TF32_RECT, SPLIT_K=2)]
+
+
+def test_unknown_schedule_is_refused():
+    x = torch.randn(40, 30).to(DEV)
+    with pytest.raises(ValueError, match="SCHEDULE"):
+        factor_update.update_factor_(sym_factor(31, torch.Generator().manual_seed(1)), x, 0.5, 0.5,
+                                     config={"SCHEDULE": "stream-k"})
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_candidate_tile_shape(split):
     """The candidate's own 128x256 tiles and BLOCK_K=32 (column halves and quarters of

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from kfac_fast.kernels import factor_update, splitk
+from kfac_fast.kernels import factor_update, splitk, splitk_tail
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "kernel_report.py")
 _SPEC = importlib.util.spec_from_file_location("kernel_report", _PATH)
@@ -57,7 +57,7 @@ def test_programs_of_different_lengths():
 def test_tail_schedule_critical_path():
     """n = 4096: 2 whole waves of 256 K-steps + 8 tiles x 16 chunks of 16; n = 4097: 2 x
     256 + 41 x 3 chunks of 86 (the first two chunks; the last holds 84)."""
-    cfg = splitk.CONFIG_TAIL
+    cfg = splitk_tail.CONFIG_TAIL
     m = kr.model_fraction(LOOP, cfg, 8192, 4096)
     assert (m["ksteps"], m["waves"], m["programs"]) == (2 * 256 + 16, 3, 264 + 128)
     m = kr.model_fraction(LOOP, cfg, 8192, 4097)

@@ -12,7 +12,8 @@ import torch
 import triton
 
 from kfac_fast.backends import reference
-from kfac_fast.kernels import factor_update, splitk
+from kfac_fast.kernels import factor_update, splitk, splitk_tail
+from kfac_fast.kernels.table_cache import TableCache
 from tests._oracle import assert_error_rule
 from tests.triton.test_factor_update import DEV, NAN, oracles, poison_lower, sym_factor, x_of
 
@@ -25,7 +26,7 @@ def tail(sms, min_k=None):
 
 def shape_of(n, R, cfg):
     """(tiles, unsplit, s_tail) of the plan the launch will run."""
-    tiles, unsplit, s, _ = splitk.tail_plan(n, R, cfg, cfg["SMS"])
+    tiles, unsplit, s, _ = splitk_tail.tail_plan(n, R, cfg, cfg["SMS"])
     return len(tiles), unsplit, s
 
 
@@ -108,8 +109,8 @@ def test_tail_beta_zero_overwrites_nan():
     (50, 100, tail(4, 1), 4), (46, 130, tail(4, 2), 4), (40, 90, tail(16, 1), 16), (21, 2, tail(8, 1), 8),
     (10, 0, tail(2, 0), 2), (46, 130, tail(8, 1), 8), (64, 64, tail(3, 1), 3),
     (200, 1000, tail(13), 13), (200, 1000, tail(50, 1), 50),
-    (4096, 8192, splitk.CONFIG_TAIL, 132), (4097, 8192, splitk.CONFIG_TAIL, 132),
-    (256, 131072, splitk.CONFIG_TAIL, 132), (4096, 32 * 8, splitk.CONFIG_TAIL, 132),
+    (4096, 8192, splitk_tail.CONFIG_TAIL, 132), (4097, 8192, splitk_tail.CONFIG_TAIL, 132),
+    (256, 131072, splitk_tail.CONFIG_TAIL, 132), (4096, 32 * 8, splitk_tail.CONFIG_TAIL, 132),
 ])
 def test_tail_schedule_covers_every_tile_row_once(n, R, cfg, sms):
     """Every (upper tile, row) in exactly one program; only the tail split (into
@@ -117,16 +118,16 @@ def test_tail_schedule_covers_every_tile_row_once(n, R, cfg, sms):
     MIN_KSTEPS); the whole waves first and unsplit; programs never longer than the ones
     before them; tail tile t's chunks in consecutive slots in chunk order."""
     bk = cfg["BLOCK_K"]
-    items = splitk.tail_split_schedule(n, R, cfg, sms)
+    items = splitk_tail.tail_split_schedule(n, R, cfg, sms)
     tiles = splitk.upper_rect_tiles(n, cfg["BLOCK_M"], cfg["BLOCK_N"])
-    _, unsplit, s, _ = splitk.tail_plan(n, R, cfg, sms)
+    _, unsplit, s, _ = splitk_tail.tail_plan(n, R, cfg, sms)
     full, ntail = len(tiles) // sms * sms, len(tiles) % sms
     if s > 1:
         assert unsplit == full and ntail * s <= sms and ntail > 0
         ksteps, min_k = triton.cdiv(R, bk), cfg.get("MIN_KSTEPS", splitk.MIN_KSTEPS)
         q = max(triton.cdiv(ksteps, s), 1)  # K-steps per chunk
-        assert q == splitk.tail_plan(n, R, cfg, sms)[3] // bk and (q >= min_k or R == 0)
-        assert s == splitk.MAX_TAIL_SPLIT or ntail * (s + 1) > sms or triton.cdiv(ksteps, s + 1) < min_k or \
+        assert q == splitk_tail.tail_plan(n, R, cfg, sms)[3] // bk and (q >= min_k or R == 0)
+        assert s == splitk_tail.MAX_TAIL_SPLIT or ntail * (s + 1) > sms or triton.cdiv(ksteps, s + 1) < min_k or \
             triton.cdiv(ksteps, triton.cdiv(ksteps, s + 1)) == s  # s + 1 chunks: no fewer K-steps each
         assert R == 0 or all(hi > lo for _, _, lo, hi, _ in items)  # no empty chunk
     else:
@@ -154,35 +155,35 @@ def test_tail_schedule_covers_every_tile_row_once(n, R, cfg, sms):
 
 def test_tail_plan_on_an_h200():
     """The schedule bench/kernel_report.py --model scores (N = 8192, 132 SMs)."""
-    cfg = splitk.CONFIG_TAIL
-    t, u, s, c = splitk.tail_plan(4096, 8192, cfg, 132)
+    cfg = splitk_tail.CONFIG_TAIL
+    t, u, s, c = splitk_tail.tail_plan(4096, 8192, cfg, 132)
     assert (len(t), u, s, c) == (272, 264, 16, 512)   # 8 tail tiles x 16 chunks of 16 K-steps
-    t, u, s, c = splitk.tail_plan(4097, 8192, cfg, 132)
+    t, u, s, c = splitk_tail.tail_plan(4097, 8192, cfg, 132)
     assert (len(t), u, s, c) == (305, 264, 3, 2752)   # 41 tail tiles x 3 chunks of 86 K-steps
-    t, u, s, c = splitk.tail_plan(256, 131072, cfg, 132)
-    assert (len(t), u, s) == (2, 0, splitk.MAX_TAIL_SPLIT)  # tall-skinny: every tile split
-    assert splitk.tail_plan(4096, 32 * 8, cfg, 132)[2] == 1  # 8 K-steps: MIN_KSTEPS keeps it whole
+    t, u, s, c = splitk_tail.tail_plan(256, 131072, cfg, 132)
+    assert (len(t), u, s) == (2, 0, splitk_tail.MAX_TAIL_SPLIT)  # tall-skinny: every tile split
+    assert splitk_tail.tail_plan(4096, 32 * 8, cfg, 132)[2] == 1  # 8 K-steps: MIN_KSTEPS keeps it whole
 
 
 def test_schedule_alone_runs_the_candidate_config(monkeypatch):
     """config={"SCHEDULE": "tail"} takes CONFIG_128x256's tiles, not the shipped config's."""
     seen = {}
-    monkeypatch.setattr(splitk, "launch_rect", lambda *a: seen.update(a[11]))
+    monkeypatch.setattr(splitk_tail, "launch_tail", lambda *a: seen.update(a[11]))
     x = torch.randn(40, 30).to(torch.float16).to(DEV)
     factor_update.update_factor_(sym_factor(31, torch.Generator().manual_seed(1)), x, 0.5, 0.5, append_ones=True,
                                  config={"SCHEDULE": "tail"})
-    assert seen == splitk.CONFIG_TAIL
+    assert seen == splitk_tail.CONFIG_TAIL
 
 
 def test_tail_tables_built_once_per_split(monkeypatch):
     """Another R with the same s_tail reuses the cached device tables (no new copy)."""
     calls = []
-    real = splitk.host_table
-    monkeypatch.setattr(splitk, "host_table", lambda *a: calls.append(a) or real(*a))
-    monkeypatch.setattr(splitk, "_TAIL_CACHE", {})
+    real = splitk_tail.host_table
+    monkeypatch.setattr(splitk_tail, "host_table", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(splitk_tail, "_TAIL_CACHE", TableCache())
     cfg = tail(4, 1)
-    assert splitk.tail_plan(50, 100, cfg, 4)[2:] != splitk.tail_plan(50, 140, cfg, 4)[2:]  # another chunk
-    assert splitk.tail_plan(50, 100, cfg, 4)[2] == splitk.tail_plan(50, 140, cfg, 4)[2] == 2
+    assert splitk_tail.tail_plan(50, 100, cfg, 4)[2:] != splitk_tail.tail_plan(50, 140, cfg, 4)[2:]  # another chunk
+    assert splitk_tail.tail_plan(50, 100, cfg, 4)[2] == splitk_tail.tail_plan(50, 140, cfg, 4)[2] == 2
     gen = torch.Generator().manual_seed(12)
     for R in (100, 140, 100):
         x = torch.randn(R, 49, generator=gen).to(DEV)
@@ -192,7 +193,7 @@ def test_tail_tables_built_once_per_split(monkeypatch):
         factor_update.update_factor_(out, x, 0.5, 0.5, append_ones=True, config=cfg)
         assert_error_rule(out, ref64, ref32)
     assert len(calls) == 2  # the work list and the reduce list, once
-    assert splitk.sm_count("cpu", {}) == 132 and splitk.sm_count("cpu", cfg) == 4
+    assert splitk_tail.sm_count("cpu", {}) == 132 and splitk_tail.sm_count("cpu", cfg) == 4
 
 
 def test_tail_candidate_tile_shape():
@@ -200,7 +201,7 @@ def test_tail_candidate_tile_shape():
     gen = torch.Generator().manual_seed(11)
     x = x_of((100, 300), torch.float16, gen, "contig")
     f0 = sym_factor(301, gen)
-    cfg = dict(splitk.CONFIG_TAIL, SMS=2, MIN_KSTEPS=1)
+    cfg = dict(splitk_tail.CONFIG_TAIL, SMS=2, MIN_KSTEPS=1)
     assert shape_of(301, 100, cfg) == (5, 4, 2)
     ref64, ref32 = oracles(reference.update_factor_, f0, x, 0.9, 0.01, append_ones=True)
     out = poison_lower(f0)
@@ -220,8 +221,9 @@ def test_gpu_tail_bf16(d, append, rows):
     f0 = sym_factor(d + append, gen)
     beta, alpha = torch.tensor(0.9, device=DEV), torch.tensor(1 / rows, device=DEV)
     ref64, ref32 = oracles(reference.update_factor_, f0, x, beta, alpha, append_ones=append)
-    sms = splitk.sm_count(x.device, {})
-    assert splitk.tail_plan(d + append, rows, splitk.CONFIG_TAIL, sms)[2] > 1 or sms != 132  # all split on an H200
+    sms = splitk_tail.sm_count(x.device, {})
+    # all split on an H200
+    assert splitk_tail.tail_plan(d + append, rows, splitk_tail.CONFIG_TAIL, sms)[2] > 1 or sms != 132
     outs = []
     for _ in range(2):
         out = poison_lower(f0)
