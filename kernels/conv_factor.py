@@ -47,11 +47,15 @@ CONFIG_CONV_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1)
 
 # CANDIDATES, not in `auto` (no GPU has run them; reachable with `config=`): the patch
 # columns gathered in (kh, kw, c) order (CL), so that for a channels-last input consecutive
-# columns are consecutive channels in memory (coalesced gathers), unfold's (c, kh, kw)
-# order restored in the epilogue (`unfold_order_epilogue`). Any input layout gives the
-# same factor. 16-bit with BLOCK_K=16: at 32 the runtime channel division kept more column
-# values live and ptxas spilled 72-324 bytes under Triton 3.6.0; at 16, 0 spills under
-# 3.6.0/3.8.0/3.9.0 (bench/kernel_report.py --compile --filter channels-last).
+# columns are consecutive channels in memory, unfold's (c, kh, kw) order restored in the
+# epilogue (`unfold_order_epilogue`). Any input layout gives the same factor. The kernel is
+# specialised on the channel count (constexpr C_CL): Triton then sees runs of C columns
+# contiguous under one padding mask, and with channels-last strides that are multiples of
+# 16 the gather becomes 16-byte cp.async, pipelined (bench/kernel_report.py --compile
+# --filter channels-last, bf16 C = 64: per K-step per warp 2 LDGSTS, 0 LDG, 131-143
+# instructions for 16 rows, where the shipped gather takes 32 LDG and 654-1315 for 32).
+# BLOCK_K=16: at 32 the scalar gather of a channel count that is no multiple of 16 (C = 3)
+# spilled 144 bytes under Triton 3.6.0; at 16, 0 spills under 3.6.0/3.8.0/3.9.0.
 CONFIG_CONV_16BIT_CL = dict(CONFIG_CONV_16BIT, BLOCK_K=16, CL=True)
 CONFIG_CONV_FP32_CL = dict(CONFIG_CONV_FP32, CL=True)
 # CANDIDATE, not in `auto`: split-K, config={"SPLIT_K": s} (unfold order only). Each of the
@@ -87,13 +91,15 @@ def _patch_rows(kb, row_lo, row_hi, L, OW, sN, sH, sW, stride_h, stride_w, pad_h
 
 @triton.jit
 def _patch_tile(X, roff, ih0, iw0, rmask, offs_c, d, H, W, sC, sH, sW, dil_h, dil_w,
-                KH: tl.constexpr, KW: tl.constexpr, IDX: tl.constexpr, CL: tl.constexpr):
+                KH: tl.constexpr, KW: tl.constexpr, IDX: tl.constexpr, CL: tl.constexpr, C_CL: tl.constexpr):
     """(BLOCK_K, BLOCK) tile of the patch matrix (0 in the padding and past column d - 1);
-    CL: columns in (kh, kw, c) order, consecutive columns consecutive channels."""
+    CL: columns in (kh, kw, c) order, consecutive columns consecutive channels; the channel
+    count C_CL is a constant, so Triton sees runs of C_CL columns contiguous in memory
+    under one padding mask (16-byte cp.async where the strides allow)."""
     if CL:
-        C = d // (KH * KW)
-        ch = offs_c % C
-        rem = offs_c // C
+        d = C_CL * KH * KW  # a constant too: the column mask's runs are known
+        ch = offs_c % C_CL
+        rem = offs_c // C_CL
     else:
         ch = offs_c // (KH * KW)
         rem = offs_c % (KH * KW)
@@ -166,7 +172,7 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
                         KH: tl.constexpr, KW: tl.constexpr,
                         BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, INDEX64: tl.constexpr,
                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                        CL: tl.constexpr, Wk, rows_per_split, SPLIT_K: tl.constexpr):
+                        CL: tl.constexpr, Wk, rows_per_split, SPLIT_K: tl.constexpr, C_CL: tl.constexpr = 0):
     """One upper tile of A <- beta*A + alpha*P_bar^T P_bar, patches gathered in-kernel;
     the K loop is a plain dot over patch rows, the ones column (n = d + 1: column sums
     of P, the row count) is added after it. SPLIT_K > 1 (candidate): program
@@ -197,8 +203,8 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
     for kb in range(0, num_k):
         roff, ih0, iw0, rmask = _patch_rows(kb, row_lo, row_hi, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
                                             BLOCK_K, IDX)
-        a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
-        b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
+        a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL, C_CL)
+        b = _patch_tile(X, roff, ih0, iw0, rmask, offs_j, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL, C_CL)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
     if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
         # Only the tile column holding column d: P^T 1 as a dot with a 16-wide ones block
@@ -208,7 +214,7 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
         for kb in range(0, num_k):
             roff, ih0, iw0, rmask = _patch_rows(kb, row_lo, row_hi, L, OW, sN, sH, sW, stride_h, stride_w, pad_h, pad_w,
                                                 BLOCK_K, IDX)
-            a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL)
+            a = _patch_tile(X, roff, ih0, iw0, rmask, offs_i, d, H, W, sC, sH, sW, dil_h, dil_w, KH, KW, IDX, CL, C_CL)
             one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
             cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
         cs = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], cs16, 0.0), axis=1)
@@ -262,7 +268,8 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
             N * L, max(L, 1), max(OW, 1), C * kh * kw, n, H, W, *x.stride(), sh, sw, ph, pw, dh, dw,
             factor.stride(0), KH=kh, KW=kw, BETA_ON_DEVICE=b_dev, ALPHA_ON_DEVICE=a_dev,
             INDEX64=idx64, BLOCK=block, BLOCK_K=cfg["BLOCK_K"],
-            INPUT_PRECISION=input_precision(x.dtype, allow_tf32), CL=cfg.get("CL", False), Wk=wk,
+            INPUT_PRECISION=input_precision(x.dtype, allow_tf32), CL=cfg.get("CL", False),
+            C_CL=C if cfg.get("CL", False) else 0, Wk=wk,
             rows_per_split=rows_per_split, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if split > 1:  # the tile's partials summed in split order, then the symmetric epilogue
             from . import splitk

@@ -6,32 +6,36 @@ from .. import splitk as sk
 from . import Spec, launch, sig
 
 SIZED = ("stride_f", "sH", "sC", "sN")
-SIZED_CL = ("stride_f", "sH", "sW", "sN")
 
 
 def specs() -> list:
     out = []
-    for x, k, cl, split in [("fp16", 3, False, 1), ("bf16", 3, False, 1), ("bf16", 1, False, 1),
-                            ("fp32", 3, False, 1), ("fp16", 3, True, 1), ("bf16", 3, True, 1), ("fp32", 3, True, 1),
-                            ("bf16", 3, False, cf.CONFIG_CONV_16BIT_SPLIT["SPLIT_K"]),
-                            ("fp32", 3, False, cf.CONFIG_CONV_16BIT_SPLIT["SPLIT_K"])]:
-        if cl:  # candidates out of `auto`: columns in (kh, kw, c) order
+    split = cf.CONFIG_CONV_16BIT_SPLIT["SPLIT_K"]
+    # (x, k, channels-last order's C (0: unfold order), SPLIT_K)
+    for x, k, c, s in [("fp16", 3, 0, 1), ("bf16", 3, 0, 1), ("bf16", 1, 0, 1), ("fp32", 3, 0, 1),
+                       ("fp16", 3, 64, 1), ("bf16", 3, 64, 1), ("bf16", 3, 3, 1), ("fp32", 3, 64, 1),
+                       ("bf16", 3, 0, split), ("fp32", 3, 0, split)]:
+        if c:  # candidates out of `auto`: columns in (kh, kw, c) order
             cfg = cf.CONFIG_CONV_16BIT_CL if x != "fp32" else cf.CONFIG_CONV_FP32_CL
         else:
             cfg = cf.CONFIG_CONV_16BIT if x != "fp32" else cf.CONFIG_CONV_FP32
         ce = dict(KH=k, KW=k, BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False,
-                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee", CL=cl, SPLIT_K=split)
+                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee", CL=c > 0, SPLIT_K=s, C_CL=c)
         types = dict(F="*fp32", X=f"*{x}", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
                      alpha_val="fp32", stride_f="i32", Wk="*fp32", rows_per_split="i32",
                      **{a: "i32" for a in ("R", "L", "OW", "d", "n", "H", "W", "sN", "sC", "sH", "sW",
                                           "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")})
-        # NCHW: sW == 1; channels-last (CL, columns in (kh, kw, c) order): sC == 1, sW == C.
-        unit, sized = ("sC", SIZED_CL) if cl else ("sW", SIZED)
-        label = f"{x},{k}x{k}" + (",channels-last" if cl else "") + (f",split{split}" if split > 1 else "")
+        if c:
+            # Channels-last (sC == 1, sW == C): the strides follow C, not n; C = 64 keeps
+            # them multiples of 16 at every n (the vectorised gather), C = 3 never.
+            unit, div16, sized = "sC", (("sH", "sW", "sN") if c % 16 == 0 else ()) + ("stride_f",), ("stride_f",)
+        else:  # NCHW: sW == 1
+            unit, div16, sized = "sW", SIZED, SIZED
+        label = f"{x},{k}x{k}" + (f",channels-last,C={c}" if c else "") + (f",split{s}" if s > 1 else "")
         out.append(Spec(f"conv_factor[{label}]", cf._conv_factor_kernel,
                         sig(cf._conv_factor_kernel, types, ce), ce, launch(cfg),
                         tensor_cores=(x != "fp32"), ones=(unit, "stride_h", "stride_w", "dil_h", "dil_w"),
-                        div16=sized, realistic=sized, candidate=cl or split > 1))
+                        div16=div16, realistic=sized, candidate=c > 0 or s > 1))
     # Split-K's reduction for the conv candidate: kernels/splitk.py's kernel on square tiles.
     for block in (cf.CONFIG_CONV_16BIT["BLOCK"], cf.CONFIG_CONV_FP32["BLOCK"]):
         ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False, BLOCK_M=block, BLOCK_N=block,
