@@ -27,6 +27,7 @@ from kfac_fast._flags import allow_tf32_of
 from .factor_update import index64, rows_view
 from .guard import common_device, launch_on
 from .launch import TL_DTYPES, host_table, input_precision, per_layer_scalars, symmetric_epilogue
+from .table_cache import TableCache
 
 # untuned: chosen because grouped layers are often small (d <= 256): 64x64 tiles give
 # such a layer 10 programs instead of 3, and keep the 16-bit pipeline at 48 KiB. The
@@ -162,24 +163,22 @@ def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constex
                        beta, alpha, INDEX64)
 
 
-_WORK_CACHE: dict = {}
+_WORK_CACHE = TableCache()
 
 
 def upper_work_list(sizes, block: int, device) -> torch.Tensor:
     """Cached int32 (T, 3) device tensor of (layer, ti, tj), ti <= tj, over layers of
-    these sizes; largest layers first so the long tail is small tiles."""
-    key = (tuple(sizes), block, str(device))
-    work = _WORK_CACHE.get(key)
-    if work is None:
+    these sizes; largest layers first so the long tail is small tiles. Safe to use on any
+    stream (`table_cache`)."""
+    def build():
         order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
         items = []
         for layer in order:
             nt = triton.cdiv(sizes[layer], block)
             items += [(layer, ti, tj) for tj in range(nt) for ti in range(tj + 1)]
-        work = host_table(items, torch.int32, device).reshape(-1, 3) if items else \
+        return host_table(items, torch.int32, device).reshape(-1, 3) if items else \
             torch.zeros((0, 3), dtype=torch.int32, device=device)
-        _WORK_CACHE[key] = work
-    return work
+    return _WORK_CACHE.get((tuple(sizes), block, str(device)), device, build)
 
 
 def update_factors_(factors, xs, betas, alphas, *, append_ones=False, allow_tf32=False, config=None,

@@ -21,6 +21,7 @@ import triton.language as tl
 from .factor_update_grouped import _grouped_acc, _layer_row
 from .guard import launch_on
 from .launch import TL_DTYPES, host_table, symmetric_epilogue
+from .table_cache import TableCache
 
 SPLIT_MIN_KSTEPS = 8  # untuned: fewer K-steps per split leave the pipeline's prologue exposed
 REDUCE_WARPS = 4  # untuned: the reduction is a load-add-store pass over 64x64 fp32 partials
@@ -95,7 +96,7 @@ def layer_splits(R: int, cfg: dict) -> int:
     return s if s > 1 and R >= min_rows else 1
 
 
-_CACHE: dict = {}
+_CACHE = TableCache()
 
 
 def work_lists(sizes, rows, block: int, block_k: int, splits) -> tuple:
@@ -125,14 +126,15 @@ def launch(tensors: dict, meta_t, b, a, sizes, rows, cfg: dict, device, x_dtype:
     """Both kernels of one (dtype, alignment) group of factor_update_grouped.update_factors_,
     under launch_on for `tensors` (the group's factors, rows views and scalars)."""
     splits = [layer_splits(r, cfg) for r in rows]
-    key = (tuple(sizes), tuple(rows), tuple(splits), cfg["BLOCK"], cfg["BLOCK_K"], str(device))
-    cached = _CACHE.get(key)
-    if cached is None:
+
+    def build():
         items, reduce_items, slots = work_lists(sizes, rows, cfg["BLOCK"], cfg["BLOCK_K"], splits)
         work = host_table(items, torch.int32, device).reshape(-1, 6) if items else None
         rwork = host_table(reduce_items, torch.int32, device).reshape(-1, 5) if reduce_items else None
-        cached = _CACHE[key] = (work, rwork, slots)
-    work, rwork, slots = cached
+        return work, rwork, slots
+    # Safe to use on any stream (`table_cache`); bounded, as row counts may vary per step.
+    key = (tuple(sizes), tuple(rows), tuple(splits), cfg["BLOCK"], cfg["BLOCK_K"], str(device))
+    work, rwork, slots = _CACHE.get(key, device, build)
     if work is None:
         return
     with launch_on("update_factors_", tensors):
