@@ -115,7 +115,8 @@ def test_grouped_update(benchmark, kind, impl):
     run(benchmark, fn)
 
 
-@pytest.mark.parametrize("impl", ["triton", "unfold_gemm", "triton_split8", "triton_cl_channels_last"])
+@pytest.mark.parametrize("impl", ["triton", "unfold_gemm", "triton_split8", "triton_cl_channels_last",
+                                  "triton_cl_split8_channels_last"])
 def test_conv_factor(benchmark, impl):
     from kfac_fast.kernels import conv_factor
 
@@ -127,7 +128,7 @@ def test_conv_factor(benchmark, impl):
     def unfold_gemm():
         p = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 64 * 9)
         torch_best_update(f, p, BETA, ALPHA)
-    x_cl = x.to(memory_format=torch.channels_last) if impl == "triton_cl_channels_last" else None
+    x_cl = x.to(memory_format=torch.channels_last) if "channels_last" in impl else None
     fn = {"triton": lambda: conv_factor.conv_input_factor_(f, x, beta, alpha, 3, 1, 1, 1),
           "unfold_gemm": unfold_gemm,
           # candidates out of `auto` (kernels/conv_factor.py): split-K (15 tiles x 8 programs)
@@ -136,6 +137,8 @@ def test_conv_factor(benchmark, impl):
                                                                   config=conv_factor.CONFIG_CONV_16BIT_SPLIT),
           "triton_cl_channels_last": lambda: conv_factor.conv_input_factor_(f, x_cl, beta, alpha, 3, 1, 1, 1,
                                                                             config=conv_factor.CONFIG_CONV_16BIT_CL),
+          "triton_cl_split8_channels_last": lambda: conv_factor.conv_input_factor_(
+              f, x_cl, beta, alpha, 3, 1, 1, 1, config=conv_factor.CONFIG_CONV_16BIT_CL_SPLIT),
           }[impl]
     run(benchmark, fn, rounds=10)
 

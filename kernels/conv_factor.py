@@ -58,13 +58,16 @@ CONFIG_CONV_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1)
 # spilled 144 bytes under Triton 3.6.0; at 16, 0 spills under 3.6.0/3.8.0/3.9.0.
 CONFIG_CONV_16BIT_CL = dict(CONFIG_CONV_16BIT, BLOCK_K=16, CL=True)
 CONFIG_CONV_FP32_CL = dict(CONFIG_CONV_FP32, CL=True)
-# CANDIDATE, not in `auto`: split-K, config={"SPLIT_K": s} (unfold order only). Each of the
+# CANDIDATE, not in `auto`: split-K, config={"SPLIT_K": s}. Each of the
 # few upper tiles of a conv factor (ResNet-50 3x3: 15 tiles of 128 on 132 SMs) walks all
 # N*L patch rows alone; s programs per tile each sum a contiguous chunk of rows (a multiple
 # of BLOCK_K) into an fp32 workspace partial, `splitk._splitk_reduce_kernel` sums them in
 # split order and applies the symmetric epilogue (no atomics: bitwise deterministic).
 # untuned: s = 8 puts 15 tiles x 8 = 120 programs on 132 SMs.
 CONFIG_CONV_16BIT_SPLIT = dict(CONFIG_CONV_16BIT, SPLIT_K=8)
+# CANDIDATE: both, the (kh, kw, c) order's partials reduced by `_cl_reduce_kernel`.
+CONFIG_CONV_16BIT_CL_SPLIT = dict(CONFIG_CONV_16BIT_CL, SPLIT_K=8)
+CL_REDUCE_WARPS = 8  # untuned: a load-add pass over 128x128 fp32 partials, then the epilogue
 
 
 def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
@@ -177,7 +180,7 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
     the K loop is a plain dot over patch rows, the ones column (n = d + 1: column sums
     of P, the row count) is added after it. SPLIT_K > 1 (candidate): program
     (tile, k) sums the rows [k*rows_per_split, ...) and stores its fp32 partial to
-    Wk[tile*SPLIT_K + k] for `splitk._splitk_reduce_kernel`.
+    Wk[tile*SPLIT_K + k] for `splitk._splitk_reduce_kernel` (CL: `_cl_reduce_kernel`).
 
     INDEX64=False (x spans < 2^31 elements, the factor's i*stride+j below 2^31) keeps
     offsets in int32 to save registers."""
@@ -229,6 +232,24 @@ def _conv_factor_kernel(F, X, beta_ptr, alpha_ptr, beta_val, alpha_val, R, L, OW
         symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
 
 
+@triton.jit
+def _cl_reduce_kernel(F, Wk, beta_ptr, alpha_ptr, beta_val, alpha_val, d, n, stride_f,
+                      BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, INDEX64: tl.constexpr,
+                      BLOCK: tl.constexpr, SPLIT_K: tl.constexpr, KHW: tl.constexpr):
+    """Split-K with the (kh, kw, c) order: one tile's SPLIT_K partials summed in split
+    order, then `unfold_order_epilogue` (splitk's reduce writes unfold's order only)."""
+    tile = tl.program_id(0)
+    ti, tj = upper_tile_of(tile)
+    beta = load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE)
+    alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
+    offs = tl.arange(0, BLOCK)
+    ptrs = Wk + tile.to(tl.int64) * (SPLIT_K * BLOCK * BLOCK) + (offs[:, None] * BLOCK + offs[None, :])
+    acc = tl.load(ptrs)
+    for k in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ptrs + k * (BLOCK * BLOCK))
+    unfold_order_epilogue(F, stride_f, n, d, ti * BLOCK + offs, tj * BLOCK + offs, acc, beta, alpha, KHW, INDEX64)
+
+
 def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dilation, *,
                        append_ones=False, allow_tf32=False, config=None, precision=None):
     """A <- beta*A + alpha*P_bar^T P_bar for Conv2d input x in one launch; returns factor.
@@ -254,8 +275,6 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     check_int32(fn, "x", N * L + cfg["BLOCK_K"], "patch rows")
     idx64 = needs_index64(x) or square_needs_index64(n, factor.stride(0), cfg["BLOCK"])
     split, block = cfg.get("SPLIT_K", 1), cfg["BLOCK"]
-    if split > 1 and cfg.get("CL", False):
-        raise ValueError(f"{fn}: the split-K candidate reduces in unfold's column order only (CL=False)")
     tiles = nt * (nt + 1) // 2
     rows_per_split = triton.cdiv(triton.cdiv(max(N * L, 1), split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     bp, ap = (b_t if b_dev else factor), (a_t if a_dev else factor)
@@ -271,7 +290,12 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
             INPUT_PRECISION=input_precision(x.dtype, allow_tf32), CL=cfg.get("CL", False),
             C_CL=C if cfg.get("CL", False) else 0, Wk=wk,
             rows_per_split=rows_per_split, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if split > 1:  # the tile's partials summed in split order, then the symmetric epilogue
+        if split > 1 and cfg.get("CL", False):  # partials summed in split order, unfold's order restored
+            _cl_reduce_kernel[(tiles,)](
+                factor, wk, bp, ap, b_val, a_val, C * kh * kw, n, factor.stride(0), BETA_ON_DEVICE=b_dev,
+                ALPHA_ON_DEVICE=a_dev, INDEX64=idx64, BLOCK=block, SPLIT_K=split, KHW=kh * kw,
+                num_warps=CL_REDUCE_WARPS)
+        elif split > 1:  # the tile's partials summed in split order, then the symmetric epilogue
             from . import splitk
 
             splitk._splitk_reduce_kernel[(tiles,)](

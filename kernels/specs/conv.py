@@ -14,7 +14,7 @@ def specs() -> list:
     # (x, k, channels-last order's C (0: unfold order), SPLIT_K)
     for x, k, c, s in [("fp16", 3, 0, 1), ("bf16", 3, 0, 1), ("bf16", 1, 0, 1), ("fp32", 3, 0, 1),
                        ("fp16", 3, 64, 1), ("bf16", 3, 64, 1), ("bf16", 3, 3, 1), ("fp32", 3, 64, 1),
-                       ("bf16", 3, 0, split), ("fp32", 3, 0, split)]:
+                       ("bf16", 3, 0, split), ("fp32", 3, 0, split), ("bf16", 3, 64, split)]:
         if c:  # candidates out of `auto`: columns in (kh, kw, c) order
             cfg = cf.CONFIG_CONV_16BIT_CL if x != "fp32" else cf.CONFIG_CONV_FP32_CL
         else:
@@ -45,4 +45,13 @@ def specs() -> list:
         out.append(Spec(f"conv_splitk_reduce[{block}x{block},split{ce['SPLIT_K']}]", sk._splitk_reduce_kernel,
                         sig(sk._splitk_reduce_kernel, types, ce), ce, dict(num_warps=sk.REDUCE_WARPS, num_stages=1),
                         tensor_cores=False, div16=("stride_f", "n"), realistic=("n", "stride_f"), candidate=True))
+    # The (kh, kw, c) order's split-K reduction (conv_factor._cl_reduce_kernel).
+    ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False, BLOCK=cf.CONFIG_CONV_16BIT_CL["BLOCK"],
+              SPLIT_K=split, KHW=9)
+    types = dict(F="*fp32", Wk="*fp32", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32", alpha_val="fp32",
+                 d="i32", n="i32", stride_f="i32")
+    out.append(Spec(f"conv_cl_reduce[{ce['BLOCK']}x{ce['BLOCK']},split{split}]", cf._cl_reduce_kernel,
+                    sig(cf._cl_reduce_kernel, types, ce), ce, dict(num_warps=cf.CL_REDUCE_WARPS, num_stages=1),
+                    tensor_cores=False, div16=("stride_f", "n", "d"), realistic=("n", "stride_f", "d"),
+                    candidate=True))
     return out

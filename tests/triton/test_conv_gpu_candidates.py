@@ -36,7 +36,8 @@ def test_gpu_grouped_splitk_bf16():
 
 
 @pytest.mark.parametrize("config,channels_last", [(conv_factor.CONFIG_CONV_16BIT_SPLIT, False),
-                                                   (conv_factor.CONFIG_CONV_16BIT_CL, True)])
+                                                   (conv_factor.CONFIG_CONV_16BIT_CL, True),
+                                                   (conv_factor.CONFIG_CONV_16BIT_CL_SPLIT, True)])
 def test_gpu_conv_candidates_bf16(config, channels_last):
     gen = torch.Generator().manual_seed(22)
     x = torch.randn(8, 32, 28, 28, generator=gen).to(torch.bfloat16).to(DEV)

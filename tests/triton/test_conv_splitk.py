@@ -4,7 +4,7 @@ tile summed over s contiguous chunks of patch rows into workspace partials (the 
 column's sums and row count included), reduced in split order by
 kernels/splitk.py's _splitk_reduce_kernel with the symmetric epilogue. Against the float64
 reference under the error rule; bitwise deterministic; alpha == 0 reads nothing; beta == 0
-overwrites a NaN factor; more splits than rows; CL refused."""
+overwrites a NaN factor; more splits than rows; with the (kh, kw, c) order too."""
 from __future__ import annotations
 
 import pytest
@@ -80,11 +80,29 @@ def test_conv_splitk_alpha_zero_and_beta_zero(dtype):
     torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_splitk_refuses_the_channels_last_order():
-    x = torch.randn(1, 2, 4, 4, device=DEV)
-    with pytest.raises(ValueError, match="split-K"):
-        conv_factor.conv_input_factor_(torch.zeros(19, 19, device=DEV), x, 1.0, 1.0, 3, 1, 1, 1, append_ones=True,
-                                       config=dict(split(2), CL=True))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_conv_splitk_with_the_channels_last_order(dtype):
+    """Both candidates at once: (kh, kw, c)-ordered partials reduced by _cl_reduce_kernel."""
+    gen = torch.Generator().manual_seed(14)
+    x = conv_x(2, 5, 6, 5, dtype, True, gen)  # d = 45: 3 tiles a side, 60 patch rows
+    f0 = sym_factor(46, gen)
+    beta, alpha = torch.tensor(0.7, device=DEV), torch.tensor(0.03, device=DEV)
+    ref64, ref32 = oracles(reference.conv_input_factor_, f0, x, beta.double().cpu(), alpha.double().cpu(),
+                           3, 1, 1, 1, append_ones=True)
+    runs = []
+    for _ in range(2):
+        out = poison_lower(f0)
+        conv_factor.conv_input_factor_(out, x, beta, alpha, 3, 1, 1, 1, append_ones=True,
+                                       config=dict(split(3), CL=True))
+        runs.append(out)
+    assert torch.equal(runs[0], runs[0].T)
+    assert_error_rule(runs[0], ref64, ref32)
+    torch.testing.assert_close(runs[0].double().cpu(), ref64, rtol=2e-3, atol=2e-3)  # entry by entry
+    assert torch.equal(runs[0], runs[1])
+    nan_x = torch.full_like(x, NAN)
+    out = f0.clone()
+    conv_factor.conv_input_factor_(out, nan_x, 0.5, 0.0, 3, 1, 1, 1, append_ones=True, config=dict(split(3), CL=True))
+    torch.testing.assert_close(out, 0.5 * f0, rtol=0, atol=0)
 
 
 def test_conv_splitk_is_not_a_shipped_default():
