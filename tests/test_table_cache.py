@@ -90,3 +90,24 @@ def test_cpu_tables_need_no_events():
 def test_max_entries_is_checked():
     with pytest.raises(ValueError, match="max_entries"):
         table_cache.TableCache(max_entries=0)
+
+
+def test_every_cached_device_table_in_kernels_is_a_table_cache():
+    """A module-level `*_CACHE` in kernels/ holding device tables must be a TableCache
+    (ordered for every stream, bounded); a plain dict reintroduces the cross-stream race."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+    plain = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, ast.AnnAssign) else []
+            value = getattr(node, "value", None)
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id.endswith("CACHE"):
+                    is_table_cache = isinstance(value, ast.Call) and getattr(value.func, "id", "") == "TableCache"
+                    if not is_table_cache:
+                        plain.append(f"{path.name}:{node.lineno} {t.id}")
+    assert not plain, f"device-table caches that are not TableCache: {plain}"
