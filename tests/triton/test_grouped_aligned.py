@@ -144,3 +144,25 @@ def test_grouped_aligned_alpha_zero_and_beta_zero(dtype):
     for out, x in zip(outs, xs):
         want = 0.5 * reference.with_ones(x.double().cpu()).T @ reference.with_ones(x.double().cpu())
         torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_every_layers_row_count_is_checked(monkeypatch):
+    """The int32 row-count check runs for every layer of a launch, also after a layer
+    that already needs 64-bit offsets (review B1: a short-circuit skipped it, so a later
+    layer with R >= 2^31 launched and its count wrapped in the kernel)."""
+    checked = []
+
+    def index64(fn, factor, v, R, block, block_k):
+        checked.append(R)
+        return True  # as if the first layer's span passed int32
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(fg, "index64", index64)
+    monkeypatch.setattr(fg, "_factor_update_grouped_kernel", NoLaunch())
+    xs = [torch.randn(R, 8, device=DEV) for R in (5, 7, 9)]
+    fs = [torch.eye(9, device=DEV) for _ in xs]
+    fg.update_factors_(fs, xs, 1.0, 1.0, append_ones=True)
+    assert sorted(checked) == [5, 7, 9]
