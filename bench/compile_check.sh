@@ -8,9 +8,10 @@
 #
 # Each extra version is a scratch install (`pip install --target`, a pure download, cached
 # under $BUILD_DIR, default build/compile_check) put in front of the project's venv on
-# PYTHONPATH, so torch and kfac_fast come from the venv and only Triton changes. Optional:
-# not part of `make test` (it needs the network once, then the cache). Exit status 1 when
-# any version spills; every table is kept under $BUILD_DIR.
+# PYTHONPATH, so torch and kfac_fast come from the venv and only Triton changes. Not part
+# of `make test` (it needs the network once, then the cache); `.ci/run` runs it after
+# `make test`. Exit status 1 when any version spills or cannot be installed; every table
+# is kept under $BUILD_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
@@ -29,8 +30,12 @@ check() {  # label, then env assignments for the run
 for v in "${VERSIONS[@]}"; do
   dir="$BUILD/triton-$v"
   if [ ! -f "$dir/.done" ]; then
-    "$PY" -m pip install -q --no-deps --target "$dir" --cache-dir "$BUILD/pip-cache" "triton==$v" \
-      && touch "$dir/.done" || { echo "== Triton $v: install failed"; rc=1; continue; }
+    for attempt in 1 2; do  # one retry: a registry hiccup should not fail CI
+      rm -rf "$dir"
+      "$PY" -m pip install -q --no-deps --target "$dir" --cache-dir "$BUILD/pip-cache" "triton==$v" \
+        && touch "$dir/.done" && break
+    done
+    [ -f "$dir/.done" ] || { echo "== Triton $v: install failed"; rc=1; continue; }
   fi
   check "$v" PYTHONPATH="$PWD/$dir"
 done
