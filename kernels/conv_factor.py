@@ -22,7 +22,6 @@ import triton.language as tl
 from kfac_fast._flags import allow_tf32_of
 from kfac_fast._validate import as_pair
 
-from .factor_update import CONFIG_TF32
 from .guard import check_int32, launch_on, needs_index64, square_needs_index64
 from .launch import (
     column_halves,
@@ -43,6 +42,12 @@ CONFIG_CONV_16BIT = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
 # the 4-byte gathers went through cp.async and ptxas spilled 16-36 bytes (3.6.0, 3.9.0,
 # kernel_report --compile --filter conv_factor); 1 stage: 0 spills, 127-204 registers.
 CONFIG_CONV_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1)
+# TF32: the fused kernel's CONFIG_TF32 (BLOCK_K=32, 3 stages) spilled 268-272 bytes here
+# under Triton 3.6.0 and 56-84 under 3.8.0/3.9.0 (the 4-byte gathers); BLOCK_K=16 with 2
+# stages: 0 spills at n = d, d + 1 and odd d under all three, 174-195 registers. Chosen
+# by compiling 5 variants (128/64 tiles, BLOCK_K 16/32, 1-2 stages) with
+# bench/kernel_report.py's specs; otherwise untuned.
+CONFIG_CONV_TF32 = dict(BLOCK=128, BLOCK_K=16, num_warps=8, num_stages=2)
 
 
 # CANDIDATES, not in `auto` (no GPU has run them; reachable with `config=`): the patch
@@ -57,6 +62,7 @@ CONFIG_CONV_FP32 = dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=1)
 # BLOCK_K=16: at 32 the scalar gather of a channel count that is no multiple of 16 (C = 3)
 # spilled 144 bytes under Triton 3.6.0; at 16, 0 spills under 3.6.0/3.8.0/3.9.0.
 CONFIG_CONV_16BIT_CL = dict(CONFIG_CONV_16BIT, BLOCK_K=16, CL=True)
+# One compile per (C, kernel size, dtype): C_CL is a constant of the kernel.
 CONFIG_CONV_FP32_CL = dict(CONFIG_CONV_FP32, CL=True)
 # CANDIDATE, not in `auto`: split-K, config={"SPLIT_K": s}. Each of the
 # few upper tiles of a conv factor (ResNet-50 3x3: 15 tiles of 128 on 132 SMs) walks all
@@ -74,7 +80,16 @@ def pick_config(x_dtype: torch.dtype, allow_tf32: bool) -> dict:
     """The launch configuration of the conv kernel for an input dtype."""
     if x_dtype in (torch.float16, torch.bfloat16):
         return dict(CONFIG_CONV_16BIT)
-    return dict(CONFIG_TF32) if allow_tf32 else dict(CONFIG_CONV_FP32)
+    return dict(CONFIG_CONV_TF32) if allow_tf32 else dict(CONFIG_CONV_FP32)
+
+
+def candidate_base(x_dtype: torch.dtype, allow_tf32: bool, config: dict) -> dict:
+    """The configuration a `config=` override starts from: the (kh, kw, c) order's own
+    tiles when it asks for CL (BLOCK_K=16: the shipped BLOCK_K=32 spilled there), else the
+    shipped one (`pick_config`)."""
+    if config.get("CL", False):
+        return dict(CONFIG_CONV_16BIT_CL if x_dtype in (torch.float16, torch.bfloat16) else CONFIG_CONV_FP32_CL)
+    return pick_config(x_dtype, allow_tf32)
 
 
 @triton.jit
@@ -267,7 +282,7 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     n = factor.shape[0]
     b_dev, b_t, b_val = kernel_scalar(beta, factor.device)
     a_dev, a_t, a_val = kernel_scalar(alpha, factor.device)
-    cfg = pick_config(x.dtype, allow_tf32)
+    cfg = candidate_base(x.dtype, allow_tf32, config or {})
     cfg.update(config or {})
     nt = triton.cdiv(n, cfg["BLOCK"])
     L = OH * OW

@@ -33,8 +33,8 @@ from .table_cache import TableCache
 # such a layer 10 programs instead of 3, and keep the 16-bit pipeline at 48 KiB. The
 # ALIGNED variant's config (16-byte cp.async, 3 stages).
 CONFIG_GROUPED_16BIT = dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3)
-# The same tiles for layers that cannot promise alignment (scalar 2-byte loads, no
-# cp.async, so no stages): 8 warps, because with 4 each thread kept 64 64-bit load
+# The same tiles and num_stages for layers that cannot promise alignment (scalar 2-byte
+# loads, which Triton does not pipeline through cp.async): 8 warps, because with 4 each thread kept 64 64-bit load
 # addresses per K-step and ptxas spilled 172 bytes under Triton 3.6.0; with 8: 0 spills,
 # 103-189 registers under 3.6.0/3.8.0/3.9.0 (bench/kernel_report.py --compile --filter grouped).
 CONFIG_GROUPED_16BIT_UNALIGNED = dict(CONFIG_GROUPED_16BIT, num_warps=8)

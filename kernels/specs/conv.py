@@ -1,6 +1,8 @@
 """Compile specs of the conv input factor (`kernels/conv_factor.py`)."""
 from __future__ import annotations
 
+import torch
+
 from .. import conv_factor as cf
 from .. import splitk as sk
 from . import Spec, launch, sig
@@ -12,15 +14,17 @@ def specs() -> list:
     out = []
     split = cf.CONFIG_CONV_16BIT_SPLIT["SPLIT_K"]
     # (x, k, channels-last order's C (0: unfold order), SPLIT_K)
-    for x, k, c, s in [("fp16", 3, 0, 1), ("bf16", 3, 0, 1), ("bf16", 1, 0, 1), ("fp32", 3, 0, 1),
-                       ("fp16", 3, 64, 1), ("bf16", 3, 64, 1), ("bf16", 3, 3, 1), ("fp32", 3, 64, 1),
-                       ("bf16", 3, 0, split), ("fp32", 3, 0, split), ("bf16", 3, 64, split)]:
-        if c:  # candidates out of `auto`: columns in (kh, kw, c) order
-            cfg = cf.CONFIG_CONV_16BIT_CL if x != "fp32" else cf.CONFIG_CONV_FP32_CL
-        else:
-            cfg = cf.CONFIG_CONV_16BIT if x != "fp32" else cf.CONFIG_CONV_FP32
+    # (x, tl.dot precision, k, channels-last order's C (0: unfold order), SPLIT_K); each
+    # config as the launcher builds it (conv_factor.candidate_base, then SPLIT_K / CL).
+    for x, prec, k, c, s in [("fp16", "ieee", 3, 0, 1), ("bf16", "ieee", 3, 0, 1), ("bf16", "ieee", 1, 0, 1),
+                             ("fp32", "ieee", 3, 0, 1), ("fp32", "tf32", 3, 0, 1),
+                             ("fp16", "ieee", 3, 64, 1), ("bf16", "ieee", 3, 64, 1), ("bf16", "ieee", 3, 3, 1),
+                             ("fp32", "ieee", 3, 64, 1), ("bf16", "ieee", 3, 0, split), ("fp32", "ieee", 3, 0, split),
+                             ("fp32", "tf32", 3, 0, split), ("bf16", "ieee", 3, 64, split)]:
+        cfg = cf.candidate_base({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[x],
+                                prec == "tf32", {"CL": c > 0})
         ce = dict(KH=k, KW=k, BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False,
-                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="ieee", CL=c > 0, SPLIT_K=s, C_CL=c)
+                  BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=prec, CL=c > 0, SPLIT_K=s, C_CL=c)
         types = dict(F="*fp32", X=f"*{x}", beta_ptr="*fp32", alpha_ptr="*fp32", beta_val="fp32",
                      alpha_val="fp32", stride_f="i32", Wk="*fp32", rows_per_split="i32",
                      **{a: "i32" for a in ("R", "L", "OW", "d", "n", "H", "W", "sN", "sC", "sH", "sW",
@@ -31,10 +35,15 @@ def specs() -> list:
             unit, div16, sized = "sC", (("sH", "sW", "sN") if c % 16 == 0 else ()) + ("stride_f",), ("stride_f",)
         else:  # NCHW: sW == 1
             unit, div16, sized = "sW", SIZED, SIZED
-        label = f"{x},{k}x{k}" + (f",channels-last,C={c}" if c else "") + (f",split{s}" if s > 1 else "")
+        label = f"{x}{',tf32' if prec == 'tf32' else ''},{k}x{k}" + (f",channels-last,C={c}" if c else "") + \
+            (f",split{s}" if s > 1 else "")
+        # Triton makes an int equal to 1 a constant: stride and dilation 1, and the padding
+        # 1 of every 3x3 "same" conv (a 1x1 conv has padding 0, not specialised).
+        pads = ("pad_h", "pad_w") if k == 3 else ()
         out.append(Spec(f"conv_factor[{label}]", cf._conv_factor_kernel,
                         sig(cf._conv_factor_kernel, types, ce), ce, launch(cfg),
-                        tensor_cores=(x != "fp32"), ones=(unit, "stride_h", "stride_w", "dil_h", "dil_w"),
+                        tensor_cores=(x != "fp32" or prec == "tf32"),
+                        ones=(unit, "stride_h", "stride_w", "dil_h", "dil_w", *pads),
                         div16=div16, realistic=sized, candidate=c > 0 or s > 1))
     # Split-K's reduction for the conv candidate: kernels/splitk.py's kernel on square tiles.
     for block in (cf.CONFIG_CONV_16BIT["BLOCK"], cf.CONFIG_CONV_FP32["BLOCK"]):

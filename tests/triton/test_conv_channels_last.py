@@ -70,3 +70,28 @@ def test_channels_last_order_is_not_a_shipped_default():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for tf32 in (False, True):
             assert not conv_factor.pick_config(dtype, tf32).get("CL", False)
+
+
+@pytest.mark.parametrize("dtype,allow_tf32,config,want", [
+    (torch.float16, False, {"CL": True}, conv_factor.CONFIG_CONV_16BIT_CL),
+    (torch.float32, True, {"CL": True}, conv_factor.CONFIG_CONV_FP32_CL),
+    (torch.float32, True, {"SPLIT_K": 2}, dict(conv_factor.CONFIG_CONV_TF32, SPLIT_K=2)),
+    (torch.float16, False, {"CL": True, "SPLIT_K": 2}, dict(conv_factor.CONFIG_CONV_16BIT_CL, SPLIT_K=2)),
+])
+def test_candidate_configs_start_from_their_own_tiles(monkeypatch, dtype, allow_tf32, config, want):
+    """config={"CL": True} runs the (kh, kw, c) order's own tiles (BLOCK_K=16), not the
+    shipped BLOCK_K=32 that spilled there; TF32 gets its spill-free conv tiles."""
+    seen = {}
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.update(kw)
+
+    monkeypatch.setattr(conv_factor, "_conv_factor_kernel", Record())
+    monkeypatch.setattr(conv_factor, "_cl_reduce_kernel", Record())
+    x = torch.randn(2, 3, 6, 6).to(dtype).to(DEV)
+    conv_factor.conv_input_factor_(sym_factor(28, torch.Generator().manual_seed(3)), x, 0.5, 0.5, 3, 1, 1, 1,
+                                   append_ones=True, config=config, allow_tf32=allow_tf32)
+    got = {k: seen[k] for k in ("BLOCK", "BLOCK_K", "num_warps", "num_stages")}
+    assert got == {k: want[k] for k in got}
+    assert seen["SPLIT_K"] == want.get("SPLIT_K", 1) and seen["CL"] == want.get("CL", False)

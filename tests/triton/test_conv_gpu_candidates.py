@@ -35,15 +35,21 @@ def test_gpu_grouped_splitk_bf16():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("config,channels_last", [(conv_factor.CONFIG_CONV_16BIT_SPLIT, False),
-                                                   (conv_factor.CONFIG_CONV_16BIT_CL, True),
-                                                   (conv_factor.CONFIG_CONV_16BIT_CL_SPLIT, True)])
-def test_gpu_conv_candidates_bf16(config, channels_last):
+# C: 32 and 64 take the 16-byte gather of the (kh, kw, c) order, 24 runs of 8 aligned
+# channels that are no multiple of 16, 3 the scalar gather: what the interpreter cannot show.
+@pytest.mark.parametrize("config,channels_last,C", [(conv_factor.CONFIG_CONV_16BIT_SPLIT, False, 32),
+                                                     (conv_factor.CONFIG_CONV_16BIT_CL, True, 32),
+                                                     (conv_factor.CONFIG_CONV_16BIT_CL, True, 3),
+                                                     (conv_factor.CONFIG_CONV_16BIT_CL, True, 24),
+                                                     (conv_factor.CONFIG_CONV_16BIT_CL, True, 64),
+                                                     (conv_factor.CONFIG_CONV_16BIT_CL_SPLIT, True, 32),
+                                                     (conv_factor.CONFIG_CONV_16BIT_CL_SPLIT, True, 3)])
+def test_gpu_conv_candidates_bf16(config, channels_last, C):
     gen = torch.Generator().manual_seed(22)
-    x = torch.randn(8, 32, 28, 28, generator=gen).to(torch.bfloat16).to(DEV)
+    x = torch.randn(8, C, 28, 28, generator=gen).to(torch.bfloat16).to(DEV)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    f0 = sym_factor(32 * 9 + 1, gen)
+    f0 = sym_factor(C * 9 + 1, gen)
     beta, alpha = torch.tensor(0.9, device=DEV), torch.tensor(1 / 4096, device=DEV)
     ref64, ref32 = oracles(reference.conv_input_factor_, f0, x, beta, alpha, 3, 1, 1, 1, append_ones=True)
     runs = []
