@@ -39,10 +39,28 @@ def _variants(spec: Spec) -> list:
     return out
 
 
+def _launch_variants(spec: Spec) -> list:
+    """The other launches of a shipped spec: 64-bit offsets (x spans 2^31 elements, or n
+    from 46341) with the launcher's `spec.index64` changes, and two-level rows (a 3-d x
+    that no view flattens), both at n = d + 1's alignment."""
+    if spec.candidate:
+        return []
+    plain = next(v for v in _variants(spec) if v.n_case == "n=d+1") if spec.realistic else spec
+    out = []
+    if "INDEX64" in spec.constexprs:
+        out.append(replace(plain, name=f"{spec.name}@index64", n_case="index64",
+                           constexprs=dict(spec.constexprs, INDEX64=True, **spec.index64)))
+    if "TWO_LEVEL" in spec.constexprs:
+        out.append(replace(plain, name=f"{spec.name}@two-level", n_case="two-level",
+                           constexprs=dict(spec.constexprs, TWO_LEVEL=True)))
+    return out
+
+
 def realistic_specs() -> list:
     """The specs that size with n and d at n = d, n = d + 1 and odd d (strides not
-    multiples of 16), plus every other shipped spec once."""
-    return [v for spec in specs() for v in (_variants(spec) if spec.realistic else [spec])]
+    multiples of 16), plus every other shipped spec once, and each shipped spec's 64-bit
+    offset and two-level-row launches (`_launch_variants`)."""
+    return [v for spec in specs() for v in (_variants(spec) if spec.realistic else [spec]) + _launch_variants(spec)]
 
 
 def specs() -> list:

@@ -38,6 +38,10 @@ from .launch import (
 # n = d, n = d + 1 and odd d under Triton 3.6.0, 3.8.0 and 3.9.0 (bench/kernel_report.py
 # --compile --filter conv_factor; in the loop it spilled 136-308 bytes under 3.6/3.8).
 CONFIG_CONV_16BIT = dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
+# With 64-bit offsets (x spans 2^31 elements) the 16-bit gather's addresses double:
+# BLOCK_K=32 spilled 428-440 bytes under Triton 3.6.0 (sm_90, n = d, d + 1, odd d);
+# BLOCK_K=16: 0 spills under 3.6.0/3.8.0/3.9.0 (bench/kernel_report.py --compile).
+INDEX64_16BIT = dict(BLOCK_K=16)
 # The fused kernel's IEEE fp32 tiles (factor_update.CONFIG_FP32), one stage: with 2 stages
 # the 4-byte gathers went through cp.async and ptxas spilled 16-36 bytes (3.6.0, 3.9.0,
 # kernel_report --compile --filter conv_factor); 1 stage: 0 spills, 127-204 registers.
@@ -287,8 +291,10 @@ def conv_input_factor_(factor, x, beta, alpha, kernel_size, stride, padding, dil
     nt = triton.cdiv(n, cfg["BLOCK"])
     L = OH * OW
     fn = "conv_input_factor_"
-    check_int32(fn, "x", N * L + cfg["BLOCK_K"], "patch rows")
     idx64 = needs_index64(x) or square_needs_index64(n, factor.stride(0), cfg["BLOCK"])
+    if idx64 and x.dtype != torch.float32 and "BLOCK_K" not in (config or {}):
+        cfg.update(INDEX64_16BIT)
+    check_int32(fn, "x", N * L + cfg["BLOCK_K"], "patch rows")
     split, block = cfg.get("SPLIT_K", 1), cfg["BLOCK"]
     tiles = nt * (nt + 1) // 2
     rows_per_split = triton.cdiv(triton.cdiv(max(N * L, 1), split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]

@@ -5,7 +5,7 @@ options) is, and the helpers each kernel family's spec list uses. One module per
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -24,6 +24,9 @@ class Spec:
     candidate: bool = False  # not shipped in `auto`: reported, never gated on by the tests
     # Spec lists mark `realistic = (sized ints,)` to be compiled at n = d, n = d + 1 and odd d.
     realistic: tuple = ()
+    # Constexprs the launcher changes when it needs 64-bit offsets (INDEX64), e.g. a smaller
+    # BLOCK_K; aot_specs compiles that launch too.
+    index64: dict = field(default_factory=dict)
 
 
 def sig(fn, types: dict, constexprs: dict) -> dict:

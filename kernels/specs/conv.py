@@ -44,7 +44,8 @@ def specs() -> list:
                         sig(cf._conv_factor_kernel, types, ce), ce, launch(cfg),
                         tensor_cores=(x != "fp32" or prec == "tf32"),
                         ones=(unit, "stride_h", "stride_w", "dil_h", "dil_w", *pads),
-                        div16=div16, realistic=sized, candidate=c > 0 or s > 1))
+                        div16=div16, realistic=sized, candidate=c > 0 or s > 1,
+                        index64=cf.INDEX64_16BIT if x != "fp32" else {}))
     # Split-K's reduction for the conv candidate: kernels/splitk.py's kernel on square tiles.
     for block in (cf.CONFIG_CONV_16BIT["BLOCK"], cf.CONFIG_CONV_FP32["BLOCK"]):
         ce = dict(BETA_ON_DEVICE=True, ALPHA_ON_DEVICE=True, INDEX64=False, BLOCK_M=block, BLOCK_N=block,

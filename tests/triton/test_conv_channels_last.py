@@ -95,3 +95,21 @@ def test_candidate_configs_start_from_their_own_tiles(monkeypatch, dtype, allow_
     got = {k: seen[k] for k in ("BLOCK", "BLOCK_K", "num_warps", "num_stages")}
     assert got == {k: want[k] for k in got}
     assert seen["SPLIT_K"] == want.get("SPLIT_K", 1) and seen["CL"] == want.get("CL", False)
+
+
+def test_64_bit_offsets_take_the_smaller_k_step(monkeypatch):
+    """With 64-bit offsets the 16-bit gather runs BLOCK_K=16 (32 spilled 428-440 bytes
+    under Triton 3.6.0); a BLOCK_K the caller chose is kept."""
+    seen = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((kw["INDEX64"], kw["BLOCK_K"]))
+
+    monkeypatch.setattr(conv_factor, "_conv_factor_kernel", Record())
+    monkeypatch.setattr(conv_factor, "needs_index64", lambda *tensors: True)  # as if x spanned 2^31
+    x = torch.randn(2, 3, 6, 6).to(torch.float16).to(DEV)
+    f = sym_factor(28, torch.Generator().manual_seed(3))
+    conv_factor.conv_input_factor_(f, x, 0.5, 0.5, 3, 1, 1, 1, append_ones=True)
+    conv_factor.conv_input_factor_(f, x, 0.5, 0.5, 3, 1, 1, 1, append_ones=True, config={"BLOCK_K": 32})
+    assert seen == [(True, conv_factor.INDEX64_16BIT["BLOCK_K"]), (True, 32)]
