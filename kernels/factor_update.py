@@ -29,6 +29,7 @@ from .launch import (
     symmetric_epilogue,
     upper_tile_of,
 )
+from .tile_acc import row_offsets, tile_acc
 
 # untuned: chosen because 128x128 fp32 accumulators with 8 warps hold 64 registers per
 # thread and fit wgmma's 64-row granularity; BLOCK_K=64 with 3 stages keeps two 16-bit
@@ -70,9 +71,9 @@ def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj
                ROW_ALIGN: tl.constexpr = 1):
     """Tile (ti, tj) of beta*F + alpha*x_bar^T x_bar, x row r at X + off(r) + col*s_col.
 
-    ROW_ALIGN > 1: the host checked that X is 16-byte aligned, s_col == 1 and d, s_inner
-    (and s_outer) are multiples of ROW_ALIGN elements (16 bytes): every row load becomes
-    16-byte cp.async even where Triton's launcher cannot mark the ints divisible by 16.
+    ONES_OUTSIDE: the shared tile accumulation (`tile_acc`: a plain dot in the K loop, the
+    ones column after it); else the ones column synthesised in registers inside the loop
+    (IEEE float32 on FMA units, where the selects cost little). ROW_ALIGN: `tile_acc`.
 
     INDEX64=False (x spans < 2^31 elements and the factor's i*stride+j stays below 2^31:
     `index64`) keeps offsets in int32: 64-bit offset tiles double the registers of the
@@ -83,58 +84,43 @@ def _syrk_tile(F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f, ti, tj
         IDX: tl.constexpr = tl.int32
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-    col_i = offs_i.to(IDX) * tl.cast(s_col, IDX)
-    col_j = offs_j.to(IDX) * tl.cast(s_col, IDX)
+    if ONES_OUTSIDE:
+        acc = tile_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, 0, R, alpha, TWO_LEVEL, IDX, BLOCK,
+                       BLOCK, BLOCK_K, INPUT_PRECISION, ROW_ALIGN)
+    else:
+        acc = _ones_in_loop_acc(X, R, d, L_inner, s_outer, s_inner, s_col, offs_i, offs_j, alpha, TWO_LEVEL, IDX,
+                                BLOCK, BLOCK_K, INPUT_PRECISION, ROW_ALIGN)
+    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
+
+
+@triton.jit
+def _ones_in_loop_acc(X, R, d, L_inner, s_outer, s_inner, s_col, offs_i, offs_j, alpha, TWO_LEVEL: tl.constexpr,
+                      IDX: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      ROW_ALIGN: tl.constexpr):
+    """x_bar^T x_bar on one tile with the ones column (column d) set to 1 on valid rows of
+    each loaded tile, so the dot yields the column sums and the row count itself."""
     if ROW_ALIGN > 1:  # (v // a) * a == v here; Triton's axis analysis then knows a | v
         d = d // ROW_ALIGN * ROW_ALIGN
         s_inner = s_inner // ROW_ALIGN * ROW_ALIGN
         s_outer = s_outer // ROW_ALIGN * ROW_ALIGN
+    col_i = offs_i.to(IDX) * tl.cast(s_col, IDX)
+    col_j = offs_j.to(IDX) * tl.cast(s_col, IDX)
     in_i = offs_i < d
     in_j = offs_j < d
-    ones_i = offs_i == d
-    ones_j = offs_j == d
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     # alpha == 0 reads no row of x, so NaN/Inf there cannot reach the factor.
     num_k = tl.where(alpha == 0.0, 0, tl.cdiv(R, BLOCK_K))
     for kb in range(0, num_k):
         rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         rmask = rows < R
-        if TWO_LEVEL:
-            roff = (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
-        else:
-            roff = rows.to(IDX) * tl.cast(s_inner, IDX)
+        roff = row_offsets(rows, L_inner, s_outer, s_inner, TWO_LEVEL, IDX)
         a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
         b = tl.load(X + roff[:, None] + col_j[None, :], mask=rmask[:, None] & in_j[None, :], other=0.0)
-        if not ONES_OUTSIDE:
-            one = tl.full((BLOCK_K, BLOCK), 1.0, a.dtype)
-            a = tl.where(rmask[:, None] & ones_i[None, :], one, a)
-            b = tl.where(rmask[:, None] & ones_j[None, :], one, b)
+        one = tl.full((BLOCK_K, BLOCK), 1.0, a.dtype)
+        a = tl.where(rmask[:, None] & (offs_i == d)[None, :], one, a)
+        b = tl.where(rmask[:, None] & (offs_j == d)[None, :], one, b)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    if ONES_OUTSIDE:
-        # The ones column kept out of the K loop: only the tile column holding column d
-        # (n = d + 1) gets its entries, the column sums of x (one more pass over this
-        # tile's rows of x) and the row count R in the corner; the main loop stays a
-        # plain dot on the loaded tiles.
-        if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
-            # x^T 1 as a dot with a ones block (16 wide, the smallest dot): the same
-            # products and fp32 accumulation the in-loop ones column gave.
-            cs16 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-            for kb in range(0, num_k):
-                rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-                rmask = rows < R
-                if TWO_LEVEL:
-                    roff = (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + \
-                        (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
-                else:
-                    roff = rows.to(IDX) * tl.cast(s_inner, IDX)
-                a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
-                one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
-                cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
-            first = (tl.arange(0, 16) == 0)[None, :]
-            cs = tl.sum(tl.where(first, cs16, 0.0), axis=1)
-            ones_col = tl.where(ones_i, R * 1.0, cs)  # the corner is the row count
-            acc = tl.where(ones_j[None, :], ones_col[:, None], acc)
-    symmetric_epilogue(F, stride_f, n, offs_i, offs_j, acc, beta, alpha, INDEX64)
+    return acc
 
 
 @triton.jit

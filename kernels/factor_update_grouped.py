@@ -28,6 +28,7 @@ from .factor_update import index64, rows_view
 from .guard import common_device, launch_on
 from .launch import TL_DTYPES, host_table, input_precision, per_layer_scalars, symmetric_epilogue
 from .table_cache import TableCache
+from .tile_acc import tile_acc
 
 # untuned: chosen because grouped layers are often small (d <= 256): 64x64 tiles give
 # such a layer 10 programs instead of 3, and keep the 16-bit pipeline at 48 KiB. The
@@ -54,60 +55,6 @@ def pick_config(x_dtype: torch.dtype, allow_tf32: bool, aligned: bool = True) ->
 # Per-layer int64 table of the grouped kernel, one row per layer.
 _F_PTR, _X_PTR, _R, _D, _N, _L_INNER, _S_OUTER, _S_INNER, _S_COL, _STRIDE_F = range(10)
 _META_COLS = 10
-
-
-@triton.jit
-def _row_offsets(rows, L_inner, s_outer, s_inner, IDX: tl.constexpr):
-    """Offset of row r of x: (r // L_inner)*s_outer + (r % L_inner)*s_inner."""
-    return (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
-
-
-@triton.jit
-def _x_tile(X, roff, offs, rmask, d, s_col, IDX: tl.constexpr, ALIGNED: tl.constexpr):
-    """(BLOCK_K, BLOCK) tile of x: rows at offsets roff, columns offs (0 outside x).
-    ALIGNED: the column stride is 1 (host-checked), so a row's columns are contiguous."""
-    if ALIGNED:
-        col = offs.to(IDX)
-    else:
-        col = offs.to(IDX) * tl.cast(s_col, IDX)
-    return tl.load(X + roff[:, None] + col[None, :], mask=rmask[:, None] & (offs < d)[None, :], other=0.0)
-
-
-@triton.jit
-def _grouped_acc(X, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
-                 ALIGNED: tl.constexpr, IDX: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
-    """Tile (ti, tj) of x_bar^T x_bar over x's rows [row_lo, row_hi), (BLOCK, BLOCK) fp32: a
-    plain dot over the rows in the K loop; the ones column (n = d + 1) added after it (the
-    rows' column sums of x, their count in the corner)."""
-    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
-    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    # alpha == 0 reads no row of x, so NaN/Inf there cannot reach the factor.
-    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_K))
-    for kb in range(0, num_k):
-        rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        rmask = rows < row_hi
-        roff = _row_offsets(rows, L_inner, s_outer, s_inner, IDX)
-        a = _x_tile(X, roff, offs_i, rmask, d, s_col, IDX, ALIGNED)
-        b = _x_tile(X, roff, offs_j, rmask, d, s_col, IDX, ALIGNED)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    if (n > d) & (tj * BLOCK <= d) & (d < tj * BLOCK + BLOCK):
-        # Only the tile column holding column d: x^T 1 as a dot with a 16-wide ones block
-        # (the smallest dot; the same products and fp32 accumulation as an in-loop ones
-        # column), the row count in the corner.
-        cs16 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-        for kb in range(0, num_k):
-            rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            rmask = rows < row_hi
-            a = _x_tile(X, _row_offsets(rows, L_inner, s_outer, s_inner, IDX), offs_i, rmask, d, s_col, IDX,
-                        ALIGNED)
-            one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
-            cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
-        cs = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], cs16, 0.0), axis=1)
-        ones_col = tl.where(offs_i == d, tl.maximum(row_hi - row_lo, 0) * 1.0, cs)
-        acc = tl.where((offs_j == d)[None, :], ones_col[:, None], acc)
-    return acc
 
 
 @triton.jit
@@ -157,8 +104,8 @@ def _factor_update_grouped_kernel(work, meta, betas, alphas, X_DTYPE: tl.constex
     F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f = _layer_row(meta, layer, X_DTYPE, INDEX64, ALIGNED)
     beta = tl.load(betas + layer)
     alpha = tl.load(alphas + layer)
-    acc = _grouped_acc(X, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, 0, R, alpha,
-                       ALIGNED, IDX, BLOCK, BLOCK_K, INPUT_PRECISION)
+    acc = tile_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, 0, R, alpha, True, IDX, BLOCK, BLOCK,
+                   BLOCK_K, INPUT_PRECISION, UNIT_COL=ALIGNED)
     symmetric_epilogue(F, stride_f, n, ti * BLOCK + tl.arange(0, BLOCK), tj * BLOCK + tl.arange(0, BLOCK), acc,
                        beta, alpha, INDEX64)
 

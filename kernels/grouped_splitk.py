@@ -18,10 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .factor_update_grouped import _grouped_acc, _layer_row
+from .factor_update_grouped import _layer_row
 from .guard import launch_on
 from .launch import TL_DTYPES, host_table, symmetric_epilogue
 from .table_cache import TableCache
+from .tile_acc import tile_acc
 
 SPLIT_MIN_KSTEPS = 8  # untuned: fewer K-steps per split leave the pipeline's prologue exposed
 REDUCE_WARPS = 4  # untuned: the reduction is a load-add-store pass over 64x64 fp32 partials
@@ -47,8 +48,8 @@ def _grouped_partial_kernel(work, meta, betas, alphas, Wk, X_DTYPE: tl.constexpr
     slot = tl.load(item + 5)
     F, X, R, d, n, L_inner, s_outer, s_inner, s_col, stride_f = _layer_row(meta, layer, X_DTYPE, INDEX64, ALIGNED)
     alpha = tl.load(alphas + layer)
-    acc = _grouped_acc(X, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
-                       ALIGNED, IDX, BLOCK, BLOCK_K, INPUT_PRECISION)
+    acc = tile_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha, True, IDX, BLOCK,
+                   BLOCK, BLOCK_K, INPUT_PRECISION, UNIT_COL=ALIGNED)
     if slot < 0:
         beta = tl.load(betas + layer)
         symmetric_epilogue(F, stride_f, n, ti * BLOCK + tl.arange(0, BLOCK), tj * BLOCK + tl.arange(0, BLOCK), acc,

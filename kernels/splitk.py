@@ -27,6 +27,7 @@ import triton.language as tl
 from .guard import launch_on
 from .launch import column_halves, halves, host_table, load_scalar, symmetric_epilogue
 from .table_cache import TableCache
+from .tile_acc import tile_acc
 
 # 128x256 fp32 accumulators over 8 warps are 128 registers per thread. BLOCK_K=32 with 4
 # stages, chosen by compiling (bench/kernel_report.py --compile --filter 128x256, sm_90):
@@ -50,59 +51,6 @@ MAX_SPLIT = 4  # untuned: bounds the workspace traffic (s x tiles x BM x BN x 8 
 
 
 @triton.jit
-def _rect_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
-              TWO_LEVEL: tl.constexpr, IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
-    """x_bar^T x_bar over the rows [row_lo, row_hi) on tile (ti, tj): (BLOCK_M, BLOCK_N) fp32."""
-    if ROW_ALIGN > 1:  # (v // a) * a == v here (host-checked); Triton then knows a | v
-        d = d // ROW_ALIGN * ROW_ALIGN
-        s_inner = s_inner // ROW_ALIGN * ROW_ALIGN
-        s_outer = s_outer // ROW_ALIGN * ROW_ALIGN
-    offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_i = offs_i.to(IDX) * tl.cast(s_col, IDX)
-    col_j = offs_j.to(IDX) * tl.cast(s_col, IDX)
-    in_i = offs_i < d
-    in_j = offs_j < d
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # alpha == 0 reads no row of x, so NaN/Inf there cannot reach the factor.
-    num_k = tl.where(alpha == 0.0, 0, tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_K))
-    for kb in range(0, num_k):
-        rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        rmask = rows < row_hi
-        if TWO_LEVEL:
-            roff = (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
-        else:
-            roff = rows.to(IDX) * tl.cast(s_inner, IDX)
-        a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
-        b = tl.load(X + roff[:, None] + col_j[None, :], mask=rmask[:, None] & in_j[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    # The ones column out of the K loop: in the tile column holding column d (n = d + 1),
-    # the column sums of these rows of x and, in the corner, the row count R, carried by
-    # the chunk that starts at row 0 alone (a sum of per-chunk float counts is not exactly
-    # R past 2^24 rows).
-    if (n > d) & (tj * BLOCK_N <= d) & (d < tj * BLOCK_N + BLOCK_N):
-        cs16 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-        for kb in range(0, num_k):
-            rows = row_lo + kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            rmask = rows < row_hi
-            if TWO_LEVEL:
-                roff = (rows // L_inner).to(IDX) * tl.cast(s_outer, IDX) + \
-                    (rows % L_inner).to(IDX) * tl.cast(s_inner, IDX)
-            else:
-                roff = rows.to(IDX) * tl.cast(s_inner, IDX)
-            a = tl.load(X + roff[:, None] + col_i[None, :], mask=rmask[:, None] & in_i[None, :], other=0.0)
-            one = tl.where(rmask[:, None], tl.full((BLOCK_K, 16), 1.0, a.dtype), tl.zeros((BLOCK_K, 16), a.dtype))
-            cs16 = tl.dot(tl.trans(a), one, cs16, input_precision=INPUT_PRECISION)
-        first = (tl.arange(0, 16) == 0)[None, :]
-        cs = tl.sum(tl.where(first, cs16, 0.0), axis=1)
-        count = tl.where(row_lo == 0, R * 1.0, 0.0)
-        ones_col = tl.where(offs_i == d, count, cs)
-        acc = tl.where((offs_j == d)[None, :], ones_col[:, None], acc)
-    return acc
-
-
-@triton.jit
 def _rect_kernel(F, X, Wk, work, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d, n, L_inner,
                  s_outer, s_inner, s_col, stride_f, rows_per_split,
                  BETA_ON_DEVICE: tl.constexpr, ALPHA_ON_DEVICE: tl.constexpr, TWO_LEVEL: tl.constexpr,
@@ -122,7 +70,7 @@ def _rect_kernel(F, X, Wk, work, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d,
     alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     row_lo = k * rows_per_split
     row_hi = tl.minimum(row_lo + rows_per_split, R)
-    acc = _rect_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
+    acc = tile_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
                     TWO_LEVEL, IDX, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, ROW_ALIGN)
     if SPLIT_K == 1:
         _rect_epilogue(F, stride_f, n, ti, tj, acc, load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE), alpha,

@@ -24,12 +24,12 @@ from .splitk import (
     MIN_KSTEPS,
     REDUCE_WARPS,
     CONFIG_128x256,
-    _rect_acc,
     _rect_epilogue,
     _store_partial,
     _upper_tiles,
 )
 from .table_cache import TableCache
+from .tile_acc import tile_acc
 
 # Tail-split: tail x s <= sms, so the workspace is at most one wave of partial tiles (132 x
 # 128 KiB on an H200). The cap bounds one reduce program's serial chain (s partial column
@@ -56,7 +56,7 @@ def _tail_kernel(F, X, Wk, work, beta_ptr, alpha_ptr, beta_val, alpha_val, R, d,
     alpha = load_scalar(alpha_ptr, alpha_val, ALPHA_ON_DEVICE)
     row_lo = tl.where(slot < 0, 0, k * rows_per_chunk)
     row_hi = tl.where(slot < 0, R, tl.minimum(row_lo + rows_per_chunk, R))
-    acc = _rect_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
+    acc = tile_acc(X, R, d, n, L_inner, s_outer, s_inner, s_col, ti, tj, row_lo, row_hi, alpha,
                     TWO_LEVEL, IDX, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, ROW_ALIGN)
     if slot < 0:
         _rect_epilogue(F, stride_f, n, ti, tj, acc, load_scalar(beta_ptr, beta_val, BETA_ON_DEVICE), alpha,
