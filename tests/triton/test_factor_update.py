@@ -44,6 +44,19 @@ def oracles(fn, factor, *args, **kw):
     return f64, f32
 
 
+def grouped_oracles(f0s, xs, appends, gen):
+    """(betas, alphas, float64 references, float32 references) of update_factors_ on
+    copies of f0s, with random float64 per-layer betas and alphas drawn from gen."""
+    L = len(f0s)
+    betas = torch.rand(L, generator=gen, dtype=torch.float64)
+    alphas = torch.rand(L, generator=gen, dtype=torch.float64)
+    ref64 = [f.double().clone() for f in f0s]
+    ref32 = [f.float().clone() for f in f0s]
+    reference.update_factors_(ref64, xs, betas, alphas, append_ones=appends)
+    reference.update_factors_(ref32, xs, betas, alphas, append_ones=appends)
+    return betas, alphas, ref64, ref32
+
+
 def x_of(shape, dtype, gen, layout):
     x = torch.randn(*shape, generator=gen).to(dtype)
     if layout == "transposed":  # (R, d) view of a (d, R) tensor
@@ -136,13 +149,7 @@ def test_grouped_mixed_sizes():
     xs = [x_of((R, d), dt, gen, lay) for R, d, _, dt, lay in specs]
     appends = [a for _, _, a, _, _ in specs]
     f0s = [sym_factor(d + a, gen) for (_, d, a, _, _) in specs]
-    L = len(specs)
-    betas = torch.rand(L, generator=gen, dtype=torch.float64)
-    alphas = torch.rand(L, generator=gen, dtype=torch.float64)
-    ref64 = [f.double().clone() for f in f0s]
-    ref32 = [f.float().clone() for f in f0s]
-    reference.update_factors_(ref64, xs, betas, alphas, append_ones=appends)
-    reference.update_factors_(ref32, xs, betas, alphas, append_ones=appends)
+    betas, alphas, ref64, ref32 = grouped_oracles(f0s, xs, appends, gen)
     for betas_arg, alphas_arg in [(betas.to(DEV, torch.float32), [float(a) for a in alphas]),
                                   ([torch.tensor(float(b), device=DEV) for b in betas], alphas)]:
         outs = [poison_lower(f) for f in f0s]

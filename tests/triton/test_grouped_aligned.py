@@ -11,7 +11,7 @@ from kfac_fast.backends import reference
 from kfac_fast.kernels import factor_update_grouped as fg
 from kfac_fast.kernels.factor_update import rows_view
 from tests._oracle import assert_error_rule
-from tests.triton.test_factor_update import DEV, NAN, SMALL, poison_lower, sym_factor
+from tests.triton.test_factor_update import DEV, NAN, SMALL, grouped_oracles, poison_lower, sym_factor
 
 SMALL16 = dict(BLOCK=16, BLOCK_K=16)
 
@@ -107,13 +107,7 @@ def test_grouped_aligned_and_unaligned_layers_in_one_call(config):
     appends = [a for _, _, a, _, _ in MIX]
     assert {aligned_of(x) for x in xs} == {True, False}
     f0s = [sym_factor(d + a, gen) for (_, d, a, _, _) in MIX]
-    L = len(MIX)
-    betas = torch.rand(L, generator=gen, dtype=torch.float64)
-    alphas = torch.rand(L, generator=gen, dtype=torch.float64)
-    ref64 = [f.double().clone() for f in f0s]
-    ref32 = [f.float().clone() for f in f0s]
-    reference.update_factors_(ref64, xs, betas, alphas, append_ones=appends)
-    reference.update_factors_(ref32, xs, betas, alphas, append_ones=appends)
+    betas, alphas, ref64, ref32 = grouped_oracles(f0s, xs, appends, gen)
     outs = [poison_lower(f) for f in f0s]
     fg.update_factors_(outs, xs, betas.to(DEV, torch.float32), alphas.to(DEV, torch.float32), append_ones=appends,
                        config=config)

@@ -12,7 +12,7 @@ from kfac_fast.backends import reference
 from kfac_fast.kernels import factor_update_grouped as fg
 from kfac_fast.kernels import grouped_splitk
 from tests._oracle import assert_error_rule
-from tests.triton.test_factor_update import DEV, NAN, poison_lower, sym_factor
+from tests.triton.test_factor_update import DEV, NAN, grouped_oracles, poison_lower, sym_factor
 from tests.triton.test_grouped_aligned import aligned_of, make_x
 
 SPLIT = dict(BLOCK=16, BLOCK_K=16, SPLIT_K=3, SPLIT_MIN_ROWS=40)
@@ -56,13 +56,7 @@ def test_grouped_splitk_matches_the_reference(append, monkeypatch):
     assert {aligned_of(x) for x in xs} == {True, False}
     assert {grouped_splitk.layer_splits(x.numel() // max(x.shape[-1], 1), SPLIT) for x in xs} == {1, 3}
     f0s = [sym_factor(x.shape[-1] + a, gen) for x, a in zip(xs, appends)]
-    L = len(xs)
-    betas = torch.rand(L, generator=gen, dtype=torch.float64)
-    alphas = torch.rand(L, generator=gen, dtype=torch.float64)
-    ref64 = [f.double().clone() for f in f0s]
-    ref32 = [f.float().clone() for f in f0s]
-    reference.update_factors_(ref64, xs, betas, alphas, append_ones=appends)
-    reference.update_factors_(ref32, xs, betas, alphas, append_ones=appends)
+    betas, alphas, ref64, ref32 = grouped_oracles(f0s, xs, appends, gen)
     runs = []
     for _ in range(2):
         outs = [poison_lower(f) for f in f0s]
