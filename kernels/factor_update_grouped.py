@@ -170,8 +170,8 @@ def _update_factors(factors, xs, betas, alphas, allow_tf32, config):
         for i, v, R, d, L_inner, s_outer, s_inner, s_col in members:
             keep.append(v)  # a reshape copy must outlive the launch that reads its pointer
             f = factors[i]
-            # Every layer's row count is checked: `idx64 or index64(...)` skipped the check of
-            # the layers after one that needs 64-bit offsets.
+            # index64 also refuses row counts past int32: called for every layer, never
+            # short-circuited by an earlier layer that already needs 64-bit offsets.
             need64 = index64("update_factors_", f, v, R, cfg["BLOCK"], cfg["BLOCK_K"])
             idx64 = idx64 or need64
             meta.append([f.data_ptr(), v.data_ptr(), R, d, f.shape[0], L_inner, s_outer, s_inner,
