@@ -14,8 +14,8 @@ import torch
 from kfac_fast.backends import reference
 from kfac_fast.kernels import conv_factor
 from tests._oracle import assert_error_rule
-from tests.triton.test_conv_ones_outside import conv_x
-from tests.triton.test_factor_update import DEV, NAN, oracles, poison_lower, sym_factor
+from tests.triton.test_conv_ones_outside import assert_alpha_zero_and_beta_zero, conv_x
+from tests.triton.test_factor_update import DEV, oracles, poison_lower, sym_factor
 
 CL16 = dict(BLOCK=16, BLOCK_K=16, CL=True)
 
@@ -52,18 +52,7 @@ def test_channels_last_order_matches_the_reference(N, C, H, W, k, s, p, dil, app
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_channels_last_order_alpha_zero_and_beta_zero(dtype):
-    gen = torch.Generator().manual_seed(9)
-    f0 = sym_factor(37, gen)
-    nan_x = torch.full((2, 4, 5, 5), NAN, device=DEV).to(dtype).to(memory_format=torch.channels_last)
-    out = f0.clone()
-    conv_factor.conv_input_factor_(out, nan_x, 0.5, 0.0, 3, 1, 1, 1, append_ones=True, config=CL16)
-    torch.testing.assert_close(out, 0.5 * f0, rtol=0, atol=0)
-    x = conv_x(2, 4, 5, 5, dtype, True, gen)
-    ref = reference.conv_input_factor_(torch.zeros(37, 37, dtype=torch.float64), x.double().cpu(), 0.0, 0.5,
-                                       3, 1, 1, 1, append_ones=True)
-    out = torch.full((37, 37), NAN, device=DEV)
-    conv_factor.conv_input_factor_(out, x, 0.0, 0.5, 3, 1, 1, 1, append_ones=True, config=CL16)
-    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    assert_alpha_zero_and_beta_zero(4, True, dtype, CL16, torch.Generator().manual_seed(9))
 
 
 def test_channels_last_order_is_not_a_shipped_default():

@@ -53,20 +53,28 @@ def test_conv_ones_outside_matches_the_reference(N, C, H, W, k, s, p, dil, appen
         assert abs(float(out[-1, -1]) - float(want)) <= 1e-6 * abs(float(want))
 
 
+def assert_alpha_zero_and_beta_zero(C, channels_last, dtype, config, gen):
+    """alpha == 0 with NaN x leaves beta*F (no row read); beta == 0 overwrites a NaN factor
+    with alpha*P_bar^T P_bar (reference in float64). A 3x3 conv, padding 1, on (2, C, 5, 5)."""
+    n = C * 9 + 1
+    f0 = sym_factor(n, gen)
+    nan_x = torch.full((2, C, 5, 5), NAN, device=DEV).to(dtype)
+    if channels_last:
+        nan_x = nan_x.to(memory_format=torch.channels_last)
+    out = f0.clone()
+    conv_factor.conv_input_factor_(out, nan_x, 0.5, 0.0, 3, 1, 1, 1, append_ones=True, config=config)
+    torch.testing.assert_close(out, 0.5 * f0, rtol=0, atol=0)
+    x = conv_x(2, C, 5, 5, dtype, channels_last, gen)
+    ref = reference.conv_input_factor_(torch.zeros(n, n, dtype=torch.float64), x.double().cpu(), 0.0, 0.5,
+                                       3, 1, 1, 1, append_ones=True)
+    out = torch.full((n, n), NAN, device=DEV)
+    conv_factor.conv_input_factor_(out, x, 0.0, 0.5, 3, 1, 1, 1, append_ones=True, config=config)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_conv_ones_outside_alpha_zero_and_beta_zero(dtype):
-    gen = torch.Generator().manual_seed(7)
-    f0 = sym_factor(28, gen)
-    nan_x = torch.full((2, 3, 5, 5), NAN, device=DEV).to(dtype)
-    out = f0.clone()
-    conv_factor.conv_input_factor_(out, nan_x, 0.5, 0.0, 3, 1, 1, 1, append_ones=True, config=TILE16)
-    torch.testing.assert_close(out, 0.5 * f0, rtol=0, atol=0)
-    x = conv_x(2, 3, 5, 5, dtype, False, gen)
-    ref = reference.conv_input_factor_(torch.zeros(28, 28, dtype=torch.float64), x.double().cpu(), 0.0, 0.5,
-                                       3, 1, 1, 1, append_ones=True)
-    out = torch.full((28, 28), NAN, device=DEV)
-    conv_factor.conv_input_factor_(out, x, 0.0, 0.5, 3, 1, 1, 1, append_ones=True, config=TILE16)
-    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    assert_alpha_zero_and_beta_zero(3, False, dtype, TILE16, torch.Generator().manual_seed(7))
 
 
 def test_conv_no_patch_rows():

@@ -13,7 +13,7 @@ import torch
 from kfac_fast.backends import reference
 from kfac_fast.kernels import conv_factor, splitk
 from tests._oracle import assert_error_rule
-from tests.triton.test_conv_ones_outside import conv_x
+from tests.triton.test_conv_ones_outside import assert_alpha_zero_and_beta_zero, conv_x
 from tests.triton.test_factor_update import DEV, NAN, oracles, poison_lower, sym_factor
 
 
@@ -66,18 +66,7 @@ def test_conv_splitk_matches_the_reference(N, C, H, W, k, s, p, dil, append, dty
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_conv_splitk_alpha_zero_and_beta_zero(dtype):
-    gen = torch.Generator().manual_seed(13)
-    f0 = sym_factor(37, gen)
-    nan_x = torch.full((2, 4, 5, 5), NAN, device=DEV).to(dtype)
-    out = f0.clone()
-    conv_factor.conv_input_factor_(out, nan_x, 0.5, 0.0, 3, 1, 1, 1, append_ones=True, config=split(3))
-    torch.testing.assert_close(out, 0.5 * f0, rtol=0, atol=0)
-    x = conv_x(2, 4, 5, 5, dtype, False, gen)
-    ref = reference.conv_input_factor_(torch.zeros(37, 37, dtype=torch.float64), x.double().cpu(), 0.0, 0.5,
-                                       3, 1, 1, 1, append_ones=True)
-    out = torch.full((37, 37), NAN, device=DEV)
-    conv_factor.conv_input_factor_(out, x, 0.0, 0.5, 3, 1, 1, 1, append_ones=True, config=split(3))
-    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    assert_alpha_zero_and_beta_zero(4, False, dtype, split(3), torch.Generator().manual_seed(13))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
